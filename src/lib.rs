@@ -1,0 +1,20 @@
+//! fleetwave: declarative, GitOps-style imaging for computer fleets.
+//!
+//! # Layout
+//! The modules follow the data flow, one direction:
+//! - [`source`]: reads `fleet.yaml` and its includes from a directory or a git commit
+//!   into YAML node trees that keep every position.
+//! - [`spec`]: wire types (the YAML's shape) and the validated desired state
+//!   ([`spec::FleetSpec`]) built from them. Pure.
+//! - [`observed`]: what is known of the machines and images (for now read from a JSON file).
+//! - [`plan`]: `diff(desired, observed) -> Plan`, the steps per host grouped in waves,
+//!   and the comparison of two commits for review. Pure.
+//! - [`diag`]: problems with their place, rendered with the source line and a hint.
+//! - [`cli`]: the `fleetwave` command's glue and output formats.
+
+pub mod cli;
+pub mod diag;
+pub mod observed;
+pub mod plan;
+pub mod source;
+pub mod spec;

@@ -1,0 +1,96 @@
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fleetwave::cli::{self, Format, GitArgs, exit};
+use fleetwave::diag::Palette;
+
+/// Declarative imaging for computer fleets.
+#[derive(Parser)]
+#[command(name = "fleetwave", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a fleet and report every problem (exit 0 valid, 1 invalid, 2 error).
+    Validate {
+        /// The fleet file, or a directory holding fleet.yaml.
+        #[arg(default_value = "fleet.yaml")]
+        path: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Show what would happen to which machines, in which wave (exit 0 nothing to do,
+    /// 1 changes, 2 error).
+    Plan {
+        /// The fleet file, or a directory holding fleet.yaml.
+        #[arg(default_value = "fleet.yaml")]
+        path: PathBuf,
+        /// Observed state as JSON (see docs/observed-state.md); without it nothing is known yet.
+        #[arg(long)]
+        observed: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Compare two commits of this fleet repository instead (the pull-request view).
+        #[arg(long, requires_all = ["base", "head"])]
+        git: Option<PathBuf>,
+        /// Base revision (e.g. origin/main).
+        #[arg(long, requires = "git")]
+        base: Option<String>,
+        /// Head revision (e.g. HEAD).
+        #[arg(long, requires = "git")]
+        head: Option<String>,
+        /// The fleet file inside the repository, with --git.
+        #[arg(long, default_value = "fleet.yaml")]
+        file: PathBuf,
+    },
+    /// Print the JSON Schema of fleet.yaml.
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    let stdout = std::io::stdout();
+    let palette = Palette::for_stream(stdout.is_terminal());
+    let mut out = stdout.lock();
+    let result = match args.command {
+        Command::Validate { path, format } => cli::validate(&path, format, &mut out, palette),
+        Command::Plan {
+            path,
+            observed,
+            format,
+            git,
+            base,
+            head,
+            file,
+        } => match (git, base, head) {
+            (Some(repo), Some(base), Some(head)) => {
+                let g = GitArgs {
+                    repo: &repo,
+                    base: &base,
+                    head: &head,
+                    file: &file,
+                };
+                cli::plan_git(&g, observed.as_deref(), format, &mut out, palette)
+            }
+            _ => cli::plan(&path, observed.as_deref(), format, &mut out, palette),
+        },
+        Command::Schema => {
+            use std::io::Write;
+            out.write_all(cli::schema().as_bytes())
+                .map(|_| exit::OK)
+                .map_err(Into::into)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("fleetwave: error: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}

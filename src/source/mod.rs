@@ -1,0 +1,331 @@
+//! Where fleet files come from: a directory on disk or a commit of a git repository,
+//! and the YAML node trees read from them with every position kept.
+
+pub mod git;
+pub mod yaml;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+
+use crate::diag::Diagnostic;
+use yaml::{Node, Value};
+
+/// A position in one of the loaded files: 1-based line and column, length in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Loc {
+    /// Index into [`Sources`].
+    pub file: u32,
+    pub line: u32,
+    pub col: u32,
+    pub len: u32,
+}
+
+/// A value with the position it was read from. Wire types use it for every field a
+/// later check may need to point at.
+#[derive(Debug, Clone)]
+pub struct Sp<T> {
+    pub value: T,
+    pub loc: Loc,
+}
+
+impl<T> Sp<T> {
+    pub fn new(value: T, loc: Loc) -> Self {
+        Sp { value, loc }
+    }
+}
+
+impl<T> std::ops::Deref for Sp<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T: PartialEq> PartialEq for Sp<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Sp<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SpVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for SpVisitor<T> {
+            type Value = Sp<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value with a position")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Sp<T>, A::Error> {
+                let mut loc = None;
+                let mut value = None;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == yaml::SPANNED_FIELDS[0] {
+                        let [file, line, col, len]: [u64; 4] = map.next_value()?;
+                        loc = Some(Loc {
+                            file: file as u32,
+                            line: line as u32,
+                            col: col as u32,
+                            len: len as u32,
+                        });
+                    } else {
+                        value = Some(map.next_value()?);
+                    }
+                }
+                match (value, loc) {
+                    (Some(value), Some(loc)) => Ok(Sp { value, loc }),
+                    _ => Err(de::Error::custom(
+                        "internal: spanned value without position",
+                    )),
+                }
+            }
+        }
+        d.deserialize_struct(
+            yaml::SPANNED,
+            yaml::SPANNED_FIELDS,
+            SpVisitor(std::marker::PhantomData),
+        )
+    }
+}
+
+impl<T: schemars::JsonSchema> schemars::JsonSchema for Sp<T> {
+    fn schema_name() -> Cow<'static, str> {
+        T::schema_name()
+    }
+    fn schema_id() -> Cow<'static, str> {
+        T::schema_id()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        T::json_schema(generator)
+    }
+    fn inline_schema() -> bool {
+        T::inline_schema()
+    }
+}
+
+/// One file that was read, kept for rendering source lines in messages.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// The path as the user should see it (relative to where they pointed us).
+    pub display: String,
+    pub text: String,
+}
+
+/// Every file read for one fleet, indexed by [`Loc::file`].
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub files: Vec<SourceFile>,
+}
+
+impl Sources {
+    pub fn display(&self, loc: Loc) -> String {
+        let path = self
+            .files
+            .get(loc.file as usize)
+            .map(|f| f.display.as_str())
+            .unwrap_or("?");
+        format!("{path}:{}:{}", loc.line, loc.col)
+    }
+
+    pub fn line_text(&self, loc: Loc) -> Option<&str> {
+        let file = self.files.get(loc.file as usize)?;
+        file.text.lines().nth((loc.line as usize).checked_sub(1)?)
+    }
+}
+
+/// A tree of files: the working directory or one commit of a repository.
+pub trait Tree {
+    /// Read a file. `path` is relative to the tree's root, or absolute for a directory tree.
+    fn read(&self, path: &Path) -> Result<String, String>;
+    /// Files matching a glob pattern, sorted. `pattern` is already joined to the
+    /// including file's directory.
+    fn glob(&self, pattern: &str) -> Result<Vec<PathBuf>, String>;
+}
+
+/// The filesystem.
+pub struct DirTree;
+
+impl Tree for DirTree {
+    fn read(&self, path: &Path) -> Result<String, String> {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    }
+
+    fn glob(&self, pattern: &str) -> Result<Vec<PathBuf>, String> {
+        let paths = glob::glob(pattern).map_err(|e| format!("invalid glob pattern: {e}"))?;
+        let mut out = Vec::new();
+        for p in paths {
+            let p = p.map_err(|e| format!("cannot read {}: {e}", e.path().display()))?;
+            if p.is_file() {
+                out.push(p);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// A parsed file of the fleet.
+#[derive(Debug)]
+pub struct Document {
+    pub file: u32,
+    pub root: Node,
+}
+
+/// The result of reading a fleet: all files, their trees, and problems found so far.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub sources: Sources,
+    pub documents: Vec<Document>,
+    pub problems: Vec<Diagnostic>,
+}
+
+/// Read the fleet file at `entry` and every file it includes, recursively.
+///
+/// A missing entry file is an I/O error (`Err`); everything else (syntax errors, includes
+/// that match nothing) is a problem reported with its position.
+pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Loaded, String> {
+    let mut loaded = Loaded::default();
+    let text = tree.read(entry)?;
+    let mut seen: HashMap<PathBuf, Loc> = HashMap::new();
+    seen.insert(normalize_path(entry), Loc::default());
+    let mut queue = vec![(entry.to_path_buf(), text)];
+    while let Some((path, text)) = queue.pop() {
+        let file = loaded.sources.files.len() as u32;
+        loaded.sources.files.push(SourceFile {
+            display: path.display().to_string(),
+            text,
+        });
+        let parsed = yaml::parse(&loaded.sources.files[file as usize].text, file);
+        let root = match parsed {
+            Ok(root) => root,
+            Err(e) => {
+                let loc = Loc {
+                    file,
+                    line: e.line.max(1),
+                    col: e.col.max(1),
+                    len: 1,
+                };
+                loaded.problems.push(
+                    Diagnostic::new(format!("YAML syntax error: {}", e.message), loc)
+                        .hint("fix the YAML syntax here; nothing else in this file was checked"),
+                );
+                continue;
+            }
+        };
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut next = Vec::new();
+        for pattern in include_patterns(&root, &mut loaded.problems) {
+            let joined = dir.join(&pattern.value);
+            let matches = match tree.glob(&joined.to_string_lossy()) {
+                Ok(m) => m,
+                Err(e) => {
+                    loaded.problems.push(Diagnostic::new(
+                        format!("include `{}`: {e}", pattern.value),
+                        pattern.loc,
+                    ));
+                    continue;
+                }
+            };
+            if matches.is_empty() {
+                loaded.problems.push(
+                    Diagnostic::new(
+                        format!("include `{}` matches no file", pattern.value),
+                        pattern.loc,
+                    )
+                    .hint(format!(
+                        "patterns are relative to the including file's directory ({}); check the spelling or remove the include",
+                        if dir.as_os_str().is_empty() { ".".into() } else { dir.display().to_string() }
+                    )),
+                );
+            }
+            for m in matches {
+                let key = normalize_path(&m);
+                if let Some(first) = seen.get(&key) {
+                    let mut d = Diagnostic::new(
+                        format!("{} is included more than once", m.display()),
+                        pattern.loc,
+                    )
+                    .hint("include each file once, or its hosts would be defined twice");
+                    if first.line > 0 {
+                        d = d.note("first included here", *first);
+                    }
+                    loaded.problems.push(d);
+                    continue;
+                }
+                seen.insert(key, pattern.loc);
+                match tree.read(&m) {
+                    Ok(text) => next.push((m, text)),
+                    Err(e) => loaded.problems.push(Diagnostic::new(
+                        format!("include `{}`: {e}", pattern.value),
+                        pattern.loc,
+                    )),
+                }
+            }
+        }
+        loaded.documents.push(Document { file, root });
+        // Depth-first in the order written, so files keep a stable order.
+        next.reverse();
+        queue.extend(next);
+    }
+    Ok(loaded)
+}
+
+/// The `include:` list of a document, with positions. Type errors are reported here
+/// because the include list must be read before the rest of the fleet.
+fn include_patterns(root: &Node, problems: &mut Vec<Diagnostic>) -> Vec<Sp<String>> {
+    let Value::Map(entries) = &root.value else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (k, v) in entries {
+        if !matches!(&k.value, Value::Str(s) if s == "include") {
+            continue;
+        }
+        match &v.value {
+            Value::Seq(items) => {
+                for item in items {
+                    match &item.value {
+                        Value::Str(s) => out.push(Sp::new(s.clone(), item.loc)),
+                        other => problems.push(Diagnostic::new(
+                            format!(
+                                "wrong type: expected a file name or glob pattern, found {}",
+                                other.kind()
+                            ),
+                            item.loc,
+                        )),
+                    }
+                }
+            }
+            Value::Str(s) => out.push(Sp::new(s.clone(), v.loc)),
+            Value::Null => {}
+            other => problems.push(Diagnostic::new(
+                format!(
+                    "wrong type: expected a list of glob patterns, found {}",
+                    other.kind()
+                ),
+                v.loc,
+            )),
+        }
+    }
+    out
+}
+
+/// Lexical normalisation (no filesystem access, so it works for git trees too).
+pub(crate) fn normalize_path(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}

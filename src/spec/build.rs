@@ -1,0 +1,1450 @@
+//! From node trees to a [`FleetSpec`], collecting every problem on the way.
+//!
+//! Two passes: `collect` reads each section entry into its wire type (one entry at a
+//! time, so one bad host does not hide the next), then `resolve` checks values and
+//! references and builds the domain types. Names whose entry failed to read are kept
+//! as "known" so a typo in one host does not cascade into "unknown host" elsewhere.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use indexmap::IndexMap;
+use ipnet::Ipv4Net;
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use super::types::{parse_duration, parse_rate};
+use super::wire::{self, SECTIONS};
+use super::*;
+use crate::diag::Diagnostic;
+use crate::source::yaml::{DeError, Node, Value, from_node};
+use crate::source::{Loaded, Loc, Sp};
+
+/// Build the validated fleet, or every problem found (including the loader's).
+pub fn build(loaded: &Loaded) -> Result<FleetSpec, Vec<Diagnostic>> {
+    let mut cx = Cx {
+        problems: loaded.problems.clone(),
+    };
+    let raw = collect(loaded, &mut cx);
+    let spec = resolve(raw, &mut cx);
+    if cx.problems.is_empty() {
+        Ok(spec)
+    } else {
+        let mut p = cx.problems;
+        p.sort_by_key(Diagnostic::sort_key);
+        p.dedup();
+        Err(p)
+    }
+}
+
+struct Cx {
+    problems: Vec<Diagnostic>,
+}
+
+impl Cx {
+    fn err(&mut self, d: Diagnostic) {
+        self.problems.push(d);
+    }
+
+    /// Parse a string field, reporting a failure at its position.
+    fn parse<T: FromStr<Err = String>>(&mut self, v: &Sp<String>, hint: &str) -> Option<T> {
+        match v.value.parse() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.err(Diagnostic::new(e, v.loc).hint(hint));
+                None
+            }
+        }
+    }
+
+    /// Parse with a standard parser whose errors say little; the message names the field.
+    fn std<T: FromStr>(&mut self, v: &Sp<String>, what: &str, hint: &str) -> Option<T> {
+        match v.value.parse() {
+            Ok(t) => Some(t),
+            Err(_) => {
+                self.err(
+                    Diagnostic::new(format!("invalid {what} `{}`", v.value), v.loc).hint(hint),
+                );
+                None
+            }
+        }
+    }
+
+    fn with<T>(
+        &mut self,
+        v: &Sp<String>,
+        f: fn(&str) -> Result<T, String>,
+        hint: &str,
+    ) -> Option<T> {
+        match f(&v.value) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.err(Diagnostic::new(e, v.loc).hint(hint));
+                None
+            }
+        }
+    }
+
+    fn de_error(&mut self, e: DeError, fallback: Loc) {
+        let loc = e.loc.unwrap_or(fallback);
+        let mut message = e.message.replace("struct ", "a mapping of ");
+        if message.contains("untagged enum FailureBudget") {
+            message = "invalid failure budget: expected a count (3) or a share (\"10%\")".into();
+        }
+        let mut d = Diagnostic::new(message, loc);
+        if let Some((field, expected)) = e.unknown {
+            d = d.hint(match did_you_mean(&field, &expected) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None => format!("expected one of: {}", expected.join(", ")),
+            });
+        } else if d.message.starts_with("missing field") {
+            d = d.hint("add the field; see docs/fleet-yaml.md for what it takes");
+        } else if d.message.starts_with("wrong type") {
+            d = d.hint("see docs/fleet-yaml.md for the expected shape of this field");
+        }
+        self.err(d);
+    }
+}
+
+/// The closest accepted name, if it is close enough to be a likely typo.
+pub(crate) fn did_you_mean<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(word, c), *c))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// One named entry of a section, with the position of its name.
+struct Entry<T> {
+    loc: Loc,
+    value: T,
+}
+
+/// Entries of one section: the ones that read well, and the names of the ones that did not.
+struct Section<T> {
+    kind: &'static str,
+    ok: IndexMap<String, Entry<T>>,
+    /// Defined but unreadable: references to these are not reported again.
+    broken: HashSet<String>,
+    /// First definition of every name, for duplicate reports.
+    seen: HashMap<String, Loc>,
+}
+
+impl<T> Section<T> {
+    fn new(kind: &'static str) -> Self {
+        Section {
+            kind,
+            ok: IndexMap::new(),
+            broken: HashSet::new(),
+            seen: HashMap::new(),
+        }
+    }
+
+    fn knows(&self, name: &str) -> bool {
+        self.ok.contains_key(name) || self.broken.contains(name)
+    }
+
+    /// Report a reference to a name this section does not define.
+    fn check_ref(&self, cx: &mut Cx, r: &Sp<String>, from: &str) -> bool {
+        if self.knows(&r.value) {
+            return true;
+        }
+        let names: Vec<&str> = self.ok.keys().map(String::as_str).collect();
+        let hint = match did_you_mean(&r.value, &names) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None if names.is_empty() => format!(
+                "no {} is defined; add it under `{}s:`",
+                self.kind, self.kind
+            ),
+            None => format!(
+                "define it under `{}:` or use one of: {}",
+                section_key(self.kind),
+                preview(&names)
+            ),
+        };
+        cx.err(
+            Diagnostic::new(
+                format!("{from} refers to unknown {} `{}`", self.kind, r.value),
+                r.loc,
+            )
+            .hint(hint),
+        );
+        false
+    }
+}
+
+fn section_key(kind: &str) -> &'static str {
+    match kind {
+        "site" => "sites",
+        "image" => "images",
+        "host" => "hosts",
+        "group" => "groups",
+        "multicast group" => "multicast",
+        _ => "waves",
+    }
+}
+
+fn preview(names: &[&str]) -> String {
+    let mut s = names.iter().take(8).copied().collect::<Vec<_>>().join(", ");
+    if names.len() > 8 {
+        s.push_str(", ...");
+    }
+    s
+}
+
+struct Raw {
+    sites: Section<wire::Site>,
+    images: Section<wire::Image>,
+    hosts: Section<wire::Host>,
+    groups: Section<wire::Group>,
+    multicast: Section<wire::Multicast>,
+    waves: Section<wire::Wave>,
+    windows: Vec<Sp<String>>,
+}
+
+fn collect(loaded: &Loaded, cx: &mut Cx) -> Raw {
+    let mut raw = Raw {
+        sites: Section::new("site"),
+        images: Section::new("image"),
+        hosts: Section::new("host"),
+        groups: Section::new("group"),
+        multicast: Section::new("multicast group"),
+        waves: Section::new("wave"),
+        windows: Vec::new(),
+    };
+    for doc in &loaded.documents {
+        let entries = match &doc.root.value {
+            Value::Map(entries) => entries.as_slice(),
+            Value::Null => &[],
+            other => {
+                cx.err(
+                    Diagnostic::new(
+                        format!(
+                            "a fleet file must be a mapping of sections, found {}",
+                            other.kind()
+                        ),
+                        doc.root.loc,
+                    )
+                    .hint(format!(
+                        "start with `version: 1`, then sections such as: {}",
+                        SECTIONS[2..].join(", ")
+                    )),
+                );
+                continue;
+            }
+        };
+        let mut version_seen = false;
+        let mut keys_seen: HashMap<&str, Loc> = HashMap::new();
+        for (k, v) in entries {
+            let Value::Str(key) = &k.value else {
+                cx.err(Diagnostic::new(
+                    format!("section names are text, found {}", k.value.kind()),
+                    k.loc,
+                ));
+                continue;
+            };
+            if let Some(first) = keys_seen.insert(key.as_str(), k.loc) {
+                cx.err(
+                    Diagnostic::new(format!("section `{key}` appears twice in this file"), k.loc)
+                        .note("first here", first)
+                        .hint("merge the two into one section"),
+                );
+                continue;
+            }
+            match key.as_str() {
+                "version" => {
+                    version_seen = true;
+                    match from_node::<Sp<u32>>(v) {
+                        Ok(n) if n.value == 1 => {}
+                        Ok(n) => cx.err(
+                            Diagnostic::new(
+                                format!("unsupported fleet version {}", n.value),
+                                n.loc,
+                            )
+                            .hint("this fleetwave reads version 1"),
+                        ),
+                        Err(e) => cx.de_error(e, v.loc),
+                    }
+                }
+                "include" => {} // read by the loader
+                "sites" => read_section(v, &mut raw.sites, cx),
+                "images" => read_section(v, &mut raw.images, cx),
+                "hosts" => read_section(v, &mut raw.hosts, cx),
+                "groups" => read_section(v, &mut raw.groups, cx),
+                "multicast" => read_section(v, &mut raw.multicast, cx),
+                "waves" => read_section(v, &mut raw.waves, cx),
+                "windows" => match from_node::<Option<Vec<Sp<String>>>>(v) {
+                    Ok(w) => raw.windows.extend(w.unwrap_or_default()),
+                    Err(e) => cx.de_error(e, v.loc),
+                },
+                other => {
+                    let hint = match did_you_mean(other, SECTIONS) {
+                        Some(s) => format!("did you mean `{s}`?"),
+                        None => format!("expected one of: {}", SECTIONS.join(", ")),
+                    };
+                    cx.err(Diagnostic::new(format!("unknown section `{other}`"), k.loc).hint(hint));
+                }
+            }
+        }
+        if doc.file == 0 && !version_seen && !matches!(doc.root.value, Value::Null) {
+            cx.err(
+                Diagnostic::new("missing `version`", doc.root.loc)
+                    .hint("start the fleet file with `version: 1`"),
+            );
+        }
+    }
+    raw
+}
+
+fn read_section<T>(node: &Node, section: &mut Section<T>, cx: &mut Cx)
+where
+    T: for<'de> serde::Deserialize<'de>,
+{
+    let entries = match &node.value {
+        Value::Map(e) => e,
+        Value::Null => return,
+        other => {
+            cx.err(
+                Diagnostic::new(
+                    format!(
+                        "wrong type: expected a mapping of {} names to their settings, found {}",
+                        section.kind,
+                        other.kind()
+                    ),
+                    node.loc,
+                )
+                .hint(format!("write `name: {{...}}` entries under this key")),
+            );
+            return;
+        }
+    };
+    for (k, v) in entries {
+        let Some(name) = k.scalar_text() else {
+            cx.err(Diagnostic::new(
+                format!(
+                    "a {} name must be text, found {}",
+                    section.kind,
+                    k.value.kind()
+                ),
+                k.loc,
+            ));
+            continue;
+        };
+        if let Some(first) = section.seen.get(&name) {
+            cx.err(
+                Diagnostic::new(format!("{} `{name}` is defined twice", section.kind), k.loc)
+                    .note("first defined here", *first)
+                    .hint(format!("rename one of them or remove the duplicate; {} names are unique across all included files", section.kind)),
+            );
+            continue;
+        }
+        section.seen.insert(name.clone(), k.loc);
+        if !valid_name(&name) {
+            cx.err(
+                Diagnostic::new(format!("invalid {} name `{name}`", section.kind), k.loc)
+                    .hint("names start with a letter or digit and hold only letters, digits, `-`, `_` and `.` (at most 63)"),
+            );
+        }
+        match from_node::<T>(v) {
+            Ok(value) => {
+                section.ok.insert(name, Entry { loc: k.loc, value });
+            }
+            Err(e) => {
+                cx.de_error(e, v.loc);
+                section.broken.insert(name);
+            }
+        }
+    }
+}
+
+fn resolve(raw: Raw, cx: &mut Cx) -> FleetSpec {
+    let sites = resolve_sites(&raw, cx);
+    let images = resolve_images(&raw, cx);
+    let multicast = resolve_multicast(&raw, cx);
+    let windows = resolve_windows(&raw.windows, cx);
+    for (_, g) in &raw.groups.ok {
+        let g = &g.value;
+        if let Some(s) = &g.site {
+            raw.sites.check_ref(cx, s, "group");
+        }
+        if let Some(i) = &g.image {
+            raw.images.check_ref(cx, i, "group");
+        }
+        if let Some(w) = &g.wave {
+            raw.waves.check_ref(cx, w, "group");
+        }
+    }
+    let mut hosts = resolve_hosts(&raw, &sites, cx);
+    let mut waves = resolve_waves(&raw, cx);
+    assign_waves(&raw, &mut hosts, &mut waves, cx);
+    let waves = order_waves(&raw, waves, cx);
+    resolve_captures(&raw, &mut hosts, cx);
+    check_multicast_sites(&raw, &hosts, &waves, cx);
+    let mut members: HashMap<&str, Vec<String>> = HashMap::new();
+    for h in hosts.values() {
+        for g in &h.groups {
+            members.entry(g.as_str()).or_default().push(h.name.clone());
+        }
+    }
+    let groups = raw
+        .groups
+        .ok
+        .iter()
+        .map(|(name, g)| {
+            let members = members.remove(name.as_str()).unwrap_or_default();
+            let selector = g.value.selector.as_ref().map(|s| {
+                s.value
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            });
+            (name.clone(), Group { selector, members })
+        })
+        .collect();
+    FleetSpec {
+        sites,
+        images,
+        hosts,
+        groups,
+        multicast,
+        waves,
+        windows,
+    }
+}
+
+fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
+    let mut out = IndexMap::new();
+    for (name, e) in &raw.sites.ok {
+        let s = &e.value;
+        let before = cx.problems.len();
+        let server = cx.std::<Ipv4Addr>(
+            &s.server,
+            "server address",
+            "give this server's IPv4 address on the site, like 172.28.0.1",
+        );
+        let subnet = cx.std::<Ipv4Net>(
+            &s.subnet,
+            "subnet",
+            "write the subnet in CIDR form, like 172.28.0.0/24",
+        );
+        let subnet = subnet.map(|n| n.trunc());
+        if let (Some(ip), Some(net)) = (server, subnet)
+            && !net.contains(&ip)
+        {
+            cx.err(
+                Diagnostic::new(
+                    format!("server address {ip} is outside the site's subnet {net}"),
+                    s.server.loc,
+                )
+                .note("subnet declared here", s.subnet.loc)
+                .hint("the server must have an address on the network it serves"),
+            );
+        }
+        let mut dhcp = Dhcp {
+            mode: DhcpMode::Authoritative,
+            pool: None,
+            router: None,
+            dns: Vec::new(),
+            domain: None,
+            lease_secs: 3600,
+        };
+        if let Some(d) = &s.dhcp {
+            dhcp.mode = d.mode.value;
+            dhcp.domain = d.domain.clone();
+            if let Some(p) = &d.pool {
+                if let Some(pool) = cx.parse::<IpRange>(
+                    p,
+                    "write the pool as first-last, like 172.28.0.100-172.28.0.199",
+                ) {
+                    if let Some(net) = subnet
+                        && !(net.contains(&pool.first) && net.contains(&pool.last))
+                    {
+                        cx.err(
+                            Diagnostic::new(
+                                format!("pool {pool} is outside the site's subnet {net}"),
+                                p.loc,
+                            )
+                            .note("subnet declared here", s.subnet.loc)
+                            .hint("pick a pool inside the subnet"),
+                        );
+                    } else if let (Some(net), Some(ip)) = (subnet, server)
+                        && (pool.contains(ip)
+                            || pool.contains(net.network())
+                            || pool.contains(net.broadcast()))
+                    {
+                        cx.err(
+                            Diagnostic::new(format!("pool {pool} contains the server's, the network's or the broadcast address"), p.loc)
+                                .hint(format!("keep {ip}, {} and {} out of the pool", net.network(), net.broadcast())),
+                        );
+                    }
+                    if d.mode.value != DhcpMode::Authoritative {
+                        cx.err(
+                            Diagnostic::new("a pool needs `mode: authoritative`", p.loc)
+                                .note("mode set here", d.mode.loc)
+                                .hint("in proxy mode the other DHCP server hands out addresses; remove the pool"),
+                        );
+                    }
+                    dhcp.pool = Some(pool);
+                }
+            }
+            if let Some(r) = &d.router
+                && let Some(ip) =
+                    cx.std::<Ipv4Addr>(r, "router address", "give the gateway's IPv4 address")
+            {
+                if let Some(net) = subnet
+                    && !net.contains(&ip)
+                {
+                    cx.err(
+                        Diagnostic::new(
+                            format!("router {ip} is outside the site's subnet {net}"),
+                            r.loc,
+                        )
+                        .hint("clients can only reach a gateway on their own subnet"),
+                    );
+                }
+                dhcp.router = Some(ip);
+            }
+            for dns in &d.dns {
+                if let Some(ip) = cx.std::<Ipv4Addr>(
+                    dns,
+                    "DNS server address",
+                    "give DNS servers as IPv4 addresses",
+                ) {
+                    dhcp.dns.push(ip);
+                }
+            }
+            if let Some(l) = &d.lease
+                && let Some(secs) = cx.with(l, parse_duration, "write the lease like 1h, 30m or 1d")
+            {
+                if secs < 60 {
+                    cx.err(
+                        Diagnostic::new(
+                            format!("lease `{}` is shorter than a minute", l.value),
+                            l.loc,
+                        )
+                        .hint("use at least 1m; clients renew at half the lease"),
+                    );
+                }
+                dhcp.lease_secs = secs;
+            }
+        }
+        if !s.interface.value.is_empty()
+            && (s.interface.value.len() > 15 || s.interface.value.contains(['/', ' ']))
+        {
+            cx.err(
+                Diagnostic::new(
+                    format!("invalid interface name `{}`", s.interface.value),
+                    s.interface.loc,
+                )
+                .hint("Linux interface names are at most 15 characters, without `/` or spaces"),
+            );
+        }
+        let image_store = s
+            .image_store
+            .as_ref()
+            .map(|p| p.value.clone())
+            .unwrap_or_else(|| "/images".into());
+        if let Some(p) = &s.image_store
+            && !p.value.starts_with('/')
+        {
+            cx.err(
+                Diagnostic::new(
+                    format!("image store `{}` is not an absolute path", p.value),
+                    p.loc,
+                )
+                .hint("write the full path, like /images"),
+            );
+        }
+        if cx.problems.len() != before {
+            continue;
+        }
+        if let (Some(server), Some(subnet)) = (server, subnet) {
+            out.insert(
+                name.clone(),
+                Site {
+                    interface: s.interface.value.clone(),
+                    server,
+                    subnet,
+                    dhcp,
+                    unknown_hosts: s
+                        .unknown_hosts
+                        .as_ref()
+                        .map(|u| u.value)
+                        .unwrap_or(UnknownHosts::Register),
+                    image_store,
+                },
+            );
+        }
+    }
+    out
+}
+
+fn resolve_images(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Image> {
+    let mut out = IndexMap::new();
+    for (name, e) in &raw.images.ok {
+        let i = &e.value;
+        let pin = i.pin.as_ref().and_then(|p| cx.parse::<Digest>(p, "copy the digest from `fleetwave image ls`, or remove the pin to deploy the newest capture"));
+        let capture = i.capture.as_ref().map(|c| CaptureSource {
+            host: c.from.value.clone(),
+            generation: c.generation.value,
+        });
+        out.insert(
+            name.clone(),
+            Image {
+                os: i.os,
+                description: i.description.clone(),
+                capture,
+                pin,
+            },
+        );
+    }
+    out
+}
+
+fn resolve_multicast(raw: &Raw, cx: &mut Cx) -> IndexMap<String, MulticastGroup> {
+    let mut out = IndexMap::new();
+    let mut addresses: HashMap<(Ipv4Addr, u16), (String, Loc)> = HashMap::new();
+    for (name, e) in &raw.multicast.ok {
+        let m = &e.value;
+        let Some(address) = cx.std::<Ipv4Addr>(
+            &m.address,
+            "multicast address",
+            "use an IPv4 multicast address, normally in 239.0.0.0/8",
+        ) else {
+            continue;
+        };
+        if !address.is_multicast() {
+            cx.err(
+                Diagnostic::new(
+                    format!("{address} is not a multicast address"),
+                    m.address.loc,
+                )
+                .hint("use an address in 239.0.0.0/8 (organisation-local multicast)"),
+            );
+            continue;
+        }
+        let port = m.port.as_ref().map(|p| p.value).unwrap_or(9000);
+        if let Some(p) = &m.port
+            && p.value < 1024
+        {
+            cx.err(
+                Diagnostic::new(format!("port {} is a privileged port", p.value), p.loc)
+                    .hint("use a port of 1024 or above, like 9000"),
+            );
+        }
+        if let Some((other, loc)) = addresses.get(&(address, port)) {
+            cx.err(
+                Diagnostic::new(format!("multicast group `{name}` uses {address}:{port} like `{other}`"), m.address.loc)
+                    .note("also used here", *loc)
+                    .hint("give each multicast group its own address or port, or sessions would receive each other's data"),
+            );
+        }
+        addresses.insert((address, port), (name.clone(), m.address.loc));
+        let min_receivers = m.min_receivers.as_ref().map(|v| v.value).unwrap_or(1);
+        if let Some(v) = &m.min_receivers
+            && v.value == 0
+        {
+            cx.err(Diagnostic::new("min_receivers must be at least 1", v.loc));
+        }
+        let max_wait_secs = match &m.max_wait {
+            Some(w) => cx
+                .with(w, parse_duration, "write it like 10m or 1h")
+                .unwrap_or(300),
+            None => 300,
+        };
+        let max_rate_bps = match &m.max_rate {
+            Some(r) => cx
+                .with(r, parse_rate, "write it like 900Mbit, 1Gbit or 100MB/s")
+                .unwrap_or(900_000_000),
+            None => 900_000_000,
+        };
+        out.insert(
+            name.clone(),
+            MulticastGroup {
+                address,
+                port,
+                min_receivers,
+                max_wait_secs,
+                max_rate_bps,
+            },
+        );
+    }
+    out
+}
+
+fn resolve_windows(list: &[Sp<String>], cx: &mut Cx) -> Vec<Window> {
+    list.iter()
+        .filter_map(|w| {
+            cx.parse::<Window>(w, "see docs/fleet-yaml.md#windows for the accepted forms")
+        })
+        .collect()
+}
+
+fn disk_selector(d: &wire::DiskSelector, cx: &mut Cx) -> DiskSelector {
+    let size = d
+        .size
+        .as_ref()
+        .and_then(|s| cx.parse::<SizeRange>(s, "write it like 256G, >=200G or 200G-600G"));
+    if let Some(m) = &d.model
+        && let Err(e) = glob::Pattern::new(&m.value)
+    {
+        cx.err(
+            Diagnostic::new(format!("invalid model pattern `{}`: {e}", m.value), m.loc)
+                .hint("use * and ? as wildcards"),
+        );
+    }
+    DiskSelector {
+        size,
+        serial: d.serial.clone(),
+        model: d.model.as_ref().map(|m| m.value.clone()),
+        path: d.path.clone(),
+    }
+}
+
+fn selects(selector: &IndexMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Group selectors indexed by one of their labels, so matching a host costs a few
+/// lookups instead of a pass over every group (thousands of rooms, 100,000 hosts).
+struct SelectorIndex<'a> {
+    by_label: HashMap<(&'a str, &'a str), Vec<(&'a str, &'a IndexMap<String, String>)>>,
+    /// Empty selectors: they select every host.
+    everyone: Vec<&'a str>,
+}
+
+impl<'a> SelectorIndex<'a> {
+    fn new(groups: &'a Section<wire::Group>) -> Self {
+        let mut index = SelectorIndex {
+            by_label: HashMap::new(),
+            everyone: Vec::new(),
+        };
+        for (name, g) in &groups.ok {
+            let Some(sel) = &g.value.selector else {
+                continue;
+            };
+            match sel.value.first() {
+                Some((k, v)) => index
+                    .by_label
+                    .entry((k.as_str(), v.as_str()))
+                    .or_default()
+                    .push((name.as_str(), &sel.value)),
+                None => index.everyone.push(name),
+            }
+        }
+        index
+    }
+
+    fn matching(&self, labels: &BTreeMap<String, String>) -> Vec<&'a str> {
+        let mut out = self.everyone.clone();
+        for (k, v) in labels {
+            if let Some(candidates) = self.by_label.get(&(k.as_str(), v.as_str())) {
+                out.extend(
+                    candidates
+                        .iter()
+                        .filter(|(_, sel)| selects(sel, labels))
+                        .map(|(n, _)| *n),
+                );
+            }
+        }
+        out
+    }
+}
+
+fn resolve_hosts(raw: &Raw, sites: &IndexMap<String, Site>, cx: &mut Cx) -> IndexMap<String, Host> {
+    let mut out = IndexMap::with_capacity(raw.hosts.ok.len());
+    let mut macs: HashMap<Mac, (&str, Loc)> = HashMap::with_capacity(raw.hosts.ok.len());
+    let mut ips: HashMap<Ipv4Addr, (&str, Loc)> = HashMap::new();
+    let selectors = SelectorIndex::new(&raw.groups);
+    for (name, e) in &raw.hosts.ok {
+        let h = &e.value;
+        let before = cx.problems.len();
+        let mac = cx.parse::<Mac>(&h.mac, "write it as six hex pairs separated by colons");
+        if let Some(mac) = mac {
+            if let Some((other, loc)) = macs.get(&mac) {
+                cx.err(
+                    Diagnostic::new(
+                        format!("duplicate MAC {mac}: hosts `{other}` and `{name}` both use it"),
+                        h.mac.loc,
+                    )
+                    .note(format!("`{other}` uses it here"), *loc)
+                    .hint("every machine has its own MAC; fix the typo or remove one of the hosts"),
+                );
+            } else {
+                macs.insert(mac, (name, h.mac.loc));
+            }
+        }
+        // Groups: named by the host, or selecting it by its own labels.
+        let own_labels: BTreeMap<String, String> = h
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut groups: Vec<&str> = Vec::new();
+        for g in &h.groups {
+            if raw.groups.check_ref(cx, g, "host") && raw.groups.ok.contains_key(&g.value) {
+                groups.push(&g.value);
+            }
+        }
+        for gname in selectors.matching(&own_labels) {
+            if !groups.contains(&gname) {
+                groups.push(gname);
+            }
+        }
+        groups.sort_unstable();
+        let group_entries: Vec<(&str, &wire::Group)> = groups
+            .iter()
+            .map(|g| (*g, &raw.groups.ok[*g].value))
+            .collect();
+
+        let site = pick(
+            cx,
+            name,
+            h.site.as_ref(),
+            &group_entries,
+            |g| g.site.as_ref(),
+            "site",
+        );
+        let image = pick(
+            cx,
+            name,
+            h.image.as_ref(),
+            &group_entries,
+            |g| g.image.as_ref(),
+            "image",
+        );
+        let wave = pick(
+            cx,
+            name,
+            h.wave.as_ref(),
+            &group_entries,
+            |g| g.wave.as_ref(),
+            "wave",
+        );
+        let disk = match &h.disk {
+            Some(d) => Some(d),
+            None => {
+                let from: Vec<(&str, &wire::DiskSelector)> = group_entries
+                    .iter()
+                    .filter_map(|(n, g)| g.disk.as_ref().map(|d| (*n, d)))
+                    .collect();
+                if from.len() > 1 {
+                    cx.err(
+                        Diagnostic::new(
+                            format!(
+                                "host `{name}` gets a disk selector from several groups: {}",
+                                from.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                            ),
+                            e.loc,
+                        )
+                        .hint("set `disk` on the host, or keep it in one group only"),
+                    );
+                }
+                from.first().map(|(_, d)| *d)
+            }
+        };
+        let suspend = h
+            .suspend
+            .or_else(|| group_entries.iter().find_map(|(_, g)| g.suspend))
+            .unwrap_or(false);
+        let mut labels = own_labels;
+        for (_, g) in &group_entries {
+            for (k, v) in &g.labels {
+                labels.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+
+        let site_name = match site {
+            Some(s) => {
+                raw.sites.check_ref(cx, s, &format!("host `{name}`"));
+                Some(s.value.clone())
+            }
+            None => {
+                cx.err(
+                    Diagnostic::new(format!("host `{name}` has no site"), e.loc)
+                        .hint("set `site:` on the host or on a group that selects it"),
+                );
+                None
+            }
+        };
+        if let Some(i) = image {
+            raw.images.check_ref(cx, i, &format!("host `{name}`"));
+        }
+        if let Some(w) = wave {
+            raw.waves.check_ref(cx, w, &format!("host `{name}`"));
+        }
+        let site = site_name.as_deref().and_then(|s| sites.get(s));
+        let mut ip = None;
+        if let Some(ip_s) = &h.ip
+            && let Some(addr) = cx.std::<Ipv4Addr>(
+                ip_s,
+                "fixed IP",
+                "write the fixed address as an IPv4 address, like 172.28.0.11",
+            )
+        {
+            ip = Some(addr);
+            if let Some((other, loc)) = ips.get(&addr) {
+                cx.err(
+                    Diagnostic::new(
+                        format!(
+                            "duplicate fixed IP {addr}: hosts `{other}` and `{name}` both use it"
+                        ),
+                        ip_s.loc,
+                    )
+                    .note(format!("`{other}` uses it here"), *loc)
+                    .hint("give each host its own address"),
+                );
+            } else {
+                ips.insert(addr, (name, ip_s.loc));
+            }
+            if let (Some(site), Some(sname)) = (site, site_name.as_deref()) {
+                if !site.subnet.contains(&addr) {
+                    cx.err(
+                        Diagnostic::new(format!("fixed IP {addr} of host `{name}` is outside subnet {} of site `{sname}`", site.subnet), ip_s.loc)
+                            .hint("pick an address inside the site's subnet, or move the host to the right site"),
+                    );
+                } else if site.dhcp.pool.is_some_and(|p| p.contains(addr)) {
+                    cx.err(
+                        Diagnostic::new(format!("fixed IP {addr} of host `{name}` is inside the dynamic pool {} of site `{sname}`", site.dhcp.pool.map(|p| p.to_string()).unwrap_or_default()), ip_s.loc)
+                            .hint("reservations must lie outside the pool, or a pool client could be handed the same address"),
+                    );
+                } else if addr == site.server
+                    || addr == site.subnet.network()
+                    || addr == site.subnet.broadcast()
+                    || Some(addr) == site.dhcp.router
+                {
+                    cx.err(
+                        Diagnostic::new(format!("fixed IP {addr} of host `{name}` is the server's, the router's, the network's or the broadcast address"), ip_s.loc)
+                            .hint("pick a free host address"),
+                    );
+                }
+            }
+        }
+        let disk = disk.map(|d| disk_selector(d, cx)).unwrap_or_default();
+        let mut actions = Actions::default();
+        if let Some(a) = &h.actions {
+            if let Some(c) = &a.capture {
+                raw.images
+                    .check_ref(cx, &c.image, &format!("capture action of host `{name}`"));
+                actions.capture = Some(CaptureAction {
+                    image: c.image.value.clone(),
+                    generation: c.generation.value,
+                });
+            }
+            actions.wipe = a.wipe.as_ref().map(|w| WipeAction {
+                mode: w.mode,
+                generation: w.generation.value,
+            });
+            actions.inventory = a.inventory.as_ref().map(|g| g.generation.value);
+            actions.verify = a.verify.as_ref().map(|g| g.generation.value);
+        }
+        if cx.problems.len() != before {
+            continue;
+        }
+        let (Some(mac), Some(site)) = (mac, site_name) else {
+            continue;
+        };
+        out.insert(
+            name.clone(),
+            Host {
+                name: name.clone(),
+                mac,
+                site,
+                ip,
+                labels,
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                image: image.map(|i| i.value.clone()),
+                wave: wave.map(|w| w.value.clone()).unwrap_or_default(),
+                disk,
+                suspend,
+                actions,
+            },
+        );
+    }
+    out
+}
+
+/// The host's own value, or the one its groups agree on.
+fn pick<'a>(
+    cx: &mut Cx,
+    host: &str,
+    own: Option<&'a Sp<String>>,
+    groups: &[(&str, &'a wire::Group)],
+    field: fn(&'a wire::Group) -> Option<&'a Sp<String>>,
+    what: &str,
+) -> Option<&'a Sp<String>> {
+    if own.is_some() {
+        return own;
+    }
+    let mut found: Option<(&str, &'a Sp<String>)> = None;
+    for (gname, g) in groups {
+        if let Some(v) = field(g) {
+            match found {
+                Some((first, fv)) if fv.value != v.value => {
+                    cx.err(
+                        Diagnostic::new(
+                            format!("host `{host}` gets {what} `{}` from group `{first}` and `{}` from group `{gname}`", fv.value, v.value),
+                            v.loc,
+                        )
+                        .note(format!("group `{first}` sets it here"), fv.loc)
+                        .hint(format!("set `{what}` on the host itself, or make the groups agree")),
+                    );
+                }
+                Some(_) => {}
+                None => found = Some((gname, v)),
+            }
+        }
+    }
+    found.map(|(_, v)| v)
+}
+
+fn resolve_waves(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Wave> {
+    let mut out = IndexMap::new();
+    for (name, e) in &raw.waves.ok {
+        let w = &e.value;
+        for a in &w.after {
+            raw.waves.check_ref(cx, a, &format!("wave `{name}`"));
+            if a.value == *name {
+                cx.err(
+                    Diagnostic::new(format!("wave `{name}` is after itself"), a.loc)
+                        .hint("remove it from its own `after`"),
+                );
+            }
+        }
+        let transport = w
+            .transport
+            .as_ref()
+            .map(|t| t.value)
+            .unwrap_or(Transport::Unicast);
+        if let Some(m) = &w.multicast {
+            raw.multicast.check_ref(cx, m, &format!("wave `{name}`"));
+            if transport == Transport::Unicast {
+                cx.err(
+                    Diagnostic::new(
+                        format!(
+                            "wave `{name}` names a multicast group but its transport is unicast"
+                        ),
+                        m.loc,
+                    )
+                    .hint("set `transport: multicast` (or auto), or remove `multicast:`"),
+                );
+            }
+        } else if transport != Transport::Unicast {
+            let loc = w.transport.as_ref().map(|t| t.loc).unwrap_or(e.loc);
+            cx.err(
+                Diagnostic::new(
+                    format!(
+                        "wave `{name}` uses {} transport but names no multicast group",
+                        if transport == Transport::Auto {
+                            "auto"
+                        } else {
+                            "multicast"
+                        }
+                    ),
+                    loc,
+                )
+                .hint("add `multicast: <group>` naming an entry of the `multicast:` section"),
+            );
+        }
+        let failure_budget = match &w.failure_budget {
+            None => FailureBudget::Count(0),
+            Some(Sp {
+                value: wire::FailureBudget::Count(n),
+                ..
+            }) => FailureBudget::Count(*n),
+            Some(Sp {
+                value: wire::FailureBudget::Share(s),
+                loc,
+            }) => {
+                match s
+                    .strip_suffix('%')
+                    .and_then(|p| p.trim().parse::<f64>().ok())
+                    .filter(|p| (0.0..=100.0).contains(p))
+                {
+                    Some(p) => FailureBudget::Percent(p),
+                    None => {
+                        cx.err(
+                            Diagnostic::new(format!("invalid failure budget `{s}`"), *loc)
+                                .hint("write a count like 3 or a share like \"10%\" (0-100%)"),
+                        );
+                        FailureBudget::Count(0)
+                    }
+                }
+            }
+        };
+        if let Some(m) = &w.members {
+            for h in &m.hosts {
+                raw.hosts.check_ref(cx, h, &format!("wave `{name}`"));
+            }
+            for g in &m.groups {
+                raw.groups.check_ref(cx, g, &format!("wave `{name}`"));
+            }
+        }
+        if let Some(p) = &w.max_parallel
+            && p.value == 0
+        {
+            cx.err(
+                Diagnostic::new("max_parallel must be at least 1", p.loc)
+                    .hint("remove it for no limit"),
+            );
+        }
+        let windows = w.windows.as_ref().map(|l| resolve_windows(l, cx));
+        out.insert(
+            name.clone(),
+            Wave {
+                after: w.after.iter().map(|a| a.value.clone()).collect(),
+                transport,
+                multicast: w.multicast.as_ref().map(|m| m.value.clone()),
+                max_parallel: w.max_parallel.as_ref().map(|p| p.value),
+                canary: w.canary.as_ref().map(|c| c.value).unwrap_or(0),
+                failure_budget,
+                windows,
+                declared: true,
+            },
+        );
+    }
+    out
+}
+
+/// Give every host exactly one wave: its own `wave:` (or its groups'), or the wave whose
+/// `members` select it, or the implicit `default` wave.
+fn assign_waves(
+    raw: &Raw,
+    hosts: &mut IndexMap<String, Host>,
+    waves: &mut IndexMap<String, Wave>,
+    cx: &mut Cx,
+) {
+    // host -> (wave, where the claim was made)
+    let mut claims: HashMap<String, (String, Option<Loc>)> = HashMap::new();
+    for (wname, e) in &raw.waves.ok {
+        let Some(m) = &e.value.members else { continue };
+        let mut claim = |host: &str, loc: Loc, cx: &mut Cx| {
+            let Some(h) = hosts.get(host) else { return };
+            if !h.wave.is_empty() && h.wave != *wname {
+                cx.err(
+                    Diagnostic::new(format!("host `{host}` is in wave `{}` but wave `{wname}` also claims it", h.wave), loc)
+                        .hint("a host is in one wave: remove it from this wave's members or change its `wave:`"),
+                );
+                return;
+            }
+            match claims.get(host) {
+                Some((other, other_loc)) if other != wname => {
+                    let mut d = Diagnostic::new(
+                        format!("host `{host}` is claimed by waves `{other}` and `{wname}`"),
+                        loc,
+                    )
+                    .hint("a host is in one wave: narrow the members of one of them");
+                    if let Some(l) = other_loc {
+                        d = d.note(format!("wave `{other}` claims it here"), *l);
+                    }
+                    cx.err(d);
+                }
+                Some(_) => {}
+                None => {
+                    claims.insert(host.to_string(), (wname.clone(), Some(loc)));
+                }
+            }
+        };
+        for h in &m.hosts {
+            claim(&h.value, h.loc, cx);
+        }
+        for g in &m.groups {
+            let members: Vec<String> = hosts
+                .values()
+                .filter(|h| h.groups.contains(&g.value))
+                .map(|h| h.name.clone())
+                .collect();
+            for h in members {
+                claim(&h, g.loc, cx);
+            }
+        }
+        if let Some(sel) = &m.selector {
+            let members: Vec<String> = hosts
+                .values()
+                .filter(|h| selects(sel, &h.labels))
+                .map(|h| h.name.clone())
+                .collect();
+            for h in members {
+                claim(&h, e.loc, cx);
+            }
+        }
+    }
+    let mut needs_default = false;
+    for h in hosts.values_mut() {
+        if h.wave.is_empty() {
+            match claims.get(&h.name) {
+                Some((w, _)) => h.wave = w.clone(),
+                None => {
+                    h.wave = DEFAULT_WAVE.to_string();
+                    needs_default = true;
+                }
+            }
+        }
+    }
+    if needs_default && !waves.contains_key(DEFAULT_WAVE) {
+        waves.insert(
+            DEFAULT_WAVE.to_string(),
+            Wave {
+                after: Vec::new(),
+                transport: Transport::Unicast,
+                multicast: None,
+                max_parallel: None,
+                canary: 0,
+                failure_budget: FailureBudget::Count(0),
+                windows: None,
+                declared: false,
+            },
+        );
+    }
+}
+
+/// Order waves so each comes after everything in its `after`; report cycles.
+fn order_waves(raw: &Raw, waves: IndexMap<String, Wave>, cx: &mut Cx) -> IndexMap<String, Wave> {
+    let mut graph: DiGraph<&str, ()> = DiGraph::new();
+    let mut index: BTreeMap<&str, NodeIndex> = BTreeMap::new();
+    for name in waves.keys() {
+        index.insert(name, graph.add_node(name));
+    }
+    for (name, w) in &waves {
+        for a in &w.after {
+            if let (Some(&from), Some(&to)) = (index.get(a.as_str()), index.get(name.as_str()))
+                && from != to
+            {
+                graph.add_edge(from, to, ());
+            }
+        }
+    }
+    for scc in petgraph::algo::tarjan_scc(&graph) {
+        if scc.len() < 2 {
+            continue;
+        }
+        // Walk the cycle from its alphabetically first wave, so the message is stable.
+        let members: BTreeSet<&str> = scc.iter().map(|n| graph[*n]).collect();
+        let Some(&start) = members.iter().next() else {
+            continue;
+        };
+        let mut path = vec![start];
+        let mut cur = start;
+        loop {
+            // Next: a member wave that lists `cur` in its `after` (edges go from prerequisite to dependent).
+            let next = members.iter().copied().find(|m| {
+                waves[*m].after.iter().any(|a| a == cur) && (!path.contains(m) || *m == start)
+            });
+            match next {
+                Some(n) if n == start => {
+                    path.push(start);
+                    break;
+                }
+                Some(n) => {
+                    path.push(n);
+                    cur = n;
+                }
+                None => break,
+            }
+        }
+        // Point at the `after` entry that closes the cycle.
+        let closing = path.len().checked_sub(2).map(|i| (path[i], path[i + 1]));
+        let loc = closing
+            .and_then(|(prev, last)| {
+                raw.waves.ok.get(last).and_then(|e| {
+                    e.value
+                        .after
+                        .iter()
+                        .find(|a| a.value == prev)
+                        .map(|a| a.loc)
+                })
+            })
+            .or_else(|| raw.waves.ok.get(start).map(|e| e.loc))
+            .unwrap_or_default();
+        let shown: Vec<&str> = path.iter().rev().copied().collect();
+        cx.err(
+            Diagnostic::new(format!("waves form a cycle: {}", shown.join(" → ")), loc)
+                .hint("each wave waits for those in its `after`; break the cycle by removing one of these entries"),
+        );
+    }
+    // Kahn's algorithm with a sorted ready set: a stable order, ties by name.
+    let mut indegree: HashMap<NodeIndex, usize> = graph
+        .node_indices()
+        .map(|n| {
+            (
+                n,
+                graph
+                    .neighbors_directed(n, petgraph::Direction::Incoming)
+                    .count(),
+            )
+        })
+        .collect();
+    let mut ready: BTreeSet<(&str, NodeIndex)> = indegree
+        .iter()
+        .filter(|(_, d)| **d == 0)
+        .map(|(n, _)| (graph[*n], *n))
+        .collect();
+    let mut order: Vec<&str> = Vec::new();
+    while let Some(first) = ready.pop_first() {
+        order.push(first.0);
+        for next in graph.neighbors_directed(first.1, petgraph::Direction::Outgoing) {
+            if let Some(d) = indegree.get_mut(&next) {
+                *d -= 1;
+                if *d == 0 {
+                    ready.insert((graph[next], next));
+                }
+            }
+        }
+    }
+    // Waves on a cycle (already reported) go last, so nothing is lost.
+    for name in waves.keys() {
+        if !order.contains(&name.as_str()) {
+            order.push(name);
+        }
+    }
+    let order: Vec<String> = order.into_iter().map(String::from).collect();
+    let mut waves = waves;
+    order
+        .iter()
+        .filter_map(|n| waves.swap_remove_entry(n))
+        .collect()
+}
+
+/// Normalise image `capture.from` into host capture actions and check the rules around them.
+fn resolve_captures(raw: &Raw, hosts: &mut IndexMap<String, Host>, cx: &mut Cx) {
+    for (iname, e) in &raw.images.ok {
+        let Some(c) = &e.value.capture else { continue };
+        if !raw
+            .hosts
+            .check_ref(cx, &c.from, &format!("image `{iname}` capture"))
+        {
+            continue;
+        }
+        let Some(h) = hosts.get_mut(&c.from.value) else {
+            continue;
+        };
+        match &h.actions.capture {
+            Some(a) if a.image != *iname => {
+                cx.err(
+                    Diagnostic::new(
+                        format!(
+                            "host `{}` is the capture source of images `{}` and `{iname}`",
+                            h.name, a.image
+                        ),
+                        c.from.loc,
+                    )
+                    .hint(
+                        "a host captures one image; capture the other from another reference host",
+                    ),
+                );
+            }
+            Some(a) if a.generation != c.generation.value => {
+                cx.err(
+                    Diagnostic::new(format!("image `{iname}` asks for capture generation {} but host `{}` asks for {}", c.generation.value, h.name, a.generation), c.generation.loc)
+                        .hint("keep the capture in one place: under the image or under the host's actions"),
+                );
+            }
+            _ => {
+                h.actions.capture = Some(CaptureAction {
+                    image: iname.clone(),
+                    generation: c.generation.value,
+                });
+            }
+        }
+    }
+    // One capture source per image.
+    let mut source: HashMap<&str, &str> = HashMap::new();
+    for h in hosts.values() {
+        let Some(c) = &h.actions.capture else {
+            continue;
+        };
+        if let Some(other) = source.insert(&c.image, &h.name)
+            && other != h.name
+        {
+            let loc = raw.hosts.ok.get(&h.name).map(|e| e.loc).unwrap_or_default();
+            let mut d = Diagnostic::new(
+                format!(
+                    "image `{}` is captured from two hosts: `{other}` and `{}`",
+                    c.image, h.name
+                ),
+                loc,
+            )
+            .hint("an image has one reference host; pick one");
+            if let Some(e) = raw.hosts.ok.get(other) {
+                d = d.note(format!("`{other}` is defined here"), e.loc);
+            }
+            cx.err(d);
+        }
+        if h.image.as_deref() == Some(c.image.as_str()) {
+            let loc = raw
+                .hosts
+                .ok
+                .get(&h.name)
+                .and_then(|e| e.value.image.as_ref().map(|i| i.loc))
+                .or_else(|| raw.hosts.ok.get(&h.name).map(|e| e.loc))
+                .unwrap_or_default();
+            let mut d = Diagnostic::new(format!("host `{}` is the capture source of image `{}` and is also assigned to deploy it", h.name, c.image), loc)
+                .hint("a reference machine is captured, not overwritten: remove its `image:` (or pick another reference host)");
+            if let Some(cap) = raw
+                .images
+                .ok
+                .get(&c.image)
+                .and_then(|i| i.value.capture.as_ref())
+            {
+                d = d.note("captured from it here", cap.from.loc);
+            }
+            cx.err(d);
+        }
+    }
+}
+
+/// A multicast group serves one L2 segment: its hosts must all be on one site.
+fn check_multicast_sites(
+    raw: &Raw,
+    hosts: &IndexMap<String, Host>,
+    waves: &IndexMap<String, Wave>,
+    cx: &mut Cx,
+) {
+    let mut sites: BTreeMap<&str, BTreeMap<&str, &str>> = BTreeMap::new();
+    for h in hosts.values() {
+        if h.image.is_none() {
+            continue;
+        }
+        let Some(group) = waves.get(&h.wave).and_then(|w| w.multicast.as_deref()) else {
+            continue;
+        };
+        sites
+            .entry(group)
+            .or_default()
+            .entry(&h.site)
+            .or_insert(&h.name);
+    }
+    for (group, by_site) in sites {
+        if by_site.len() < 2 {
+            continue;
+        }
+        let Some(e) = raw.multicast.ok.get(group) else {
+            continue;
+        };
+        let examples: Vec<String> = by_site
+            .iter()
+            .map(|(s, h)| format!("`{h}` on `{s}`"))
+            .collect();
+        cx.err(
+            Diagnostic::new(
+                format!(
+                    "multicast group `{group}` has hosts on several sites: {}",
+                    examples.join(", ")
+                ),
+                e.loc,
+            )
+            .hint(
+                "multicast stays inside one network: use one multicast group (and wave) per site",
+            ),
+        );
+    }
+}
