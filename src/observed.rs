@@ -74,8 +74,12 @@ pub struct ImageVersion {
 impl Observed {
     /// Parse the JSON form; errors name the line and column.
     pub fn from_json(text: &str) -> Result<Observed, String> {
-        let o: Observed =
-            serde_json::from_str(text).map_err(|e| format!("{}:{}: {e}", e.line(), e.column()))?;
+        let o: Observed = serde_json::from_str(text).map_err(|e| {
+            let text = e.to_string();
+            // serde_json appends its own " at line L column C"; we lead with it instead.
+            let msg = text.split(" at line ").next().unwrap_or(&text);
+            format!("{}:{}: {msg}", e.line(), e.column())
+        })?;
         let mut seen = HashMap::new();
         for h in &o.hosts {
             if seen.insert(h.mac, ()).is_some() {

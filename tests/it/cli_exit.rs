@@ -1,0 +1,74 @@
+//! Exit codes, as scripts and CI rely on them: the real binary, run as a user would.
+
+use std::process::Command;
+
+use super::repo;
+
+fn fleetwave(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+        .args(args)
+        .current_dir(repo(""))
+        .output()
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn validate_exits_0_valid_1_invalid_2_missing() {
+    assert_eq!(
+        fleetwave(&["validate"]).0,
+        0,
+        "the lab fleet.yaml in the working directory"
+    );
+    let (code, out, _) = fleetwave(&["validate", "tests/fixtures/snapshots/many_problems.yaml"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("tests/fixtures/snapshots/many_problems.yaml:14:47"),
+        "relative paths as given: {out}"
+    );
+    let (code, _, err) = fleetwave(&["validate", "no/such/fleet.yaml"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no/such/fleet.yaml"), "{err}");
+    assert_eq!(
+        fleetwave(&["validate", "--format", "yaml"]).0,
+        2,
+        "usage error"
+    );
+}
+
+#[test]
+fn plan_exits_0_converged_1_changes_2_invalid() {
+    assert_eq!(
+        fleetwave(&[
+            "plan",
+            "--observed",
+            "tests/fixtures/observed/lab-converged.json"
+        ])
+        .0,
+        0
+    );
+    assert_eq!(
+        fleetwave(&["plan", "--observed", "tests/fixtures/observed/lab.json"]).0,
+        1
+    );
+    assert_eq!(
+        fleetwave(&["plan", "tests/fixtures/snapshots/many_problems.yaml"]).0,
+        2
+    );
+    let (code, _, err) = fleetwave(&["plan", "--observed", "Cargo.toml"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("Cargo.toml:1:2: expected value"),
+        "observed-state errors name the place: {err}"
+    );
+}
+
+#[test]
+fn no_colour_when_not_a_terminal() {
+    let (_, out, _) = fleetwave(&["validate", "tests/fixtures/snapshots/many_problems.yaml"]);
+    assert!(!out.contains('\x1b'), "escape codes in piped output");
+}
