@@ -43,6 +43,18 @@ impl Diagnostic {
         self
     }
 
+    pub fn note_opt(self, note: Option<(String, Loc)>) -> Self {
+        match note {
+            Some((text, loc)) => self.note(text, loc),
+            None => self,
+        }
+    }
+
+    pub fn notes(mut self, notes: impl IntoIterator<Item = (String, Loc)>) -> Self {
+        self.notes.extend(notes);
+        self
+    }
+
     pub fn hint(mut self, text: impl Into<String>) -> Self {
         self.hint = Some(text.into());
         self

@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod diag;
 pub mod observed;
+pub mod par;
 pub mod plan;
 pub mod source;
 pub mod spec;

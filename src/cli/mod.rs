@@ -36,6 +36,16 @@ pub struct Invalid {
     pub problems: Vec<Diagnostic>,
 }
 
+/// With FLEETWAVE_TIMINGS set, phase times go to stderr (the benchmark reads them).
+pub fn timing(phase: &str, since: std::time::Instant) {
+    if std::env::var_os("FLEETWAVE_TIMINGS").is_some() {
+        eprintln!(
+            "timing: {phase}: {:.1} ms",
+            since.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+}
+
 /// `fleet.yaml` inside a directory, or the file itself.
 pub fn entry_file(path: &Path) -> PathBuf {
     if path.is_dir() {
@@ -47,13 +57,15 @@ pub fn entry_file(path: &Path) -> PathBuf {
 
 /// Read and validate a fleet from a tree. `Err` is an I/O problem (no such file).
 pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Result<(FleetSpec, Sources), Invalid>> {
+    let started = std::time::Instant::now();
     let loaded = source::load(tree, entry).map_err(anyhow::Error::msg)?;
-    Ok(match spec::build(&loaded) {
-        Ok(spec) => Ok((spec, loaded.sources)),
-        Err(problems) => Err(Invalid {
-            sources: loaded.sources,
-            problems,
-        }),
+    timing("read and parse", started);
+    let started = std::time::Instant::now();
+    let (sources, built) = spec::build(loaded);
+    timing("validate", started);
+    Ok(match built {
+        Ok(spec) => Ok((spec, sources)),
+        Err(problems) => Err(Invalid { sources, problems }),
     })
 }
 
@@ -173,7 +185,9 @@ pub fn plan(
             return Ok(exit::ERROR);
         }
     };
+    let started = std::time::Instant::now();
     let plan = plan::diff(&spec, &observed, &Params::default());
+    timing("plan", started);
     match format {
         Format::Text => out.write_all(render::plan_text(&plan, p).as_bytes())?,
         Format::Markdown => out.write_all(render::plan_markdown(&plan).as_bytes())?,

@@ -406,9 +406,9 @@ fn form_sessions(
     let Some(group) = spec.multicast.get(group_name) else {
         return Vec::new();
     };
-    // (site, image, version) -> host indexes
-    let mut buckets: BTreeMap<(String, String, String), (Version, Option<u64>, Vec<usize>)> =
-        BTreeMap::new();
+    // (site, image, version) -> (version, bytes, host indexes)
+    type Bucket = (Version, Option<u64>, Vec<usize>);
+    let mut buckets: BTreeMap<(String, String, String), Bucket> = BTreeMap::new();
     for (i, h) in hosts.iter().enumerate() {
         for s in &h.steps {
             if let Step::Deploy {

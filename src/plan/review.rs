@@ -87,7 +87,10 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
 }
 
 /// Field-by-field changes of two values; `fields` maps a name to a rendering.
-fn compare<T>(a: &T, b: &T, fields: &[(&str, fn(&T) -> String)]) -> Vec<FieldChange> {
+/// A field's name and how to show its value.
+type Field<T> = (&'static str, fn(&T) -> String);
+
+fn compare<T>(a: &T, b: &T, fields: &[Field<T>]) -> Vec<FieldChange> {
     fields
         .iter()
         .filter_map(|(name, f)| {
@@ -101,7 +104,7 @@ fn compare<T>(a: &T, b: &T, fields: &[(&str, fn(&T) -> String)]) -> Vec<FieldCha
         .collect()
 }
 
-const HOST_FIELDS: &[(&str, fn(&Host) -> String)] = &[
+const HOST_FIELDS: &[Field<Host>] = &[
     ("image", |h| opt(&h.image)),
     ("wave", |h| h.wave.clone()),
     ("mac", |h| h.mac.to_string()),
@@ -144,7 +147,7 @@ const HOST_FIELDS: &[(&str, fn(&Host) -> String)] = &[
     }),
 ];
 
-const WAVE_FIELDS: &[(&str, fn(&Wave) -> String)] = &[
+const WAVE_FIELDS: &[Field<Wave>] = &[
     ("after", |w| w.after.join(", ")),
     ("transport", |w| format!("{:?}", w.transport).to_lowercase()),
     ("multicast", |w| opt(&w.multicast)),
@@ -165,7 +168,7 @@ const WAVE_FIELDS: &[(&str, fn(&Wave) -> String)] = &[
 fn keyed<T>(
     base: &indexmap::IndexMap<String, T>,
     head: &indexmap::IndexMap<String, T>,
-    fields: &[(&str, fn(&T) -> String)],
+    fields: &[Field<T>],
 ) -> (Vec<String>, Vec<String>, Vec<Changed>) {
     let added = head
         .keys()

@@ -208,24 +208,28 @@ pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Loaded, String> {
                     col: e.col.max(1),
                     len: 1,
                 };
-                loaded.problems.push(
-                    Diagnostic::new(format!("YAML syntax error: {}", e.message), loc)
+                let d = match e.hint {
+                    Some(h) => Diagnostic::new(e.message, loc).hint(h),
+                    None => Diagnostic::new(format!("YAML syntax error: {}", e.message), loc)
                         .hint("fix the YAML syntax here; nothing else in this file was checked"),
-                );
+                };
+                loaded.problems.push(d);
                 continue;
             }
         };
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut next = Vec::new();
         for pattern in include_patterns(&root, &mut loaded.problems) {
-            let joined = dir.join(&pattern.value);
+            // The directory is literal text, even if it holds `[` or `*`.
+            let joined =
+                Path::new(&glob::Pattern::escape(&dir.to_string_lossy())).join(&pattern.value);
             let matches = match tree.glob(&joined.to_string_lossy()) {
                 Ok(m) => m,
                 Err(e) => {
-                    loaded.problems.push(Diagnostic::new(
-                        format!("include `{}`: {e}", pattern.value),
-                        pattern.loc,
-                    ));
+                    loaded.problems.push(
+                        Diagnostic::new(format!("include `{}`: {e}", pattern.value), pattern.loc)
+                            .hint("use * for any part of a name, ** for any directories, [abc] for one of a set"),
+                    );
                     continue;
                 }
             };
@@ -244,8 +248,15 @@ pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Loaded, String> {
             for m in matches {
                 let key = normalize_path(&m);
                 if let Some(first) = seen.get(&key) {
+                    let shown = normalize_path(&m);
+                    let shown = shown.strip_prefix(normalize_path(&dir)).unwrap_or(&shown);
+                    let what = if key == normalize_path(entry) {
+                        " (it is the entry file)"
+                    } else {
+                        ""
+                    };
                     let mut d = Diagnostic::new(
-                        format!("{} is included more than once", m.display()),
+                        format!("{} is included more than once{what}", shown.display()),
                         pattern.loc,
                     )
                     .hint("include each file once, or its hosts would be defined twice");
@@ -289,25 +300,28 @@ fn include_patterns(root: &Node, problems: &mut Vec<Diagnostic>) -> Vec<Sp<Strin
                 for item in items {
                     match &item.value {
                         Value::Str(s) => out.push(Sp::new(s.clone(), item.loc)),
-                        other => problems.push(Diagnostic::new(
-                            format!(
-                                "wrong type: expected a file name or glob pattern, found {}",
-                                other.kind()
-                            ),
-                            item.loc,
-                        )),
+                        other => problems.push(
+                            Diagnostic::new(
+                                format!("wrong type: expected a file name or glob pattern, found {}", other.kind()),
+                                item.loc,
+                            )
+                            .hint("write each include as a quoted path or pattern, like \"rooms/*.yaml\""),
+                        ),
                     }
                 }
             }
             Value::Str(s) => out.push(Sp::new(s.clone(), v.loc)),
             Value::Null => {}
-            other => problems.push(Diagnostic::new(
-                format!(
-                    "wrong type: expected a list of glob patterns, found {}",
-                    other.kind()
-                ),
-                v.loc,
-            )),
+            other => problems.push(
+                Diagnostic::new(
+                    format!(
+                        "wrong type: expected a list of glob patterns, found {}",
+                        other.kind()
+                    ),
+                    v.loc,
+                )
+                .hint("write `include: [rooms/*.yaml, labs/*.yaml]`"),
+            ),
         }
     }
     out

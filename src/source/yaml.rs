@@ -27,8 +27,9 @@ pub struct Node {
 pub enum Value {
     Null,
     Bool(bool),
-    Int(i64),
-    Float(f64),
+    /// Integers and floats keep their text: a label `1.10` must stay "1.10".
+    Int(i64, Box<str>),
+    Float(f64, Box<str>),
     Str(String),
     Seq(Vec<Node>),
     /// Entries in source order; duplicate keys are kept so the loader can report them.
@@ -41,8 +42,8 @@ impl Value {
         match self {
             Value::Null => "nothing (null)",
             Value::Bool(_) => "a boolean",
-            Value::Int(_) => "an integer",
-            Value::Float(_) => "a number",
+            Value::Int(..) => "an integer",
+            Value::Float(..) => "a number",
             Value::Str(_) => "a string",
             Value::Seq(_) => "a list",
             Value::Map(_) => "a mapping",
@@ -55,8 +56,7 @@ impl Node {
     pub fn scalar_text(&self) -> Option<String> {
         match &self.value {
             Value::Str(s) => Some(s.clone()),
-            Value::Int(i) => Some(i.to_string()),
-            Value::Float(f) => Some(f.to_string()),
+            Value::Int(_, text) | Value::Float(_, text) => Some(text.to_string()),
             Value::Bool(b) => Some(b.to_string()),
             _ => None,
         }
@@ -69,6 +69,8 @@ pub struct SyntaxError {
     pub message: String,
     pub line: u32,
     pub col: u32,
+    /// What to do, when we know better than "fix the syntax".
+    pub hint: Option<&'static str>,
 }
 
 /// Parse one YAML document into a node tree. `file` is the source-map index stamped on
@@ -89,6 +91,7 @@ pub fn parse(text: &str, file: u32) -> Result<Node, SyntaxError> {
             message: e.info(),
             line: e.marker().line() as u32,
             col: e.marker().col() as u32 + 1,
+            hint: None,
         })?;
         let loc = loc_of(&span, file);
         let done = match event {
@@ -98,9 +101,12 @@ pub fn parse(text: &str, file: u32) -> Result<Node, SyntaxError> {
                 documents += 1;
                 if documents > 1 {
                     return Err(SyntaxError {
-                        message: "a fleet file holds one YAML document; split the others into files and `include:` them".into(),
+                        message: "a second YAML document (`---`) in one fleet file".into(),
                         line: loc.line,
                         col: loc.col,
+                        hint: Some(
+                            "a fleet file holds one document: move the others into their own files and `include:` them",
+                        ),
                     });
                 }
                 None
@@ -125,9 +131,10 @@ pub fn parse(text: &str, file: u32) -> Result<Node, SyntaxError> {
                 }),
                 None => {
                     return Err(SyntaxError {
-                        message: "alias to an unknown anchor".into(),
+                        message: "alias to an anchor that is not defined before it".into(),
                         line: loc.line,
                         col: loc.col,
+                        hint: Some("define the anchor (`&name`) before using the alias (`*name`)"),
                     });
                 }
             },
@@ -223,11 +230,11 @@ fn plain(s: &str) -> Value {
         let leading_zero = digits.len() > 1 && digits.starts_with('0') && !digits.starts_with("0.");
         if digits.bytes().all(|b| b.is_ascii_digit()) && !leading_zero {
             if let Ok(i) = s.parse::<i64>() {
-                return Value::Int(i);
+                return Value::Int(i, s.into());
             }
         } else if let Some(hex) = digits.strip_prefix("0x") {
             if let Ok(i) = i64::from_str_radix(hex, 16) {
-                return Value::Int(if s.starts_with('-') { -i } else { i });
+                return Value::Int(if s.starts_with('-') { -i } else { i }, s.into());
             }
         } else if !leading_zero
             && digits
@@ -235,7 +242,7 @@ fn plain(s: &str) -> Value {
                 .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
             && let Ok(f) = s.parse::<f64>()
         {
-            return Value::Float(f);
+            return Value::Float(f, s.into());
         }
     }
     Value::Str(s.to_owned())
@@ -285,11 +292,19 @@ fn merge_keys(entries: Vec<(Node, Node)>) -> Vec<(Node, Node)> {
 /// An error while turning a node into a wire type. `loc` is set by the innermost node
 /// that saw the failure, so it points at the exact key or value.
 #[derive(Debug, Clone)]
-pub struct DeError {
+pub struct DeError(pub Box<DeErrorInfo>);
+
+/// What went wrong; boxed in [`DeError`] to keep every `Result` of the hot path small.
+#[derive(Debug, Clone)]
+pub struct DeErrorInfo {
     pub message: String,
     pub loc: Option<Loc>,
     /// For unknown fields: the field and the accepted names, for "did you mean".
     pub unknown: Option<(String, Vec<&'static str>)>,
+    /// The key whose value failed, set by the innermost mapping.
+    pub field: Option<String>,
+    /// Another place that takes part (the first of two duplicate keys).
+    pub note: Option<(String, Loc)>,
 }
 
 impl fmt::Display for DeError {
@@ -300,30 +315,46 @@ impl fmt::Display for DeError {
 
 impl std::error::Error for DeError {}
 
+impl std::ops::Deref for DeError {
+    type Target = DeErrorInfo;
+    fn deref(&self) -> &DeErrorInfo {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DeError {
+    fn deref_mut(&mut self) -> &mut DeErrorInfo {
+        &mut self.0
+    }
+}
+
 impl de::Error for DeError {
     fn custom<T: fmt::Display>(msg: T) -> Self {
-        DeError {
+        DeError(Box::new(DeErrorInfo {
             message: msg.to_string(),
             loc: None,
             unknown: None,
-        }
+            field: None,
+            note: None,
+        }))
     }
     fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
-        DeError {
+        DeError(Box::new(DeErrorInfo {
             message: format!("unknown field `{field}`"),
             loc: None,
             unknown: Some((field.to_string(), expected.to_vec())),
-        }
+            field: None,
+            note: None,
+        }))
     }
     fn unknown_variant(variant: &str, expected: &'static [&'static str]) -> Self {
-        DeError {
-            message: format!(
-                "unknown value `{variant}`, expected one of: {}",
-                expected.join(", ")
-            ),
+        DeError(Box::new(DeErrorInfo {
+            message: format!("invalid value `{variant}`"),
             loc: None,
             unknown: Some((variant.to_string(), expected.to_vec())),
-        }
+            field: None,
+            note: None,
+        }))
     }
     fn invalid_type(unexp: de::Unexpected, exp: &dyn de::Expected) -> Self {
         let found = match unexp {
@@ -332,7 +363,25 @@ impl de::Error for DeError {
             de::Unexpected::Unit => "nothing (null)".to_string(),
             other => other.to_string(),
         };
-        DeError::custom(format!("wrong type: expected {exp}, found {found}"))
+        DeError::custom(format!(
+            "wrong type: expected {}, found {found}",
+            plain_expected(exp)
+        ))
+    }
+    fn invalid_value(unexp: de::Unexpected, exp: &dyn de::Expected) -> Self {
+        DeError::custom(format!(
+            "invalid value: {unexp}, expected {}",
+            plain_expected(exp)
+        ))
+    }
+    fn invalid_length(len: usize, exp: &dyn de::Expected) -> Self {
+        DeError::custom(format!(
+            "wrong number of items ({len}): expected {}",
+            plain_expected(exp)
+        ))
+    }
+    fn duplicate_field(field: &'static str) -> Self {
+        DeError::custom(format!("duplicate key `{field}`"))
     }
 }
 
@@ -342,6 +391,26 @@ impl DeError {
             self.loc = Some(loc);
         }
         self
+    }
+}
+
+/// serde names types the Rust way ("u16", "a sequence"); say it the YAML way.
+fn plain_expected(exp: &dyn de::Expected) -> String {
+    let e = exp.to_string();
+    match e.as_str() {
+        "u8" | "u16" | "u32" | "u64" | "usize" => match e.as_str() {
+            "u16" => "a whole number from 0 to 65535".into(),
+            "u8" => "a whole number from 0 to 255".into(),
+            _ => "a whole number of 0 or more".into(),
+        },
+        "i8" | "i16" | "i32" | "i64" => "a whole number".into(),
+        "f32" | "f64" => "a number".into(),
+        "a string" | "a boolean" => e,
+        "a sequence" => "a list".into(),
+        "a map" => "a mapping".into(),
+        _ if e.starts_with("struct ") => "a mapping".into(),
+        _ if e.starts_with("a sequence") => "a list".into(),
+        _ => e,
     }
 }
 
@@ -361,14 +430,18 @@ impl<'de> de::Deserializer<'de> for &'de Node {
         let r = match &self.value {
             Value::Null => visitor.visit_unit(),
             Value::Bool(b) => visitor.visit_bool(*b),
-            Value::Int(i) => visitor.visit_i64(*i),
-            Value::Float(f) => visitor.visit_f64(*f),
+            Value::Int(i, _) => visitor.visit_i64(*i),
+            Value::Float(f, _) => visitor.visit_f64(*f),
             Value::Str(s) => visitor.visit_borrowed_str(s),
             Value::Seq(items) => visitor.visit_seq(NodeSeq { iter: items.iter() }),
-            Value::Map(entries) => visitor.visit_map(NodeMap {
-                iter: entries.iter(),
-                value: None,
-            }),
+            Value::Map(entries) => {
+                check_duplicate_keys(entries)?;
+                visitor.visit_map(NodeMap {
+                    iter: entries.iter(),
+                    value: None,
+                    key: None,
+                })
+            }
         };
         r.map_err(|e| e.at(self.loc))
     }
@@ -384,7 +457,7 @@ impl<'de> de::Deserializer<'de> for &'de Node {
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match &self.value {
             Value::Str(s) => visitor.visit_borrowed_str(s),
-            Value::Int(_) | Value::Float(_) | Value::Bool(_) => {
+            Value::Int(..) | Value::Float(..) | Value::Bool(_) => {
                 // A label value of 12 or true is meant as text.
                 visitor.visit_string(self.scalar_text().unwrap_or_default())
             }
@@ -424,7 +497,15 @@ impl<'de> de::Deserializer<'de> for &'de Node {
             });
         }
         let _ = fields;
-        self.deserialize_any(visitor)
+        match &self.value {
+            // serde would take a list as the fields in order; in YAML that is a mistake.
+            Value::Map(_) => self.deserialize_any(visitor),
+            other => Err(DeError::custom(format!(
+                "wrong type: expected a mapping, found {}",
+                other.kind()
+            ))
+            .at(self.loc)),
+        }
     }
 
     fn deserialize_enum<V: Visitor<'de>>(
@@ -434,7 +515,7 @@ impl<'de> de::Deserializer<'de> for &'de Node {
         visitor: V,
     ) -> Result<V::Value, DeError> {
         match &self.value {
-            Value::Str(_) | Value::Int(_) | Value::Bool(_) => {
+            Value::Str(_) | Value::Int(..) | Value::Bool(_) => {
                 let text = self.scalar_text().unwrap_or_default();
                 visitor.visit_enum(text.into_deserializer())
             }
@@ -480,9 +561,30 @@ impl<'de> SeqAccess<'de> for NodeSeq<'de> {
     }
 }
 
+/// YAML keys are unique; a repeated one is almost always a paste gone wrong.
+fn check_duplicate_keys(entries: &[(Node, Node)]) -> Result<(), DeError> {
+    for (i, (k, _)) in entries.iter().enumerate().skip(1) {
+        let Some(text) = k.scalar_text() else {
+            continue;
+        };
+        if let Some((first, _)) = entries[..i]
+            .iter()
+            .find(|(p, _)| p.scalar_text().as_deref() == Some(&text))
+        {
+            let mut e = DeError::custom(format!("duplicate key `{text}`"));
+            e.loc = Some(k.loc);
+            e.note = Some(("first here".into(), first.loc));
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 struct NodeMap<'a> {
     iter: std::slice::Iter<'a, (Node, Node)>,
     value: Option<&'a Node>,
+    /// The key of the value being read, to name the field in errors.
+    key: Option<&'a Node>,
 }
 
 impl<'de> MapAccess<'de> for NodeMap<'de> {
@@ -494,6 +596,7 @@ impl<'de> MapAccess<'de> for NodeMap<'de> {
         match self.iter.next() {
             Some((k, v)) => {
                 self.value = Some(v);
+                self.key = Some(k);
                 seed.deserialize(k).map(Some)
             }
             None => Ok(None),
@@ -501,7 +604,12 @@ impl<'de> MapAccess<'de> for NodeMap<'de> {
     }
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
         match self.value.take() {
-            Some(v) => seed.deserialize(v),
+            Some(v) => seed.deserialize(v).map_err(|mut e| {
+                if e.field.is_none() {
+                    e.field = self.key.and_then(Node::scalar_text);
+                }
+                e
+            }),
             None => Err(DeError::custom("value requested before key")),
         }
     }

@@ -14,26 +14,33 @@ use ipnet::Ipv4Net;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use super::types::{parse_duration, parse_rate};
-use super::wire::{self, SECTIONS};
+use super::wire::{self, SECTIONS, Selector};
 use super::*;
 use crate::diag::Diagnostic;
 use crate::source::yaml::{DeError, Node, Value, from_node};
-use crate::source::{Loaded, Loc, Sp};
+use crate::source::{Document, Loaded, Loc, Sources, Sp};
 
 /// Build the validated fleet, or every problem found (including the loader's).
-pub fn build(loaded: &Loaded) -> Result<FleetSpec, Vec<Diagnostic>> {
-    let mut cx = Cx {
-        problems: loaded.problems.clone(),
-    };
-    let raw = collect(loaded, &mut cx);
-    let spec = resolve(raw, &mut cx);
+/// The source files come back for showing problems against.
+pub fn build(loaded: Loaded) -> (Sources, Result<FleetSpec, Vec<Diagnostic>>) {
+    let Loaded {
+        sources,
+        documents,
+        problems,
+    } = loaded;
+    let mut cx = Cx { problems };
+    let raw = collect(&documents, &mut cx);
+    // The node trees are the largest thing in memory; they are not needed past here.
+    crate::par::drop_later(documents);
+    let spec = resolve(&raw, &mut cx);
+    crate::par::drop_later(raw);
     if cx.problems.is_empty() {
-        Ok(spec)
+        (sources, Ok(spec))
     } else {
         let mut p = cx.problems;
         p.sort_by_key(Diagnostic::sort_key);
         p.dedup();
-        Err(p)
+        (sources, Err(p))
     }
 }
 
@@ -85,22 +92,56 @@ impl Cx {
         }
     }
 
-    fn de_error(&mut self, e: DeError, fallback: Loc) {
-        let loc = e.loc.unwrap_or(fallback);
-        let mut message = e.message.replace("struct ", "a mapping of ");
+    /// Report a deserialization error. `entry` names the section entry it happened in
+    /// (kind, name, position of the name), for errors about the entry as a whole.
+    fn de_error(&mut self, e: DeError, fallback: Loc, entry: Option<(&str, &str, Loc)>) {
+        let e = *e.0;
+        let mut loc = e.loc.unwrap_or(fallback);
+        let mut message = e.message;
         if message.contains("untagged enum FailureBudget") {
             message = "invalid failure budget: expected a count (3) or a share (\"10%\")".into();
         }
+        let is_unknown_field = message.starts_with("unknown field");
+        if let Some(field) = &e.field {
+            if let Some(rest) = message.strip_prefix("wrong type:") {
+                message = format!("wrong type for `{field}`:{rest}");
+            } else if message.starts_with("invalid value `") {
+                message = format!("{message} for `{field}`");
+            } else if let Some(rest) = message.strip_prefix("invalid value:") {
+                message = format!("invalid `{field}`:{rest}");
+            } else if !is_unknown_field
+                && !message.starts_with("duplicate key")
+                && !message.contains(field.as_str())
+            {
+                message = format!("`{field}`: {message}");
+            }
+        }
+        if message.starts_with("missing field")
+            && let Some((kind, name, name_loc)) = entry
+            && loc == fallback
+        {
+            // About the entry as a whole: name it and point at its name.
+            message = format!("{kind} `{name}`: {message}");
+            loc = name_loc;
+        }
         let mut d = Diagnostic::new(message, loc);
-        if let Some((field, expected)) = e.unknown {
-            d = d.hint(match did_you_mean(&field, &expected) {
+        if let Some((text, at)) = e.note {
+            d = d.note(text, at);
+        }
+        if let Some((word, expected)) = e.unknown {
+            d = d.hint(match did_you_mean(&word, &expected) {
                 Some(s) => format!("did you mean `{s}`?"),
+                None if is_unknown_field => format!("allowed here: {}", expected.join(", ")),
                 None => format!("expected one of: {}", expected.join(", ")),
             });
-        } else if d.message.starts_with("missing field") {
-            d = d.hint("add the field; see docs/fleet-yaml.md for what it takes");
-        } else if d.message.starts_with("wrong type") {
-            d = d.hint("see docs/fleet-yaml.md for the expected shape of this field");
+        } else if d.message.contains("missing field") {
+            d = d.hint("add the field; docs/fleet-yaml.md lists what each section takes");
+        } else if d.message.starts_with("duplicate key") {
+            d = d.hint("a key appears once per mapping: remove or merge the repeated one");
+        } else if d.message.contains("wrong type") || d.message.contains("wrong number") {
+            d = d.hint("docs/fleet-yaml.md shows the expected shape of this field");
+        } else if d.message.starts_with("invalid") {
+            d = d.hint("docs/fleet-yaml.md lists the accepted values");
         }
         self.err(d);
     }
@@ -162,8 +203,9 @@ impl<T> Section<T> {
         let hint = match did_you_mean(&r.value, &names) {
             Some(s) => format!("did you mean `{s}`?"),
             None if names.is_empty() => format!(
-                "no {} is defined; add it under `{}s:`",
-                self.kind, self.kind
+                "no {} is defined; add it under `{}:`",
+                self.kind,
+                section_key(self.kind)
             ),
             None => format!(
                 "define it under `{}:` or use one of: {}",
@@ -211,7 +253,7 @@ struct Raw {
     windows: Vec<Sp<String>>,
 }
 
-fn collect(loaded: &Loaded, cx: &mut Cx) -> Raw {
+fn collect(documents: &[Document], cx: &mut Cx) -> Raw {
     let mut raw = Raw {
         sites: Section::new("site"),
         images: Section::new("image"),
@@ -221,7 +263,7 @@ fn collect(loaded: &Loaded, cx: &mut Cx) -> Raw {
         waves: Section::new("wave"),
         windows: Vec::new(),
     };
-    for doc in &loaded.documents {
+    for doc in documents {
         let entries = match &doc.root.value {
             Value::Map(entries) => entries.as_slice(),
             Value::Null => &[],
@@ -272,7 +314,7 @@ fn collect(loaded: &Loaded, cx: &mut Cx) -> Raw {
                             )
                             .hint("this fleetwave reads version 1"),
                         ),
-                        Err(e) => cx.de_error(e, v.loc),
+                        Err(e) => cx.de_error(e, v.loc, None),
                     }
                 }
                 "include" => {} // read by the loader
@@ -284,7 +326,7 @@ fn collect(loaded: &Loaded, cx: &mut Cx) -> Raw {
                 "waves" => read_section(v, &mut raw.waves, cx),
                 "windows" => match from_node::<Option<Vec<Sp<String>>>>(v) {
                     Ok(w) => raw.windows.extend(w.unwrap_or_default()),
-                    Err(e) => cx.de_error(e, v.loc),
+                    Err(e) => cx.de_error(e, v.loc, None),
                 },
                 other => {
                     let hint = match did_you_mean(other, SECTIONS) {
@@ -295,7 +337,7 @@ fn collect(loaded: &Loaded, cx: &mut Cx) -> Raw {
                 }
             }
         }
-        if doc.file == 0 && !version_seen && !matches!(doc.root.value, Value::Null) {
+        if doc.file == 0 && !version_seen {
             cx.err(
                 Diagnostic::new("missing `version`", doc.root.loc)
                     .hint("start the fleet file with `version: 1`"),
@@ -307,7 +349,7 @@ fn collect(loaded: &Loaded, cx: &mut Cx) -> Raw {
 
 fn read_section<T>(node: &Node, section: &mut Section<T>, cx: &mut Cx)
 where
-    T: for<'de> serde::Deserialize<'de>,
+    T: for<'de> serde::Deserialize<'de> + Send,
 {
     let entries = match &node.value {
         Value::Map(e) => e,
@@ -322,12 +364,16 @@ where
                     ),
                     node.loc,
                 )
-                .hint(format!("write `name: {{...}}` entries under this key")),
+                .hint("write `name: {...}` entries under this key"),
             );
             return;
         }
     };
-    for (k, v) in entries {
+    // Deserializing entries is the costly part, and each stands alone: all cores.
+    let results = crate::par::map_chunks(entries, |chunk| {
+        chunk.iter().map(|(_, v)| from_node::<T>(v)).collect()
+    });
+    for ((k, v), result) in entries.iter().zip(results) {
         let Some(name) = k.scalar_text() else {
             cx.err(Diagnostic::new(
                 format!(
@@ -354,41 +400,43 @@ where
                     .hint("names start with a letter or digit and hold only letters, digits, `-`, `_` and `.` (at most 63)"),
             );
         }
-        match from_node::<T>(v) {
+        match result {
             Ok(value) => {
                 section.ok.insert(name, Entry { loc: k.loc, value });
             }
             Err(e) => {
-                cx.de_error(e, v.loc);
+                cx.de_error(e, v.loc, Some((section.kind, &name, k.loc)));
                 section.broken.insert(name);
             }
         }
     }
 }
 
-fn resolve(raw: Raw, cx: &mut Cx) -> FleetSpec {
-    let sites = resolve_sites(&raw, cx);
-    let images = resolve_images(&raw, cx);
-    let multicast = resolve_multicast(&raw, cx);
+fn resolve(raw: &Raw, cx: &mut Cx) -> FleetSpec {
+    let sites = resolve_sites(raw, cx);
+    check_subnet_overlap(raw, &sites, cx);
+    let images = resolve_images(raw, cx);
+    let multicast = resolve_multicast(raw, cx);
     let windows = resolve_windows(&raw.windows, cx);
-    for (_, g) in &raw.groups.ok {
+    for (gname, g) in &raw.groups.ok {
         let g = &g.value;
+        let from = format!("group `{gname}`");
         if let Some(s) = &g.site {
-            raw.sites.check_ref(cx, s, "group");
+            raw.sites.check_ref(cx, s, &from);
         }
         if let Some(i) = &g.image {
-            raw.images.check_ref(cx, i, "group");
+            raw.images.check_ref(cx, i, &from);
         }
         if let Some(w) = &g.wave {
-            raw.waves.check_ref(cx, w, "group");
+            raw.waves.check_ref(cx, w, &from);
         }
     }
-    let mut hosts = resolve_hosts(&raw, &sites, cx);
-    let mut waves = resolve_waves(&raw, cx);
-    assign_waves(&raw, &mut hosts, &mut waves, cx);
-    let waves = order_waves(&raw, waves, cx);
-    resolve_captures(&raw, &mut hosts, cx);
-    check_multicast_sites(&raw, &hosts, &waves, cx);
+    let mut hosts = resolve_hosts(raw, &sites, cx);
+    let mut waves = resolve_waves(raw, cx);
+    assign_waves(raw, &mut hosts, &mut waves, cx);
+    let waves = order_waves(raw, waves, cx);
+    resolve_captures(raw, &mut hosts, cx);
+    check_multicast_sites(raw, &hosts, &waves, cx);
     let mut members: HashMap<&str, Vec<String>> = HashMap::new();
     for h in hosts.values() {
         for g in &h.groups {
@@ -460,41 +508,46 @@ fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
         if let Some(d) = &s.dhcp {
             dhcp.mode = d.mode.value;
             dhcp.domain = d.domain.clone();
-            if let Some(p) = &d.pool {
-                if let Some(pool) = cx.parse::<IpRange>(
+            if let Some(p) = &d.pool
+                && let Some(pool) = cx.parse::<IpRange>(
                     p,
                     "write the pool as first-last, like 172.28.0.100-172.28.0.199",
-                ) {
-                    if let Some(net) = subnet
-                        && !(net.contains(&pool.first) && net.contains(&pool.last))
-                    {
+                )
+            {
+                if let Some(net) = subnet
+                    && !(net.contains(&pool.first) && net.contains(&pool.last))
+                {
+                    cx.err(
+                        Diagnostic::new(
+                            format!("pool {pool} is outside the site's subnet {net}"),
+                            p.loc,
+                        )
+                        .note("subnet declared here", s.subnet.loc)
+                        .hint("pick a pool inside the subnet"),
+                    );
+                } else if let (Some(net), Some(ip)) = (subnet, server) {
+                    let taken = [
+                        ("the server's address", ip),
+                        ("the network address", net.network()),
+                        ("the broadcast address", net.broadcast()),
+                    ];
+                    if let Some((what, addr)) = taken.iter().find(|(_, a)| pool.contains(*a)) {
                         cx.err(
-                            Diagnostic::new(
-                                format!("pool {pool} is outside the site's subnet {net}"),
-                                p.loc,
-                            )
-                            .note("subnet declared here", s.subnet.loc)
-                            .hint("pick a pool inside the subnet"),
-                        );
-                    } else if let (Some(net), Some(ip)) = (subnet, server)
-                        && (pool.contains(ip)
-                            || pool.contains(net.network())
-                            || pool.contains(net.broadcast()))
-                    {
-                        cx.err(
-                            Diagnostic::new(format!("pool {pool} contains the server's, the network's or the broadcast address"), p.loc)
-                                .hint(format!("keep {ip}, {} and {} out of the pool", net.network(), net.broadcast())),
+                            Diagnostic::new(format!("pool {pool} contains {what} {addr}"), p.loc)
+                                .hint(format!(
+                                    "keep {addr} out of the pool; hand out only free host addresses"
+                                )),
                         );
                     }
-                    if d.mode.value != DhcpMode::Authoritative {
-                        cx.err(
+                }
+                if d.mode.value != DhcpMode::Authoritative {
+                    cx.err(
                             Diagnostic::new("a pool needs `mode: authoritative`", p.loc)
                                 .note("mode set here", d.mode.loc)
                                 .hint("in proxy mode the other DHCP server hands out addresses; remove the pool"),
                         );
-                    }
-                    dhcp.pool = Some(pool);
                 }
+                dhcp.pool = Some(pool);
             }
             if let Some(r) = &d.router
                 && let Some(ip) =
@@ -588,6 +641,32 @@ fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
     out
 }
 
+/// Sites are separate networks: overlapping subnets would make addresses ambiguous.
+fn check_subnet_overlap(raw: &Raw, sites: &IndexMap<String, Site>, cx: &mut Cx) {
+    let list: Vec<(&String, &Site)> = sites.iter().collect();
+    for (i, (a, sa)) in list.iter().enumerate() {
+        for (b, sb) in &list[i + 1..] {
+            if sa.subnet.contains(&sb.subnet.network()) || sb.subnet.contains(&sa.subnet.network())
+            {
+                let (Some(ea), Some(eb)) = (raw.sites.ok.get(*a), raw.sites.ok.get(*b)) else {
+                    continue;
+                };
+                cx.err(
+                    Diagnostic::new(
+                        format!(
+                            "subnet {} of site `{b}` overlaps subnet {} of site `{a}`",
+                            sb.subnet, sa.subnet
+                        ),
+                        eb.value.subnet.loc,
+                    )
+                    .note(format!("site `{a}` declares it here"), ea.value.subnet.loc)
+                    .hint("each site is its own network; give each a subnet of its own"),
+                );
+            }
+        }
+    }
+}
+
 fn resolve_images(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Image> {
     let mut out = IndexMap::new();
     for (name, e) in &raw.images.ok {
@@ -653,7 +732,10 @@ fn resolve_multicast(raw: &Raw, cx: &mut Cx) -> IndexMap<String, MulticastGroup>
         if let Some(v) = &m.min_receivers
             && v.value == 0
         {
-            cx.err(Diagnostic::new("min_receivers must be at least 1", v.loc));
+            cx.err(
+                Diagnostic::new("min_receivers must be at least 1", v.loc)
+                    .hint("a session needs a receiver; use 1 to start with the first one"),
+            );
         }
         let max_wait_secs = match &m.max_wait {
             Some(w) => cx
@@ -717,7 +799,7 @@ fn selects(selector: &IndexMap<String, String>, labels: &BTreeMap<String, String
 /// Group selectors indexed by one of their labels, so matching a host costs a few
 /// lookups instead of a pass over every group (thousands of rooms, 100,000 hosts).
 struct SelectorIndex<'a> {
-    by_label: HashMap<(&'a str, &'a str), Vec<(&'a str, &'a IndexMap<String, String>)>>,
+    by_label: HashMap<(&'a str, &'a str), Vec<(&'a str, &'a Selector)>>,
     /// Empty selectors: they select every host.
     everyone: Vec<&'a str>,
 }
@@ -761,216 +843,284 @@ impl<'a> SelectorIndex<'a> {
 }
 
 fn resolve_hosts(raw: &Raw, sites: &IndexMap<String, Site>, cx: &mut Cx) -> IndexMap<String, Host> {
-    let mut out = IndexMap::with_capacity(raw.hosts.ok.len());
-    let mut macs: HashMap<Mac, (&str, Loc)> = HashMap::with_capacity(raw.hosts.ok.len());
-    let mut ips: HashMap<Ipv4Addr, (&str, Loc)> = HashMap::new();
     let selectors = SelectorIndex::new(&raw.groups);
-    for (name, e) in &raw.hosts.ok {
-        let h = &e.value;
-        let before = cx.problems.len();
-        let mac = cx.parse::<Mac>(&h.mac, "write it as six hex pairs separated by colons");
-        if let Some(mac) = mac {
-            if let Some((other, loc)) = macs.get(&mac) {
+    let entries: Vec<(&String, &Entry<wire::Host>)> = raw.hosts.ok.iter().collect();
+    // Per-host checks touch nothing shared, so they run on every core; duplicates
+    // across hosts are found afterwards, in file order.
+    let resolved = crate::par::map_chunks(&entries, |chunk| {
+        chunk
+            .iter()
+            .map(|(name, e)| {
+                let mut local = Cx {
+                    problems: Vec::new(),
+                };
+                let host = resolve_host(raw, sites, &selectors, name, e, &mut local);
+                (host, local.problems)
+            })
+            .collect()
+    });
+    let mut out = IndexMap::with_capacity(entries.len());
+    let mut macs: HashMap<Mac, (&str, Loc)> = HashMap::with_capacity(entries.len());
+    let mut ips: HashMap<Ipv4Addr, (&str, Loc)> = HashMap::new();
+    for ((name, e), (host, problems)) in entries.iter().zip(resolved) {
+        cx.problems.extend(problems);
+        let Some(host) = host else { continue };
+        let mut unique = true;
+        match macs.get(&host.mac) {
+            Some((other, loc)) => {
                 cx.err(
                     Diagnostic::new(
-                        format!("duplicate MAC {mac}: hosts `{other}` and `{name}` both use it"),
-                        h.mac.loc,
+                        format!(
+                            "duplicate MAC {}: hosts `{other}` and `{name}` both use it",
+                            host.mac
+                        ),
+                        e.value.mac.loc,
                     )
                     .note(format!("`{other}` uses it here"), *loc)
                     .hint("every machine has its own MAC; fix the typo or remove one of the hosts"),
                 );
-            } else {
-                macs.insert(mac, (name, h.mac.loc));
+                unique = false;
             }
-        }
-        // Groups: named by the host, or selecting it by its own labels.
-        let own_labels: BTreeMap<String, String> = h
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let mut groups: Vec<&str> = Vec::new();
-        for g in &h.groups {
-            if raw.groups.check_ref(cx, g, "host") && raw.groups.ok.contains_key(&g.value) {
-                groups.push(&g.value);
-            }
-        }
-        for gname in selectors.matching(&own_labels) {
-            if !groups.contains(&gname) {
-                groups.push(gname);
-            }
-        }
-        groups.sort_unstable();
-        let group_entries: Vec<(&str, &wire::Group)> = groups
-            .iter()
-            .map(|g| (*g, &raw.groups.ok[*g].value))
-            .collect();
-
-        let site = pick(
-            cx,
-            name,
-            h.site.as_ref(),
-            &group_entries,
-            |g| g.site.as_ref(),
-            "site",
-        );
-        let image = pick(
-            cx,
-            name,
-            h.image.as_ref(),
-            &group_entries,
-            |g| g.image.as_ref(),
-            "image",
-        );
-        let wave = pick(
-            cx,
-            name,
-            h.wave.as_ref(),
-            &group_entries,
-            |g| g.wave.as_ref(),
-            "wave",
-        );
-        let disk = match &h.disk {
-            Some(d) => Some(d),
             None => {
-                let from: Vec<(&str, &wire::DiskSelector)> = group_entries
-                    .iter()
-                    .filter_map(|(n, g)| g.disk.as_ref().map(|d| (*n, d)))
-                    .collect();
-                if from.len() > 1 {
+                macs.insert(host.mac, (name, e.value.mac.loc));
+            }
+        }
+        if let (Some(addr), Some(ip_s)) = (host.ip, &e.value.ip) {
+            match ips.get(&addr) {
+                Some((other, loc)) => {
                     cx.err(
-                        Diagnostic::new(
-                            format!(
-                                "host `{name}` gets a disk selector from several groups: {}",
-                                from.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-                            ),
-                            e.loc,
-                        )
-                        .hint("set `disk` on the host, or keep it in one group only"),
+                        Diagnostic::new(format!("duplicate fixed IP {addr}: hosts `{other}` and `{name}` both use it"), ip_s.loc)
+                            .note(format!("`{other}` uses it here"), *loc)
+                            .hint("give each host its own address"),
                     );
+                    unique = false;
                 }
-                from.first().map(|(_, d)| *d)
-            }
-        };
-        let suspend = h
-            .suspend
-            .or_else(|| group_entries.iter().find_map(|(_, g)| g.suspend))
-            .unwrap_or(false);
-        let mut labels = own_labels;
-        for (_, g) in &group_entries {
-            for (k, v) in &g.labels {
-                labels.entry(k.clone()).or_insert_with(|| v.clone());
+                None => {
+                    ips.insert(addr, (name, ip_s.loc));
+                }
             }
         }
+        if unique {
+            out.insert((*name).clone(), host);
+        }
+    }
+    out
+}
 
-        let site_name = match site {
-            Some(s) => {
-                raw.sites.check_ref(cx, s, &format!("host `{name}`"));
-                Some(s.value.clone())
-            }
-            None => {
-                cx.err(
-                    Diagnostic::new(format!("host `{name}` has no site"), e.loc)
-                        .hint("set `site:` on the host or on a group that selects it"),
-                );
-                None
-            }
-        };
-        if let Some(i) = image {
-            raw.images.check_ref(cx, i, &format!("host `{name}`"));
+/// What an address of the site is already used for, if anything.
+fn reserved_address(site: &Site, addr: Ipv4Addr) -> Option<&'static str> {
+    if addr == site.server {
+        Some("the server's address")
+    } else if Some(addr) == site.dhcp.router {
+        Some("the router's address")
+    } else if addr == site.subnet.network() {
+        Some("the network address of the subnet")
+    } else if addr == site.subnet.broadcast() {
+        Some("the broadcast address of the subnet")
+    } else {
+        None
+    }
+}
+
+/// One host with its group defaults applied, or `None` when it has problems (reported).
+fn resolve_host(
+    raw: &Raw,
+    sites: &IndexMap<String, Site>,
+    selectors: &SelectorIndex,
+    name: &str,
+    e: &Entry<wire::Host>,
+    cx: &mut Cx,
+) -> Option<Host> {
+    let h = &e.value;
+    let mac = match h.mac.value.parse::<Mac>() {
+        Ok(m) => Some(m),
+        Err(e) => {
+            let hint = if e.contains("multicast") {
+                "the first pair of a NIC's MAC is even; check for a typo in it"
+            } else {
+                "write it as six hex pairs separated by colons, like 52:54:00:28:00:11"
+            };
+            cx.err(Diagnostic::new(e, h.mac.loc).hint(hint));
+            None
         }
-        if let Some(w) = wave {
-            raw.waves.check_ref(cx, w, &format!("host `{name}`"));
-        }
-        let site = site_name.as_deref().and_then(|s| sites.get(s));
-        let mut ip = None;
-        if let Some(ip_s) = &h.ip
-            && let Some(addr) = cx.std::<Ipv4Addr>(
-                ip_s,
-                "fixed IP",
-                "write the fixed address as an IPv4 address, like 172.28.0.11",
-            )
+    };
+    // Groups: named by the host, or selecting it by its own labels.
+    let own_labels: BTreeMap<String, String> = h
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut groups: Vec<&str> = Vec::new();
+    for g in &h.groups {
+        if raw.groups.check_ref(cx, g, &format!("host `{name}`"))
+            && raw.groups.ok.contains_key(&g.value)
         {
-            ip = Some(addr);
-            if let Some((other, loc)) = ips.get(&addr) {
+            groups.push(&g.value);
+        }
+    }
+    for gname in selectors.matching(&own_labels) {
+        if !groups.contains(&gname) {
+            groups.push(gname);
+        }
+    }
+    groups.sort_unstable();
+    let group_entries: Vec<(&str, &wire::Group)> = groups
+        .iter()
+        .map(|g| (*g, &raw.groups.ok[*g].value))
+        .collect();
+
+    let site = pick(
+        cx,
+        name,
+        h.site.as_ref(),
+        &group_entries,
+        |g| g.site.as_ref(),
+        "site",
+    );
+    let image = pick(
+        cx,
+        name,
+        h.image.as_ref(),
+        &group_entries,
+        |g| g.image.as_ref(),
+        "image",
+    );
+    let wave = pick(
+        cx,
+        name,
+        h.wave.as_ref(),
+        &group_entries,
+        |g| g.wave.as_ref(),
+        "wave",
+    );
+    let disk = match &h.disk {
+        Some(d) => Some(d),
+        None => {
+            let from: Vec<(&str, &wire::DiskSelector)> = group_entries
+                .iter()
+                .filter_map(|(n, g)| g.disk.as_ref().map(|d| (*n, d)))
+                .collect();
+            if from.len() > 1 {
                 cx.err(
                     Diagnostic::new(
                         format!(
-                            "duplicate fixed IP {addr}: hosts `{other}` and `{name}` both use it"
+                            "host `{name}` gets a disk selector from several groups: {}",
+                            from.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
                         ),
+                        e.loc,
+                    )
+                    .hint("set `disk` on the host, or keep it in one group only"),
+                );
+            }
+            from.first().map(|(_, d)| *d)
+        }
+    };
+    let suspend = h
+        .suspend
+        .or_else(|| group_entries.iter().find_map(|(_, g)| g.suspend))
+        .unwrap_or(false);
+    let mut labels = own_labels;
+    for (_, g) in &group_entries {
+        for (k, v) in &g.labels {
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+
+    // A default that came from a group was checked once, at the group.
+    let own = |v: Option<&Sp<String>>, o: &Option<Sp<String>>| v.is_some() && o.is_some();
+    let site_name = match site {
+        Some(s) => {
+            if own(site, &h.site) {
+                raw.sites.check_ref(cx, s, &format!("host `{name}`"));
+            } else if !raw.sites.knows(&s.value) {
+                return None;
+            }
+            Some(s.value.clone())
+        }
+        None => {
+            cx.err(
+                Diagnostic::new(format!("host `{name}` has no site"), e.loc)
+                    .hint("set `site:` on the host or on a group that selects it"),
+            );
+            None
+        }
+    };
+    if let Some(i) = image
+        && own(image, &h.image)
+    {
+        raw.images.check_ref(cx, i, &format!("host `{name}`"));
+    }
+    if let Some(w) = wave
+        && own(wave, &h.wave)
+    {
+        raw.waves.check_ref(cx, w, &format!("host `{name}`"));
+    }
+    let site = site_name.as_deref().and_then(|s| sites.get(s));
+    let mut ip = None;
+    if let Some(ip_s) = &h.ip
+        && let Some(addr) = cx.std::<Ipv4Addr>(
+            ip_s,
+            "fixed IP",
+            "write the fixed address as an IPv4 address, like 172.28.0.11",
+        )
+    {
+        ip = Some(addr);
+        if let (Some(site), Some(sname)) = (site, site_name.as_deref()) {
+            if !site.subnet.contains(&addr) {
+                cx.err(
+                    Diagnostic::new(format!("fixed IP {addr} of host `{name}` is outside subnet {} of site `{sname}`", site.subnet), ip_s.loc)
+                        .hint("pick an address inside the site's subnet, or move the host to the right site"),
+                );
+            } else if let Some(pool) = site.dhcp.pool.filter(|p| p.contains(addr)) {
+                cx.err(
+                    Diagnostic::new(format!("fixed IP {addr} of host `{name}` is inside the dynamic pool {pool} of site `{sname}`"), ip_s.loc)
+                        .hint("reservations must lie outside the pool, or a pool client could be handed the same address"),
+                );
+            } else if let Some(what) = reserved_address(site, addr) {
+                cx.err(
+                    Diagnostic::new(
+                        format!("fixed IP {addr} of host `{name}` is {what}"),
                         ip_s.loc,
                     )
-                    .note(format!("`{other}` uses it here"), *loc)
-                    .hint("give each host its own address"),
+                    .hint("pick a free host address"),
                 );
-            } else {
-                ips.insert(addr, (name, ip_s.loc));
-            }
-            if let (Some(site), Some(sname)) = (site, site_name.as_deref()) {
-                if !site.subnet.contains(&addr) {
-                    cx.err(
-                        Diagnostic::new(format!("fixed IP {addr} of host `{name}` is outside subnet {} of site `{sname}`", site.subnet), ip_s.loc)
-                            .hint("pick an address inside the site's subnet, or move the host to the right site"),
-                    );
-                } else if site.dhcp.pool.is_some_and(|p| p.contains(addr)) {
-                    cx.err(
-                        Diagnostic::new(format!("fixed IP {addr} of host `{name}` is inside the dynamic pool {} of site `{sname}`", site.dhcp.pool.map(|p| p.to_string()).unwrap_or_default()), ip_s.loc)
-                            .hint("reservations must lie outside the pool, or a pool client could be handed the same address"),
-                    );
-                } else if addr == site.server
-                    || addr == site.subnet.network()
-                    || addr == site.subnet.broadcast()
-                    || Some(addr) == site.dhcp.router
-                {
-                    cx.err(
-                        Diagnostic::new(format!("fixed IP {addr} of host `{name}` is the server's, the router's, the network's or the broadcast address"), ip_s.loc)
-                            .hint("pick a free host address"),
-                    );
-                }
             }
         }
-        let disk = disk.map(|d| disk_selector(d, cx)).unwrap_or_default();
-        let mut actions = Actions::default();
-        if let Some(a) = &h.actions {
-            if let Some(c) = &a.capture {
-                raw.images
-                    .check_ref(cx, &c.image, &format!("capture action of host `{name}`"));
-                actions.capture = Some(CaptureAction {
-                    image: c.image.value.clone(),
-                    generation: c.generation.value,
-                });
-            }
-            actions.wipe = a.wipe.as_ref().map(|w| WipeAction {
-                mode: w.mode,
-                generation: w.generation.value,
-            });
-            actions.inventory = a.inventory.as_ref().map(|g| g.generation.value);
-            actions.verify = a.verify.as_ref().map(|g| g.generation.value);
-        }
-        if cx.problems.len() != before {
-            continue;
-        }
-        let (Some(mac), Some(site)) = (mac, site_name) else {
-            continue;
-        };
-        out.insert(
-            name.clone(),
-            Host {
-                name: name.clone(),
-                mac,
-                site,
-                ip,
-                labels,
-                groups: groups.iter().map(|g| g.to_string()).collect(),
-                image: image.map(|i| i.value.clone()),
-                wave: wave.map(|w| w.value.clone()).unwrap_or_default(),
-                disk,
-                suspend,
-                actions,
-            },
-        );
     }
-    out
+    let disk = disk.map(|d| disk_selector(d, cx)).unwrap_or_default();
+    let mut actions = Actions::default();
+    if let Some(a) = &h.actions {
+        if let Some(c) = &a.capture {
+            raw.images
+                .check_ref(cx, &c.image, &format!("capture action of host `{name}`"));
+            actions.capture = Some(CaptureAction {
+                image: c.image.value.clone(),
+                generation: c.generation.value,
+            });
+        }
+        actions.wipe = a.wipe.as_ref().map(|w| WipeAction {
+            mode: w.mode,
+            generation: w.generation.value,
+        });
+        actions.inventory = a.inventory.as_ref().map(|g| g.generation.value);
+        actions.verify = a.verify.as_ref().map(|g| g.generation.value);
+    }
+    if !cx.problems.is_empty() {
+        return None;
+    }
+    Some(Host {
+        name: name.to_string(),
+        mac: mac?,
+        site: site_name?,
+        ip,
+        labels,
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        image: image.map(|i| i.value.clone()),
+        wave: wave.map(|w| w.value.clone()).unwrap_or_default(),
+        disk,
+        suspend,
+        actions,
+    })
 }
 
 /// The host's own value, or the one its groups agree on.
@@ -1012,7 +1162,10 @@ fn resolve_waves(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Wave> {
     for (name, e) in &raw.waves.ok {
         let w = &e.value;
         for a in &w.after {
-            raw.waves.check_ref(cx, a, &format!("wave `{name}`"));
+            // The implicit wave of unassigned hosts may be waited for too.
+            if a.value != DEFAULT_WAVE {
+                raw.waves.check_ref(cx, a, &format!("wave `{name}`"));
+            }
             if a.value == *name {
                 cx.err(
                     Diagnostic::new(format!("wave `{name}` is after itself"), a.loc)
@@ -1132,6 +1285,7 @@ fn assign_waves(
             if !h.wave.is_empty() && h.wave != *wname {
                 cx.err(
                     Diagnostic::new(format!("host `{host}` is in wave `{}` but wave `{wname}` also claims it", h.wave), loc)
+                        .note_opt(raw.hosts.ok.get(host).and_then(|e| e.value.wave.as_ref()).map(|w| (format!("`{host}` names wave `{}` here", h.wave), w.loc)))
                         .hint("a host is in one wave: remove it from this wave's members or change its `wave:`"),
                 );
                 return;
@@ -1190,7 +1344,10 @@ fn assign_waves(
             }
         }
     }
-    if needs_default && !waves.contains_key(DEFAULT_WAVE) {
+    let referenced = waves
+        .values()
+        .any(|w| w.after.iter().any(|a| a == DEFAULT_WAVE));
+    if (needs_default || referenced) && !waves.contains_key(DEFAULT_WAVE) {
         waves.insert(
             DEFAULT_WAVE.to_string(),
             Wave {
@@ -1267,7 +1424,7 @@ fn order_waves(raw: &Raw, waves: IndexMap<String, Wave>, cx: &mut Cx) -> IndexMa
             .unwrap_or_default();
         let shown: Vec<&str> = path.iter().rev().copied().collect();
         cx.err(
-            Diagnostic::new(format!("waves form a cycle: {}", shown.join(" → ")), loc)
+            Diagnostic::new(format!("waves wait for each other in a cycle: {} (→ means \"waits for\")", shown.join(" → ")), loc)
                 .hint("each wave waits for those in its `after`; break the cycle by removing one of these entries"),
         );
     }
@@ -1314,6 +1471,17 @@ fn order_waves(raw: &Raw, waves: IndexMap<String, Wave>, cx: &mut Cx) -> IndexMa
         .collect()
 }
 
+/// Where a host's own `actions.capture` names its image.
+fn host_capture_loc(raw: &Raw, host: &str) -> Option<Loc> {
+    let e = raw.hosts.ok.get(host)?;
+    e.value
+        .actions
+        .as_ref()?
+        .capture
+        .as_ref()
+        .map(|c| c.image.loc)
+}
+
 /// Normalise image `capture.from` into host capture actions and check the rules around them.
 fn resolve_captures(raw: &Raw, hosts: &mut IndexMap<String, Host>, cx: &mut Cx) {
     for (iname, e) in &raw.images.ok {
@@ -1337,6 +1505,10 @@ fn resolve_captures(raw: &Raw, hosts: &mut IndexMap<String, Host>, cx: &mut Cx) 
                         ),
                         c.from.loc,
                     )
+                    .note_opt(
+                        host_capture_loc(raw, &h.name)
+                            .map(|l| (format!("`{}` captures `{}` here", h.name, a.image), l)),
+                    )
                     .hint(
                         "a host captures one image; capture the other from another reference host",
                     ),
@@ -1345,6 +1517,7 @@ fn resolve_captures(raw: &Raw, hosts: &mut IndexMap<String, Host>, cx: &mut Cx) 
             Some(a) if a.generation != c.generation.value => {
                 cx.err(
                     Diagnostic::new(format!("image `{iname}` asks for capture generation {} but host `{}` asks for {}", c.generation.value, h.name, a.generation), c.generation.loc)
+                        .note_opt(host_capture_loc(raw, &h.name).map(|l| (format!("`{}` asks here", h.name), l)))
                         .hint("keep the capture in one place: under the image or under the host's actions"),
                 );
             }
@@ -1442,6 +1615,11 @@ fn check_multicast_sites(
                 ),
                 e.loc,
             )
+            .notes(by_site.iter().filter_map(|(s, h)| {
+                let e = raw.hosts.ok.get(*h)?;
+                let loc = e.value.site.as_ref().map(|x| x.loc).unwrap_or(e.loc);
+                Some((format!("`{h}` is on site `{s}`"), loc))
+            }))
             .hint(
                 "multicast stays inside one network: use one multicast group (and wave) per site",
             ),

@@ -20,6 +20,7 @@ pub struct FleetFile {
     pub version: Option<u32>,
     /// Other fleet files to merge in: paths or glob patterns, relative to this file.
     #[serde(default)]
+    #[schemars(schema_with = "string_or_list")]
     pub include: Vec<String>,
     /// Sites: one L2 network each, served by this server.
     #[serde(default)]
@@ -152,6 +153,7 @@ pub struct Host {
     pub ip: Option<Sp<String>>,
     /// Labels that groups and waves select on.
     #[serde(default)]
+    #[schemars(schema_with = "labels")]
     pub labels: IndexMap<String, String>,
     /// Groups this host belongs to, besides those whose selector matches it.
     #[serde(default)]
@@ -232,6 +234,7 @@ pub type Selector = IndexMap<String, String>;
 #[serde(deny_unknown_fields)]
 pub struct Group {
     /// Hosts with all these labels are in the group (as are hosts that name it).
+    #[schemars(schema_with = "labels")]
     pub selector: Option<Sp<Selector>>,
     /// Defaults for member hosts; a host's own value wins.
     pub site: Option<Sp<String>>,
@@ -241,6 +244,7 @@ pub struct Group {
     pub suspend: Option<bool>,
     /// Labels added to member hosts (a host's own label wins).
     #[serde(default)]
+    #[schemars(schema_with = "labels")]
     pub labels: IndexMap<String, String>,
 }
 
@@ -269,7 +273,7 @@ pub struct Wave {
     pub members: Option<Members>,
     /// unicast, multicast, or auto (multicast when enough hosts share an image). Default: unicast.
     pub transport: Option<Sp<Transport>>,
-    /// Multicast group; required for multicast, optional for auto.
+    /// Multicast group; required for multicast and auto transport.
     pub multicast: Option<Sp<String>>,
     /// At most this many hosts imaging at once. Default: no limit.
     pub max_parallel: Option<Sp<u32>>,
@@ -288,6 +292,8 @@ pub struct Members {
     pub hosts: Vec<Sp<String>>,
     #[serde(default)]
     pub groups: Vec<Sp<String>>,
+    /// Hosts with all these labels (own or from groups).
+    #[schemars(schema_with = "labels")]
     pub selector: Option<Selector>,
 }
 
@@ -305,4 +311,21 @@ pub enum FailureBudget {
     Count(u32),
     /// A share of the wave's hosts, e.g. "10%".
     Share(String),
+}
+
+/// Label values are text, but `rack: 12` and `gpu: true` mean the text "12" and "true".
+fn labels(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": {"type": ["string", "number", "boolean"]}
+    })
+}
+
+fn string_or_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "anyOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}}
+        ]
+    })
 }

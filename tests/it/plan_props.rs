@@ -21,14 +21,16 @@ impl Tree for OneFile {
     }
 }
 
+/// (site, image or none, wave, deployed version index or none, wipe generation, wipe done)
+type GenHost = (usize, Option<usize>, usize, Option<usize>, u64, u64);
+
 #[derive(Debug, Clone)]
 struct Gen {
     sites: usize,
     images: usize,
     /// (transport 0 unicast / 1 multicast / 2 auto, prerequisites among earlier waves)
     waves: Vec<(u8, Vec<usize>)>,
-    /// (site, image or none, wave, deployed version index or none, wipe generation, wipe done)
-    hosts: Vec<(usize, Option<usize>, usize, Option<usize>, u64, u64)>,
+    hosts: Vec<GenHost>,
     /// Versions per image.
     versions: usize,
 }
@@ -171,7 +173,7 @@ fn observed(g: &Gen) -> Observed {
 fn spec_of(g: &Gen) -> FleetSpec {
     let loaded =
         source::load(&OneFile(fleet_yaml(g)), std::path::Path::new("fleet.yaml")).expect("loads");
-    match fleetwave::spec::build(&loaded) {
+    match fleetwave::spec::build(loaded).1 {
         Ok(s) => s,
         Err(p) => panic!("generated fleet invalid: {p:?}\n{}", fleet_yaml(g)),
     }

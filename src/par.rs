@@ -1,0 +1,38 @@
+//! Data parallelism over the machine's cores, for the few passes that touch every host.
+//! Scoped threads from std: a pool crate would be more than these three call sites need.
+
+/// Below this many items, threads cost more than they save.
+const MIN_PARALLEL: usize = 4096;
+
+fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// `f` over contiguous chunks of `items`, results concatenated in order.
+pub fn map_chunks<T: Sync, R: Send>(items: &[T], f: impl Fn(&[T]) -> Vec<R> + Sync) -> Vec<R> {
+    let n = threads();
+    if n < 2 || items.len() < MIN_PARALLEL {
+        return f(items);
+    }
+    let size = items.len().div_ceil(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items.chunks(size).map(|c| s.spawn(|| f(c))).collect();
+        let mut out = Vec::with_capacity(items.len());
+        for h in handles {
+            match h.join() {
+                Ok(part) => out.extend(part),
+                // A panic in `f` is a bug; surface it where it happened.
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+        out
+    })
+}
+
+/// Free a large value on another thread: a fleet of 100,000 hosts takes tens of
+/// milliseconds to drop, and a command that is about to exit need not wait for it.
+pub fn drop_later<T: Send + 'static>(value: T) {
+    std::thread::spawn(move || drop(value));
+}
