@@ -54,6 +54,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Cli::parse();
+    fleetwave::par::one_shot_process();
     let stdout = std::io::stdout();
     let palette = Palette::for_stream(stdout.is_terminal());
     let mut out = stdout.lock();

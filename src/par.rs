@@ -12,8 +12,17 @@ fn threads() -> usize {
 
 /// `f` over contiguous chunks of `items`, results concatenated in order.
 pub fn map_chunks<T: Sync, R: Send>(items: &[T], f: impl Fn(&[T]) -> Vec<R> + Sync) -> Vec<R> {
+    map_chunks_if(items.len() >= MIN_PARALLEL, items, f)
+}
+
+/// [`map_chunks`], on several threads only when `worth_it`.
+pub fn map_chunks_if<T: Sync, R: Send>(
+    worth_it: bool,
+    items: &[T],
+    f: impl Fn(&[T]) -> Vec<R> + Sync,
+) -> Vec<R> {
     let n = threads();
-    if n < 2 || items.len() < MIN_PARALLEL {
+    if n < 2 || items.len() < 2 || !worth_it {
         return f(items);
     }
     let size = items.len().div_ceil(n);
@@ -31,8 +40,27 @@ pub fn map_chunks<T: Sync, R: Send>(items: &[T], f: impl Fn(&[T]) -> Vec<R> + Sy
     })
 }
 
-/// Free a large value on another thread: a fleet of 100,000 hosts takes tens of
-/// milliseconds to drop, and a command that is about to exit need not wait for it.
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by a process that runs one command and exits: it need not free what it built.
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// For `main`: this process ends after one command, so large values need not be freed.
+pub fn one_shot_process() {
+    EXITING.store(true, Ordering::Relaxed);
+}
+
+/// Free a large value on another thread, so the caller does not wait for it (a fleet
+/// of 100,000 hosts takes tens of milliseconds to drop) and its memory is reused.
 pub fn drop_later<T: Send + 'static>(value: T) {
     std::thread::spawn(move || drop(value));
+}
+
+/// Done with a value at the end of a command: a one-shot process leaves it to the OS.
+pub fn discard<T: Send + 'static>(value: T) {
+    if EXITING.load(Ordering::Relaxed) {
+        std::mem::forget(value);
+    } else {
+        drop(value);
+    }
 }

@@ -136,6 +136,7 @@ pub fn validate(path: &Path, format: Format, out: &mut dyn Write, p: Palette) ->
                     plural(spec.waves.values().filter(|w| w.declared).count()),
                 )?,
             }
+            crate::par::discard((spec, sources));
             Ok(exit::OK)
         }
         Err(invalid) => {
@@ -196,11 +197,13 @@ pub fn plan(
             writeln!(out)?;
         }
     }
-    Ok(if plan.is_empty() {
+    let code = if plan.is_empty() {
         exit::OK
     } else {
         exit::CHANGES
-    })
+    };
+    crate::par::discard((spec, plan, observed));
+    Ok(code)
 }
 
 /// What to compare for `fleetwave plan --git`.

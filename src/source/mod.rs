@@ -24,6 +24,25 @@ pub struct Loc {
     pub len: u32,
 }
 
+impl Loc {
+    /// One integer, so a position crosses serde in a single call.
+    pub(crate) fn pack(self) -> u128 {
+        (u128::from(self.file) << 96)
+            | (u128::from(self.line) << 64)
+            | (u128::from(self.col) << 32)
+            | u128::from(self.len)
+    }
+
+    pub(crate) fn unpack(v: u128) -> Loc {
+        Loc {
+            file: (v >> 96) as u32,
+            line: (v >> 64) as u32,
+            col: (v >> 32) as u32,
+            len: v as u32,
+        }
+    }
+}
+
 /// A value with the position it was read from. Wire types use it for every field a
 /// later check may need to point at.
 #[derive(Debug, Clone)]
@@ -64,13 +83,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Sp<T> {
                 let mut value = None;
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     if key == yaml::SPANNED_FIELDS[0] {
-                        let [file, line, col, len]: [u64; 4] = map.next_value()?;
-                        loc = Some(Loc {
-                            file: file as u32,
-                            line: line as u32,
-                            col: col as u32,
-                            len: len as u32,
-                        });
+                        loc = Some(Loc::unpack(map.next_value()?));
                     } else {
                         value = Some(map.next_value()?);
                     }
@@ -182,6 +195,9 @@ pub struct Loaded {
     pub problems: Vec<Diagnostic>,
 }
 
+/// Above this many bytes in one level of includes, files are parsed on all cores.
+const PARALLEL_PARSE_BYTES: usize = 256 * 1024;
+
 /// Read the fleet file at `entry` and every file it includes, recursively.
 ///
 /// A missing entry file is an I/O error (`Err`); everything else (syntax errors, includes
@@ -191,95 +207,113 @@ pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Loaded, String> {
     let text = tree.read(entry)?;
     let mut seen: HashMap<PathBuf, Loc> = HashMap::new();
     seen.insert(normalize_path(entry), Loc::default());
-    let mut queue = vec![(entry.to_path_buf(), text)];
-    while let Some((path, text)) = queue.pop() {
-        let file = loaded.sources.files.len() as u32;
-        loaded.sources.files.push(SourceFile {
-            display: path.display().to_string(),
-            text,
+    // Level by level: the files of one level are parsed on all cores, then their
+    // includes are read for the next level. A fleet split by room parses in parallel.
+    let mut batch = vec![(entry.to_path_buf(), text)];
+    while !batch.is_empty() {
+        let first = loaded.sources.files.len();
+        let mut paths = Vec::with_capacity(batch.len());
+        for (path, text) in batch {
+            loaded.sources.files.push(SourceFile {
+                display: path.display().to_string(),
+                text,
+            });
+            paths.push(path);
+        }
+        let level: Vec<(u32, &str)> = loaded.sources.files[first..]
+            .iter()
+            .enumerate()
+            .map(|(i, f)| ((first + i) as u32, f.text.as_str()))
+            .collect();
+        let bytes: usize = level.iter().map(|(_, t)| t.len()).sum();
+        let parsed = crate::par::map_chunks_if(bytes > PARALLEL_PARSE_BYTES, &level, |files| {
+            files
+                .iter()
+                .map(|(file, text)| yaml::parse(text, *file))
+                .collect()
         });
-        let parsed = yaml::parse(&loaded.sources.files[file as usize].text, file);
-        let root = match parsed {
-            Ok(root) => root,
-            Err(e) => {
-                let loc = Loc {
-                    file,
-                    line: e.line.max(1),
-                    col: e.col.max(1),
-                    len: 1,
-                };
-                let d = match e.hint {
-                    Some(h) => Diagnostic::new(e.message, loc).hint(h),
-                    None => Diagnostic::new(format!("YAML syntax error: {}", e.message), loc)
-                        .hint("fix the YAML syntax here; nothing else in this file was checked"),
-                };
-                loaded.problems.push(d);
-                continue;
-            }
-        };
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut next = Vec::new();
-        for pattern in include_patterns(&root, &mut loaded.problems) {
-            // The directory is literal text, even if it holds `[` or `*`.
-            let joined =
-                Path::new(&glob::Pattern::escape(&dir.to_string_lossy())).join(&pattern.value);
-            let matches = match tree.glob(&joined.to_string_lossy()) {
-                Ok(m) => m,
+        for ((path, parsed), file) in paths.into_iter().zip(parsed).zip(first as u32..) {
+            let root = match parsed {
+                Ok(root) => root,
                 Err(e) => {
-                    loaded.problems.push(
-                        Diagnostic::new(format!("include `{}`: {e}", pattern.value), pattern.loc)
-                            .hint("use * for any part of a name, ** for any directories, [abc] for one of a set"),
-                    );
-                    continue;
-                }
-            };
-            if matches.is_empty() {
-                loaded.problems.push(
-                    Diagnostic::new(
-                        format!("include `{}` matches no file", pattern.value),
-                        pattern.loc,
-                    )
-                    .hint(format!(
-                        "patterns are relative to the including file's directory ({}); check the spelling or remove the include",
-                        if dir.as_os_str().is_empty() { ".".into() } else { dir.display().to_string() }
-                    )),
-                );
-            }
-            for m in matches {
-                let key = normalize_path(&m);
-                if let Some(first) = seen.get(&key) {
-                    let shown = normalize_path(&m);
-                    let shown = shown.strip_prefix(normalize_path(&dir)).unwrap_or(&shown);
-                    let what = if key == normalize_path(entry) {
-                        " (it is the entry file)"
-                    } else {
-                        ""
+                    let loc = Loc {
+                        file,
+                        line: e.line.max(1),
+                        col: e.col.max(1),
+                        len: 1,
                     };
-                    let mut d = Diagnostic::new(
-                        format!("{} is included more than once{what}", shown.display()),
-                        pattern.loc,
-                    )
-                    .hint("include each file once, or its hosts would be defined twice");
-                    if first.line > 0 {
-                        d = d.note("first included here", *first);
-                    }
+                    let d = match e.hint {
+                        Some(h) => Diagnostic::new(e.message, loc).hint(h),
+                        None => Diagnostic::new(format!("YAML syntax error: {}", e.message), loc)
+                            .hint(
+                                "fix the YAML syntax here; nothing else in this file was checked",
+                            ),
+                    };
                     loaded.problems.push(d);
                     continue;
                 }
-                seen.insert(key, pattern.loc);
-                match tree.read(&m) {
-                    Ok(text) => next.push((m, text)),
-                    Err(e) => loaded.problems.push(Diagnostic::new(
-                        format!("include `{}`: {e}", pattern.value),
-                        pattern.loc,
-                    )),
+            };
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            for pattern in include_patterns(&root, &mut loaded.problems) {
+                // The directory is literal text, even if it holds `[` or `*`.
+                let joined =
+                    Path::new(&glob::Pattern::escape(&dir.to_string_lossy())).join(&pattern.value);
+                let matches = match tree.glob(&joined.to_string_lossy()) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        loaded.problems.push(
+                            Diagnostic::new(format!("include `{}`: {e}", pattern.value), pattern.loc)
+                                .hint("use * for any part of a name, ** for any directories, [abc] for one of a set"),
+                        );
+                        continue;
+                    }
+                };
+                if matches.is_empty() {
+                    loaded.problems.push(
+                        Diagnostic::new(
+                            format!("include `{}` matches no file", pattern.value),
+                            pattern.loc,
+                        )
+                        .hint(format!(
+                            "patterns are relative to the including file's directory ({}); check the spelling or remove the include",
+                            if dir.as_os_str().is_empty() { ".".into() } else { dir.display().to_string() }
+                        )),
+                    );
+                }
+                for m in matches {
+                    let key = normalize_path(&m);
+                    if let Some(first) = seen.get(&key) {
+                        let shown = key.strip_prefix(normalize_path(&dir)).unwrap_or(&key);
+                        let what = if key == normalize_path(entry) {
+                            " (it is the entry file)"
+                        } else {
+                            ""
+                        };
+                        let mut d = Diagnostic::new(
+                            format!("{} is included more than once{what}", shown.display()),
+                            pattern.loc,
+                        )
+                        .hint("include each file once, or its hosts would be defined twice");
+                        if first.line > 0 {
+                            d = d.note("first included here", *first);
+                        }
+                        loaded.problems.push(d);
+                        continue;
+                    }
+                    seen.insert(key, pattern.loc);
+                    match tree.read(&m) {
+                        Ok(text) => next.push((m, text)),
+                        Err(e) => loaded.problems.push(Diagnostic::new(
+                            format!("include `{}`: {e}", pattern.value),
+                            pattern.loc,
+                        )),
+                    }
                 }
             }
+            loaded.documents.push(Document { file, root });
         }
-        loaded.documents.push(Document { file, root });
-        // Depth-first in the order written, so files keep a stable order.
-        next.reverse();
-        queue.extend(next);
+        batch = next;
     }
     Ok(loaded)
 }

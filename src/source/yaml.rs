@@ -52,6 +52,17 @@ impl Value {
 }
 
 impl Node {
+    /// The scalar as written, without copying it.
+    pub fn scalar_str(&self) -> Option<&str> {
+        match &self.value {
+            Value::Str(s) => Some(s),
+            Value::Int(_, text) | Value::Float(_, text) => Some(text),
+            Value::Bool(true) => Some("true"),
+            Value::Bool(false) => Some("false"),
+            _ => None,
+        }
+    }
+
     /// The scalar as text, the way it was written (numbers and booleans included).
     pub fn scalar_text(&self) -> Option<String> {
         match &self.value {
@@ -81,18 +92,63 @@ pub struct SyntaxError {
 /// Plain scalars are typed by the YAML 1.2 core schema, without the 1.1 surprises
 /// (`no` stays text, `0123` stays text, `52:54:00:28:00:11` stays text).
 pub fn parse(text: &str, file: u32) -> Result<Node, SyntaxError> {
-    let mut parser = Parser::new_from_str(text);
+    if text.len() < PIPELINE_BYTES {
+        let mut parser = Parser::new_from_str(text);
+        return build_tree(
+            std::iter::from_fn(|| parser.next_event().map(|e| e.map_err(syntax))),
+            file,
+        );
+    }
+    // Large files: the parser runs on its own thread and the tree is built on this one
+    // as the events arrive, in batches so the channel costs nothing per event.
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item<'_>>>(16);
+        s.spawn(move || {
+            let mut parser = Parser::new_from_str(text);
+            let mut batch = Vec::with_capacity(BATCH);
+            while let Some(event) = parser.next_event() {
+                let event = event.map_err(syntax);
+                let last = matches!(event, Err(_) | Ok((Event::StreamEnd, _)));
+                batch.push(event);
+                if batch.len() == BATCH || last {
+                    // The builder hung up (it found an error): stop parsing.
+                    if tx
+                        .send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+                        .is_err()
+                        || last
+                    {
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(batch);
+        });
+        build_tree(rx.into_iter().flatten(), file)
+    })
+}
+
+/// Files larger than this are parsed on two threads.
+const PIPELINE_BYTES: usize = 1 << 20;
+const BATCH: usize = 4096;
+
+type Item<'a> = Result<(Event<'a>, Span), SyntaxError>;
+
+fn syntax(e: serde_saphyr::granit_parser::ScanError) -> SyntaxError {
+    SyntaxError {
+        message: e.info(),
+        line: e.marker().line() as u32,
+        col: e.marker().col() as u32 + 1,
+        hint: None,
+    }
+}
+
+fn build_tree<'a>(events: impl Iterator<Item = Item<'a>>, file: u32) -> Result<Node, SyntaxError> {
     let mut stack: Vec<Frame> = Vec::new();
     let mut anchors: HashMap<usize, Node> = HashMap::new();
     let mut root: Option<Node> = None;
     let mut documents = 0;
-    while let Some(event) = parser.next_event() {
-        let (event, span) = event.map_err(|e| SyntaxError {
-            message: e.info(),
-            line: e.marker().line() as u32,
-            col: e.marker().col() as u32 + 1,
-            hint: None,
-        })?;
+    for event in events {
+        let (event, span) = event?;
         let loc = loc_of(&span, file);
         let done = match event {
             Event::StreamStart | Event::DocumentEnd => None,
@@ -564,12 +620,12 @@ impl<'de> SeqAccess<'de> for NodeSeq<'de> {
 /// YAML keys are unique; a repeated one is almost always a paste gone wrong.
 fn check_duplicate_keys(entries: &[(Node, Node)]) -> Result<(), DeError> {
     for (i, (k, _)) in entries.iter().enumerate().skip(1) {
-        let Some(text) = k.scalar_text() else {
+        let Some(text) = k.scalar_str() else {
             continue;
         };
         if let Some((first, _)) = entries[..i]
             .iter()
-            .find(|(p, _)| p.scalar_text().as_deref() == Some(&text))
+            .find(|(p, _)| p.scalar_str() == Some(text))
         {
             let mut e = DeError::custom(format!("duplicate key `{text}`"));
             e.loc = Some(k.loc);
@@ -681,9 +737,7 @@ impl<'de> MapAccess<'de> for SpannedAccess<'de> {
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
         self.state += 1;
         if self.state == 1 {
-            let l = self.node.loc;
-            let packed = [l.file as u64, l.line as u64, l.col as u64, l.len as u64];
-            seed.deserialize(de::value::SeqDeserializer::new(packed.into_iter()))
+            seed.deserialize(self.node.loc.pack().into_deserializer())
         } else {
             seed.deserialize(self.node)
         }

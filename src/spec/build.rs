@@ -195,10 +195,12 @@ impl<T> Section<T> {
     }
 
     /// Report a reference to a name this section does not define.
-    fn check_ref(&self, cx: &mut Cx, r: &Sp<String>, from: &str) -> bool {
+    /// `from` names the referrer; it is only built when there is something to report.
+    fn check_ref(&self, cx: &mut Cx, r: &Sp<String>, from: impl FnOnce() -> String) -> bool {
         if self.knows(&r.value) {
             return true;
         }
+        let from = from();
         let names: Vec<&str> = self.ok.keys().map(String::as_str).collect();
         let hint = match did_you_mean(&r.value, &names) {
             Some(s) => format!("did you mean `{s}`?"),
@@ -373,6 +375,7 @@ where
     let results = crate::par::map_chunks(entries, |chunk| {
         chunk.iter().map(|(_, v)| from_node::<T>(v)).collect()
     });
+    section.ok.reserve(entries.len());
     for ((k, v), result) in entries.iter().zip(results) {
         let Some(name) = k.scalar_text() else {
             cx.err(Diagnostic::new(
@@ -422,13 +425,13 @@ fn resolve(raw: &Raw, cx: &mut Cx) -> FleetSpec {
         let g = &g.value;
         let from = format!("group `{gname}`");
         if let Some(s) = &g.site {
-            raw.sites.check_ref(cx, s, &from);
+            raw.sites.check_ref(cx, s, || from.clone());
         }
         if let Some(i) = &g.image {
-            raw.images.check_ref(cx, i, &from);
+            raw.images.check_ref(cx, i, || from.clone());
         }
         if let Some(w) = &g.wave {
-            raw.waves.check_ref(cx, w, &from);
+            raw.waves.check_ref(cx, w, || from.clone());
         }
     }
     let mut hosts = resolve_hosts(raw, &sites, cx);
@@ -952,7 +955,7 @@ fn resolve_host(
         .collect();
     let mut groups: Vec<&str> = Vec::new();
     for g in &h.groups {
-        if raw.groups.check_ref(cx, g, &format!("host `{name}`"))
+        if raw.groups.check_ref(cx, g, || format!("host `{name}`"))
             && raw.groups.ok.contains_key(&g.value)
         {
             groups.push(&g.value);
@@ -1031,7 +1034,7 @@ fn resolve_host(
     let site_name = match site {
         Some(s) => {
             if own(site, &h.site) {
-                raw.sites.check_ref(cx, s, &format!("host `{name}`"));
+                raw.sites.check_ref(cx, s, || format!("host `{name}`"));
             } else if !raw.sites.knows(&s.value) {
                 return None;
             }
@@ -1048,12 +1051,12 @@ fn resolve_host(
     if let Some(i) = image
         && own(image, &h.image)
     {
-        raw.images.check_ref(cx, i, &format!("host `{name}`"));
+        raw.images.check_ref(cx, i, || format!("host `{name}`"));
     }
     if let Some(w) = wave
         && own(wave, &h.wave)
     {
-        raw.waves.check_ref(cx, w, &format!("host `{name}`"));
+        raw.waves.check_ref(cx, w, || format!("host `{name}`"));
     }
     let site = site_name.as_deref().and_then(|s| sites.get(s));
     let mut ip = None;
@@ -1092,7 +1095,7 @@ fn resolve_host(
     if let Some(a) = &h.actions {
         if let Some(c) = &a.capture {
             raw.images
-                .check_ref(cx, &c.image, &format!("capture action of host `{name}`"));
+                .check_ref(cx, &c.image, || format!("capture action of host `{name}`"));
             actions.capture = Some(CaptureAction {
                 image: c.image.value.clone(),
                 generation: c.generation.value,
@@ -1164,7 +1167,7 @@ fn resolve_waves(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Wave> {
         for a in &w.after {
             // The implicit wave of unassigned hosts may be waited for too.
             if a.value != DEFAULT_WAVE {
-                raw.waves.check_ref(cx, a, &format!("wave `{name}`"));
+                raw.waves.check_ref(cx, a, || format!("wave `{name}`"));
             }
             if a.value == *name {
                 cx.err(
@@ -1179,7 +1182,7 @@ fn resolve_waves(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Wave> {
             .map(|t| t.value)
             .unwrap_or(Transport::Unicast);
         if let Some(m) = &w.multicast {
-            raw.multicast.check_ref(cx, m, &format!("wave `{name}`"));
+            raw.multicast.check_ref(cx, m, || format!("wave `{name}`"));
             if transport == Transport::Unicast {
                 cx.err(
                     Diagnostic::new(
@@ -1236,10 +1239,10 @@ fn resolve_waves(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Wave> {
         };
         if let Some(m) = &w.members {
             for h in &m.hosts {
-                raw.hosts.check_ref(cx, h, &format!("wave `{name}`"));
+                raw.hosts.check_ref(cx, h, || format!("wave `{name}`"));
             }
             for g in &m.groups {
-                raw.groups.check_ref(cx, g, &format!("wave `{name}`"));
+                raw.groups.check_ref(cx, g, || format!("wave `{name}`"));
             }
         }
         if let Some(p) = &w.max_parallel
@@ -1488,7 +1491,7 @@ fn resolve_captures(raw: &Raw, hosts: &mut IndexMap<String, Host>, cx: &mut Cx) 
         let Some(c) = &e.value.capture else { continue };
         if !raw
             .hosts
-            .check_ref(cx, &c.from, &format!("image `{iname}` capture"))
+            .check_ref(cx, &c.from, || format!("image `{iname}` capture"))
         {
             continue;
         }

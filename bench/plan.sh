@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Benchmark: `fleetwave validate` and `fleetwave plan` on generated fleets of 10,000 and
+# 100,000 hosts; wall time and peak memory, next to PyYAML's C loader reading the same
+# file (what a hand-rolled Python check would pay just to parse it).
+# Usage: bench/plan.sh [RUNS=3]   Prints a Markdown table; figures are the median of RUNS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-3}
+WORK=$(mktemp -d /tmp/fleetwave-bench.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+
+command -v /usr/bin/time >/dev/null || { echo "bench/plan.sh needs GNU time (apt-get install time)" >&2; exit 2; }
+python3 -c 'import yaml; yaml.CSafeLoader' 2>/dev/null || { echo "bench/plan.sh needs PyYAML with libyaml (apt-get install python3-yaml)" >&2; exit 2; }
+
+cargo build --release --quiet --bin fleetwave --example gen_fleet
+BIN=target/release/fleetwave
+
+# Median wall seconds and peak RSS (MB) of a command over RUNS runs.
+measure() {
+    local times=() mems=()
+    for _ in $(seq "$RUNS"); do
+        /usr/bin/time -f "%e %M" -o "$WORK/time" "$@" >/dev/null 2>&1 || true
+        read -r t m < "$WORK/time"
+        times+=("$t"); mems+=("$m")
+    done
+    python3 - "${times[@]}" -- "${mems[@]}" <<'PY'
+import statistics, sys
+a = sys.argv[1:]; i = a.index("--")
+t = [float(x) for x in a[:i]]; m = [int(x) for x in a[i+1:]]
+print(f"{statistics.median(t):.2f} s | {statistics.median(m)/1024:.0f} MB")
+PY
+}
+
+echo "| fleet | file size | fleetwave validate | fleetwave plan | PyYAML CSafeLoader (parse only) |"
+echo "|---|---|---|---|---|"
+for n in 10000 100000; do
+    target/release/examples/gen_fleet "$n" "$WORK/f$n" 2>/dev/null
+    f="$WORK/f$n/fleet.yaml"
+    size=$(du -h "$f" | cut -f1)
+    v=$(measure "$BIN" validate "$f")
+    p=$(measure "$BIN" plan "$f" --observed "$WORK/f$n/observed.json")
+    y=$(measure python3 -c 'import sys, yaml; yaml.load(open(sys.argv[1]), Loader=yaml.CSafeLoader)' "$f")
+    echo "| $n hosts | $size | $v | $p | $y |"
+done
+echo
+echo "Phases of one plan run at 100,000 hosts (FLEETWAVE_TIMINGS=1):"
+FLEETWAVE_TIMINGS=1 "$BIN" plan "$WORK/f100000/fleet.yaml" --observed "$WORK/f100000/observed.json" 2>&1 >/dev/null | sed 's/^/    /'
+echo
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB"
