@@ -20,7 +20,7 @@ measure() {
     local times=() mems=()
     for _ in $(seq "$RUNS"); do
         /usr/bin/time -f "%e %M" -o "$WORK/time" "$@" >/dev/null 2>&1 || true
-        read -r t m < "$WORK/time"
+        read -r t m < <(tail -n 1 "$WORK/time")
         times+=("$t"); mems+=("$m")
     done
     python3 - "${times[@]}" -- "${mems[@]}" <<'PY'
@@ -31,19 +31,34 @@ print(f"{statistics.median(t):.2f} s | {statistics.median(m)/1024:.0f} MB")
 PY
 }
 
-echo "| fleet | file size | fleetwave validate | fleetwave plan | PyYAML CSafeLoader (parse only) |"
+echo "| fleet | YAML | fleetwave validate | fleetwave plan | PyYAML CSafeLoader (parse only) |"
 echo "|---|---|---|---|---|"
 for n in 10000 100000; do
-    target/release/examples/gen_fleet "$n" "$WORK/f$n" 2>/dev/null
-    f="$WORK/f$n/fleet.yaml"
-    size=$(du -h "$f" | cut -f1)
-    v=$(measure "$BIN" validate "$f")
-    p=$(measure "$BIN" plan "$f" --observed "$WORK/f$n/observed.json")
-    y=$(measure python3 -c 'import sys, yaml; yaml.load(open(sys.argv[1]), Loader=yaml.CSafeLoader)' "$f")
-    echo "| $n hosts | $size | $v | $p | $y |"
+    for layout in one-file split; do
+        dir="$WORK/$layout-$n"
+        if [ "$layout" = split ]; then
+            target/release/examples/gen_fleet "$n" "$dir" --split 2>/dev/null
+            what="$n hosts, 400 room files"
+        else
+            target/release/examples/gen_fleet "$n" "$dir" 2>/dev/null
+            what="$n hosts, one file"
+        fi
+        f="$dir/fleet.yaml"
+        size=$(du -ch "$dir"/fleet.yaml $(ls "$dir"/rooms/*.yaml 2>/dev/null) | tail -1 | cut -f1)
+        v=$(measure "$BIN" validate "$f")
+        p=$(measure "$BIN" plan "$f" --observed "$dir/observed.json")
+        y=$(measure python3 -c 'import glob, os, sys, yaml
+d = os.path.dirname(sys.argv[1])
+for f in [sys.argv[1]] + sorted(glob.glob(d + "/rooms/*.yaml")):
+    yaml.load(open(f), Loader=yaml.CSafeLoader)' "$f")
+        echo "| $what | $size | $v | $p | $y |"
+    done
 done
 echo
 echo "Phases of one plan run at 100,000 hosts (FLEETWAVE_TIMINGS=1):"
-FLEETWAVE_TIMINGS=1 "$BIN" plan "$WORK/f100000/fleet.yaml" --observed "$WORK/f100000/observed.json" 2>&1 >/dev/null | sed 's/^/    /'
+for layout in one-file split; do
+    echo "  $layout:"
+    FLEETWAVE_TIMINGS=1 "$BIN" plan "$WORK/$layout-100000/fleet.yaml" --observed "$WORK/$layout-100000/observed.json" 2>&1 >/dev/null | sed 's/^/    /'
+done
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB"

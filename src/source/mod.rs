@@ -187,12 +187,23 @@ pub struct Document {
     pub root: Node,
 }
 
-/// The result of reading a fleet: all files, their trees, and problems found so far.
-#[derive(Debug, Default)]
-pub struct Loaded {
+/// The result of reading a fleet: all files, what was made of each (its tree, by
+/// default), and problems found so far.
+#[derive(Debug)]
+pub struct Loaded<D = Document> {
     pub sources: Sources,
-    pub documents: Vec<Document>,
+    pub documents: Vec<D>,
     pub problems: Vec<Diagnostic>,
+}
+
+impl<D> Default for Loaded<D> {
+    fn default() -> Self {
+        Loaded {
+            sources: Sources::default(),
+            documents: Vec::new(),
+            problems: Vec::new(),
+        }
+    }
 }
 
 /// Above this many bytes in one level of includes, files are parsed on all cores.
@@ -203,6 +214,16 @@ const PARALLEL_PARSE_BYTES: usize = 256 * 1024;
 /// A missing entry file is an I/O error (`Err`); everything else (syntax errors, includes
 /// that match nothing) is a problem reported with its position.
 pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Loaded, String> {
+    load_each(tree, entry, |doc| doc)
+}
+
+/// [`load`], turning each document into a `D` with `each` on the thread that parsed
+/// it: the tree of one file need not outlive its reading, and files are read in parallel.
+pub fn load_each<D: Send>(
+    tree: &dyn Tree,
+    entry: &Path,
+    each: impl Fn(Document) -> D + Sync,
+) -> Result<Loaded<D>, String> {
     let mut loaded = Loaded::default();
     let text = tree.read(entry)?;
     let mut seen: HashMap<PathBuf, Loc> = HashMap::new();
@@ -229,13 +250,19 @@ pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Loaded, String> {
         let parsed = crate::par::map_chunks_if(bytes > PARALLEL_PARSE_BYTES, &level, |files| {
             files
                 .iter()
-                .map(|(file, text)| yaml::parse(text, *file))
+                .map(|(file, text)| {
+                    yaml::parse(text, *file).map(|root| {
+                        let mut problems = Vec::new();
+                        let includes = include_patterns(&root, &mut problems);
+                        (each(Document { file: *file, root }), includes, problems)
+                    })
+                })
                 .collect()
         });
         let mut next = Vec::new();
         for ((path, parsed), file) in paths.into_iter().zip(parsed).zip(first as u32..) {
-            let root = match parsed {
-                Ok(root) => root,
+            let (made, includes, problems) = match parsed {
+                Ok(parts) => parts,
                 Err(e) => {
                     let loc = Loc {
                         file,
@@ -255,7 +282,8 @@ pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Loaded, String> {
                 }
             };
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            for pattern in include_patterns(&root, &mut loaded.problems) {
+            loaded.problems.extend(problems);
+            for pattern in includes {
                 // The directory is literal text, even if it holds `[` or `*`.
                 let joined =
                     Path::new(&glob::Pattern::escape(&dir.to_string_lossy())).join(&pattern.value);
@@ -311,7 +339,7 @@ pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Loaded, String> {
                     }
                 }
             }
-            loaded.documents.push(Document { file, root });
+            loaded.documents.push(made);
         }
         batch = next;
     }

@@ -28,10 +28,48 @@ pub fn build(loaded: Loaded) -> (Sources, Result<FleetSpec, Vec<Diagnostic>>) {
         documents,
         problems,
     } = loaded;
+    let read = documents.into_iter().map(read_document).collect();
+    build_read(Loaded {
+        sources,
+        documents: read,
+        problems,
+    })
+}
+
+/// One file's entries in wire form: what [`read_document`] makes of a document, on the
+/// thread that parsed it (see [`crate::source::load_each`]).
+pub struct ReadDocument {
+    raw: Raw,
+    problems: Vec<Diagnostic>,
+}
+
+/// Read one document's sections into wire types. Its node tree is freed here: it is
+/// the largest thing in memory and not needed past this point.
+pub fn read_document(doc: Document) -> ReadDocument {
+    let mut cx = Cx {
+        problems: Vec::new(),
+    };
+    let raw = collect(std::slice::from_ref(&doc), &mut cx);
+    crate::par::drop_later(doc);
+    ReadDocument {
+        raw,
+        problems: cx.problems,
+    }
+}
+
+/// [`build`] for documents already read by [`read_document`].
+pub fn build_read(loaded: Loaded<ReadDocument>) -> (Sources, Result<FleetSpec, Vec<Diagnostic>>) {
+    let Loaded {
+        sources,
+        documents,
+        problems,
+    } = loaded;
     let mut cx = Cx { problems };
-    let raw = collect(&documents, &mut cx);
-    // The node trees are the largest thing in memory; they are not needed past here.
-    crate::par::drop_later(documents);
+    let mut raw = Raw::new();
+    for doc in documents {
+        cx.problems.extend(doc.problems);
+        raw.merge(doc.raw, &mut cx);
+    }
     let spec = resolve(&raw, &mut cx);
     crate::par::drop_later(raw);
     if cx.problems.is_empty() {
@@ -190,6 +228,37 @@ impl<T> Section<T> {
         }
     }
 
+    fn merge(&mut self, other: Section<T>, cx: &mut Cx) {
+        if self.seen.is_empty() {
+            // The common case of one big file: take it whole, nothing to move.
+            *self = other;
+            return;
+        }
+        let mut dups: Vec<(&String, &Loc)> = other.seen.iter().filter(|(n, _)| self.seen.contains_key(*n)).collect();
+        dups.sort_by_key(|(_, l)| **l);
+        for (name, loc) in dups {
+            cx.err(
+                Diagnostic::new(format!("{} `{name}` is defined twice", self.kind), *loc)
+                    .note("first defined here", self.seen[name])
+                    .hint(format!("rename one of them or remove the duplicate; {} names are unique across all included files", self.kind)),
+            );
+        }
+        self.ok.reserve(other.ok.len());
+        for (name, e) in other.ok {
+            if !self.seen.contains_key(&name) {
+                self.ok.insert(name, e);
+            }
+        }
+        for name in other.broken {
+            if !self.seen.contains_key(&name) {
+                self.broken.insert(name);
+            }
+        }
+        for (name, loc) in other.seen {
+            self.seen.entry(name).or_insert(loc);
+        }
+    }
+
     fn knows(&self, name: &str) -> bool {
         self.ok.contains_key(name) || self.broken.contains(name)
     }
@@ -255,16 +324,33 @@ struct Raw {
     windows: Vec<Sp<String>>,
 }
 
+impl Raw {
+    fn new() -> Self {
+        Raw {
+            sites: Section::new("site"),
+            images: Section::new("image"),
+            hosts: Section::new("host"),
+            groups: Section::new("group"),
+            multicast: Section::new("multicast group"),
+            waves: Section::new("wave"),
+            windows: Vec::new(),
+        }
+    }
+
+    /// Add the entries of a later file; a name defined again is reported there.
+    fn merge(&mut self, other: Raw, cx: &mut Cx) {
+        self.sites.merge(other.sites, cx);
+        self.images.merge(other.images, cx);
+        self.hosts.merge(other.hosts, cx);
+        self.groups.merge(other.groups, cx);
+        self.multicast.merge(other.multicast, cx);
+        self.waves.merge(other.waves, cx);
+        self.windows.extend(other.windows);
+    }
+}
+
 fn collect(documents: &[Document], cx: &mut Cx) -> Raw {
-    let mut raw = Raw {
-        sites: Section::new("site"),
-        images: Section::new("image"),
-        hosts: Section::new("host"),
-        groups: Section::new("group"),
-        multicast: Section::new("multicast group"),
-        waves: Section::new("wave"),
-        windows: Vec::new(),
-    };
+    let mut raw = Raw::new();
     for doc in documents {
         let entries = match &doc.root.value {
             Value::Map(entries) => entries.as_slice(),

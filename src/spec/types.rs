@@ -14,24 +14,29 @@ pub struct Mac(pub [u8; 6]);
 impl FromStr for Mac {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("invalid MAC address `{s}`: expected six hex pairs like 52:54:00:28:00:11");
-        let parts: Vec<&str> = if s.contains(':') {
-            s.split(':').collect()
-        } else if s.contains('-') {
-            s.split('-').collect()
-        } else {
-            return Err(bad());
+        let bad = || {
+            format!("invalid MAC address `{s}`: expected six hex pairs like 52:54:00:28:00:11")
         };
-        if parts.len() != 6 {
+        // Byte by byte: a 100,000-host fleet parses this 100,000 times.
+        let b = s.as_bytes();
+        if b.len() != 17 {
             return Err(bad());
         }
+        let sep = b[2];
+        if sep != b':' && sep != b'-' {
+            return Err(bad());
+        }
+        let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
         let mut out = [0u8; 6];
-        for (o, p) in out.iter_mut().zip(parts) {
-            if p.len() != 2 {
+        for (i, o) in out.iter_mut().enumerate() {
+            let at = i * 3;
+            if i > 0 && b[at - 1] != sep {
                 return Err(bad());
             }
-            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+            match (hex(b[at]), hex(b[at + 1])) {
+                (Some(h), Some(l)) => *o = h << 4 | l,
+                _ => return Err(bad()),
+            }
         }
         if out[0] & 1 == 1 {
             return Err(format!(
@@ -277,20 +282,24 @@ impl Digest {
 impl FromStr for Digest {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let hex = s.strip_prefix("blake3:").unwrap_or(s);
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
-                "invalid image digest `{s}`: expected blake3: followed by 64 hex digits"
-            ));
-        }
-        Ok(Digest(format!("blake3:{}", hex.to_ascii_lowercase())))
+        Digest::try_from(s.to_string())
     }
 }
 
 impl TryFrom<String> for Digest {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
+        let hex = s.strip_prefix("blake3:").unwrap_or(&s);
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "invalid image digest `{s}`: expected blake3: followed by 64 hex digits"
+            ));
+        }
+        // Already canonical (the usual case): keep the string as it is.
+        if s.len() == 71 && !hex.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Ok(Digest(s));
+        }
+        Ok(Digest(format!("blake3:{}", hex.to_ascii_lowercase())))
     }
 }
 
