@@ -83,7 +83,10 @@ impl Observed {
         let mut seen = HashMap::new();
         for h in &o.hosts {
             if seen.insert(h.mac, ()).is_some() {
-                return Err(format!("host {} appears twice; list each MAC once", h.mac));
+                return Err(format!(
+                    " host {} appears twice in `hosts`; list each MAC once",
+                    h.mac
+                ));
             }
         }
         Ok(o)

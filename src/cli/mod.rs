@@ -58,8 +58,7 @@ pub fn entry_file(path: &Path) -> PathBuf {
 /// Read and validate a fleet from a tree. `Err` is an I/O problem (no such file).
 pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Result<(FleetSpec, Sources), Invalid>> {
     let started = std::time::Instant::now();
-    let loaded =
-        source::load_each(tree, entry, spec::read_document).map_err(anyhow::Error::msg)?;
+    let loaded = source::load_each(tree, entry, spec::read_document).map_err(anyhow::Error::msg)?;
     timing("read, parse and read entries", started);
     let started = std::time::Instant::now();
     let (sources, built) = spec::build_read(loaded);

@@ -115,11 +115,15 @@ pub enum Step {
 
 /// Which version of an image a deploy writes.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(tag = "kind", content = "digest", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Version {
-    Digest(Digest),
-    /// The version the planned capture will produce.
-    NextCapture,
+    Digest {
+        digest: Digest,
+    },
+    /// The version the planned capture of this generation will produce.
+    NextCapture {
+        generation: u64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -173,7 +177,7 @@ enum Want<'a> {
     Version(&'a ImageVersion),
     /// Pinned or known digest without size information.
     Digest(Digest),
-    NextCapture,
+    NextCapture(u64),
     Stalled(String),
 }
 
@@ -198,7 +202,7 @@ fn wanted<'a>(spec: &FleetSpec, observed: &'a Observed, image: &str) -> Want<'a>
             if let Some(v) = versions.iter().rev().find(|v| v.generation >= c.generation) {
                 Want::Version(v)
             } else if spec.hosts.get(&c.host).is_some_and(|h| !h.suspend) {
-                Want::NextCapture
+                Want::NextCapture(c.generation)
             } else {
                 Want::Stalled(format!(
                     "image `{image}` has no version of generation {} and its reference host `{}` is suspended",
@@ -232,8 +236,13 @@ fn host_steps(
     {
         steps.push(Step::Inventory { generation: g });
     }
+    // A capture is due while the store holds no version of that generation; the
+    // store, not the host, is what the deploys depend on.
     if let Some(c) = &a.capture
-        && c.generation > done.capture
+        && !observed
+            .images
+            .get(&c.image)
+            .is_some_and(|i| i.versions.iter().any(|v| v.generation >= c.generation))
     {
         capture = Some(Step::Capture {
             image: c.image.clone(),
@@ -254,11 +263,13 @@ fn host_steps(
         let deployed = seen.and_then(|s| s.deployed.as_ref());
         let (version, bytes) = match wanted(spec, observed, image) {
             Want::Version(v) => (
-                Some(Version::Digest(v.digest.clone())),
+                Some(Version::Digest {
+                    digest: v.digest.clone(),
+                }),
                 Some(v.stored_bytes),
             ),
-            Want::Digest(d) => (Some(Version::Digest(d)), None),
-            Want::NextCapture => (Some(Version::NextCapture), None),
+            Want::Digest(d) => (Some(Version::Digest { digest: d }), None),
+            Want::NextCapture(generation) => (Some(Version::NextCapture { generation }), None),
             Want::Stalled(reason) => {
                 stalled.push(Stalled {
                     host: host.name.clone(),
@@ -268,7 +279,8 @@ fn host_steps(
             }
         };
         if let Some(version) = version {
-            let current = matches!(&version, Version::Digest(d) if Some(d) == deployed);
+            let current =
+                matches!(&version, Version::Digest { digest } if Some(digest) == deployed);
             if !current || wiped {
                 steps.push(Step::Deploy {
                     image: image.clone(),
@@ -419,8 +431,8 @@ fn form_sessions(
             } = s
             {
                 let key_version = match version {
-                    Version::Digest(d) => d.to_string(),
-                    Version::NextCapture => String::new(),
+                    Version::Digest { digest } => digest.to_string(),
+                    Version::NextCapture { generation } => format!("next capture {generation}"),
                 };
                 buckets
                     .entry((h.site.clone(), image.clone(), key_version))

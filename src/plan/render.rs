@@ -47,8 +47,8 @@ fn rate(bps: u64) -> String {
 
 fn version(v: &Version) -> String {
     match v {
-        Version::Digest(d) => d.short().to_string(),
-        Version::NextCapture => "(next capture)".into(),
+        Version::Digest { digest } => digest.short().to_string(),
+        Version::NextCapture { generation } => format!("(capture generation {generation})"),
     }
 }
 
@@ -132,8 +132,11 @@ fn wave_facts(w: &WavePlan) -> Vec<String> {
 
 fn headline(plan: &Plan) -> String {
     let t = &plan.totals;
-    if plan.is_empty() {
+    if plan.is_empty() && plan.suspended.is_empty() {
         return "No changes: every host has converged.".into();
+    }
+    if plan.is_empty() {
+        return "No changes, except for the suspended hosts listed below.".into();
     }
     let mut s = format!(
         "{} host{}, {} step{}, {} to move, about {}",
@@ -147,7 +150,7 @@ fn headline(plan: &Plan) -> String {
     if t.unknown_size_steps > 0 {
         let _ = write!(
             s,
-            " (+{} step{} of a size known only after capture)",
+            " (+{} step{} of a size not known yet)",
             t.unknown_size_steps,
             if t.unknown_size_steps == 1 { "" } else { "s" }
         );
@@ -381,6 +384,13 @@ pub fn review(r: &Review, md: bool, p: Palette) -> String {
         &r.multicast_changed,
         md,
     );
+    if let Some(w) = &r.windows_changed {
+        list(
+            &mut out,
+            "Maintenance windows changed",
+            vec![format!("{} -> {}", w.from, w.to)],
+        );
+    }
     if !r.effect.is_empty() || !r.cancelled.is_empty() {
         if md {
             let _ = writeln!(out, "\n### What this change will do");
@@ -416,5 +426,13 @@ pub fn review(r: &Review, md: bool, p: Palette) -> String {
         }
         list(&mut out, "No longer planned", r.cancelled.clone());
     }
+    list(
+        &mut out,
+        "Stalled after this change (need another change to converge)",
+        r.stalled
+            .iter()
+            .map(|s| format!("{}: {}", s.host, s.reason))
+            .collect(),
+    );
     out
 }

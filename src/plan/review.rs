@@ -21,6 +21,10 @@ pub struct Review {
     pub waves_changed: Vec<Changed>,
     pub sites_changed: Vec<Changed>,
     pub multicast_changed: Vec<Changed>,
+    /// The fleet-wide maintenance windows, when they change.
+    pub windows_changed: Option<FieldChange>,
+    /// Hosts the head cannot converge, and why (new with this change or not).
+    pub stalled: Vec<super::Stalled>,
     /// Steps the head plans that the base did not (or planned differently), by wave.
     pub effect: Vec<WaveEffect>,
     /// `host (wave)` whose base steps the head no longer plans there.
@@ -66,7 +70,8 @@ impl Review {
             && self.waves_removed.is_empty()
             && self.waves_changed.is_empty()
             && self.sites_changed.is_empty()
-            && self.multicast_changed.is_empty())
+            && self.multicast_changed.is_empty()
+            && self.windows_changed.is_none())
     }
 }
 
@@ -153,7 +158,10 @@ const WAVE_FIELDS: &[Field<Wave>] = &[
     ("multicast", |w| opt(&w.multicast)),
     ("max_parallel", |w| opt(&w.max_parallel)),
     ("canary", |w| w.canary.to_string()),
-    ("failure_budget", |w| format!("{:?}", w.failure_budget)),
+    ("failure_budget", |w| match w.failure_budget {
+        crate::spec::FailureBudget::Count(n) => n.to_string(),
+        crate::spec::FailureBudget::Percent(p) => format!("{p}%"),
+    }),
     ("windows", |w| {
         opt(&w.windows.as_ref().map(|l| {
             l.iter()
@@ -325,6 +333,22 @@ pub fn review(
         waves_changed,
         sites_changed,
         multicast_changed,
+        windows_changed: {
+            let show = |s: &FleetSpec| {
+                s.windows
+                    .iter()
+                    .map(|w| w.text.clone())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            let (from, to) = (show(base), show(head));
+            (from != to).then(|| FieldChange {
+                field: "windows".into(),
+                from: if from.is_empty() { "-".into() } else { from },
+                to: if to.is_empty() { "-".into() } else { to },
+            })
+        },
+        stalled: head_plan.stalled.clone(),
         effect,
         cancelled,
     }

@@ -9,9 +9,9 @@ use super::{Tree, normalize_path};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
-    #[error("cannot open git repository {path}: {source}")]
+    #[error("cannot open git repository {path}")]
     Open { path: String, source: git2::Error },
-    #[error("cannot resolve revision `{rev}` in {path}: {source}")]
+    #[error("cannot resolve revision `{rev}` in {path}")]
     Rev {
         rev: String,
         path: String,
@@ -30,7 +30,8 @@ pub struct CommitTree {
 
 impl CommitTree {
     pub fn open(repo_path: &Path, rev: &str) -> Result<Self, GitError> {
-        let repo = Repository::open(repo_path).map_err(|source| GitError::Open {
+        // From a subdirectory too, as `git` itself does.
+        let repo = Repository::discover(repo_path).map_err(|source| GitError::Open {
             path: repo_path.display().to_string(),
             source,
         })?;

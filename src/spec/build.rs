@@ -115,6 +115,17 @@ impl Cx {
         }
     }
 
+    /// Generations count from 1: 0 is what "never done" looks like, so it would never run.
+    fn generation(&mut self, g: &Sp<u64>) -> u64 {
+        if g.value == 0 {
+            self.err(
+                Diagnostic::new("generation 0 never runs", g.loc)
+                    .hint("generations count from 1; bump the number to ask for the action again"),
+            );
+        }
+        g.value
+    }
+
     fn with<T>(
         &mut self,
         v: &Sp<String>,
@@ -234,7 +245,11 @@ impl<T> Section<T> {
             *self = other;
             return;
         }
-        let mut dups: Vec<(&String, &Loc)> = other.seen.iter().filter(|(n, _)| self.seen.contains_key(*n)).collect();
+        let mut dups: Vec<(&String, &Loc)> = other
+            .seen
+            .iter()
+            .filter(|(n, _)| self.seen.contains_key(*n))
+            .collect();
         dups.sort_by_key(|(_, l)| **l);
         for (name, loc) in dups {
             cx.err(
@@ -504,7 +519,7 @@ where
 fn resolve(raw: &Raw, cx: &mut Cx) -> FleetSpec {
     let sites = resolve_sites(raw, cx);
     check_subnet_overlap(raw, &sites, cx);
-    let images = resolve_images(raw, cx);
+    let mut images = resolve_images(raw, cx);
     let multicast = resolve_multicast(raw, cx);
     let windows = resolve_windows(&raw.windows, cx);
     for (gname, g) in &raw.groups.ok {
@@ -525,6 +540,18 @@ fn resolve(raw: &Raw, cx: &mut Cx) -> FleetSpec {
     assign_waves(raw, &mut hosts, &mut waves, cx);
     let waves = order_waves(raw, waves, cx);
     resolve_captures(raw, &mut hosts, cx);
+    // A capture asked for under the host counts as the image's capture source too.
+    for h in hosts.values() {
+        if let Some(c) = &h.actions.capture
+            && let Some(img) = images.get_mut(&c.image)
+            && img.capture.is_none()
+        {
+            img.capture = Some(CaptureSource {
+                host: h.name.clone(),
+                generation: c.generation,
+            });
+        }
+    }
     check_multicast_sites(raw, &hosts, &waves, cx);
     let mut members: HashMap<&str, Vec<String>> = HashMap::new();
     for h in hosts.values() {
@@ -573,6 +600,18 @@ fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
             "subnet",
             "write the subnet in CIDR form, like 172.28.0.0/24",
         );
+        if let Some(net) = subnet
+            && net != net.trunc()
+        {
+            cx.err(
+                Diagnostic::new(format!("subnet {net} has host bits set"), s.subnet.loc).hint(
+                    format!(
+                        "did you mean {}? a subnet is written with its network address",
+                        net.trunc()
+                    ),
+                ),
+            );
+        }
         let subnet = subnet.map(|n| n.trunc());
         if let (Some(ip), Some(net)) = (server, subnet)
             && !net.contains(&ip)
@@ -587,7 +626,9 @@ fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
             );
         }
         let mut dhcp = Dhcp {
-            mode: DhcpMode::Authoritative,
+            // Without a `dhcp:` section, only PXE options: never hand out addresses on a
+            // network nobody said was ours.
+            mode: DhcpMode::Proxy,
             pool: None,
             router: None,
             dns: Vec::new(),
@@ -679,15 +720,30 @@ fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
                 dhcp.lease_secs = secs;
             }
         }
-        if !s.interface.value.is_empty()
-            && (s.interface.value.len() > 15 || s.interface.value.contains(['/', ' ']))
+        if let (Some(pool), Some(router), Some(d)) = (dhcp.pool, dhcp.router, &s.dhcp)
+            && pool.contains(router)
+            && let Some(p) = &d.pool
+        {
+            cx.err(
+                Diagnostic::new(
+                    format!("pool {pool} contains the router's address {router}"),
+                    p.loc,
+                )
+                .hint(format!(
+                    "keep {router} out of the pool; hand out only free host addresses"
+                )),
+            );
+        }
+        if s.interface.value.is_empty()
+            || s.interface.value.len() > 15
+            || s.interface.value.contains(['/', ' '])
         {
             cx.err(
                 Diagnostic::new(
                     format!("invalid interface name `{}`", s.interface.value),
                     s.interface.loc,
                 )
-                .hint("Linux interface names are at most 15 characters, without `/` or spaces"),
+                .hint("Linux interface names are 1 to 15 characters, without `/` or spaces"),
             );
         }
         let image_store = s
@@ -760,10 +816,10 @@ fn resolve_images(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Image> {
     let mut out = IndexMap::new();
     for (name, e) in &raw.images.ok {
         let i = &e.value;
-        let pin = i.pin.as_ref().and_then(|p| cx.parse::<Digest>(p, "copy the digest from `fleetwave image ls`, or remove the pin to deploy the newest capture"));
+        let pin = i.pin.as_ref().and_then(|p| cx.parse::<Digest>(p, "copy the digest of a captured version, or remove the pin to deploy the newest capture"));
         let capture = i.capture.as_ref().map(|c| CaptureSource {
             host: c.from.value.clone(),
-            generation: c.generation.value,
+            generation: cx.generation(&c.generation),
         });
         out.insert(
             name.clone(),
@@ -1184,15 +1240,15 @@ fn resolve_host(
                 .check_ref(cx, &c.image, || format!("capture action of host `{name}`"));
             actions.capture = Some(CaptureAction {
                 image: c.image.value.clone(),
-                generation: c.generation.value,
+                generation: cx.generation(&c.generation),
             });
         }
         actions.wipe = a.wipe.as_ref().map(|w| WipeAction {
             mode: w.mode,
-            generation: w.generation.value,
+            generation: cx.generation(&w.generation),
         });
-        actions.inventory = a.inventory.as_ref().map(|g| g.generation.value);
-        actions.verify = a.verify.as_ref().map(|g| g.generation.value);
+        actions.inventory = a.inventory.as_ref().map(|g| cx.generation(&g.generation));
+        actions.verify = a.verify.as_ref().map(|g| cx.generation(&g.generation));
     }
     if !cx.problems.is_empty() {
         return None;

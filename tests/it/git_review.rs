@@ -81,7 +81,8 @@ fn review_of_a_pull_request_shows_hosts_waves_and_effect() {
     // The pull request: a new room file picked up by the include glob, pc01 moved to
     // room-a, a new capture generation, a wave that waits for room-a.
     let head_fleet = BASE.replace("generation: 1", "generation: 2")
-        + "  room-b: {after: [room-a], transport: unicast, max_parallel: 5}\n";
+        + "  room-b: {after: [room-a], transport: unicast, max_parallel: 5}\n"
+        + "windows: [\"Sat 22:00 - Sun 06:00\"]\n";
     let room_a = ROOM_A.replace("image: win10, wave: pilot", "image: win10, wave: room-a");
     let room_b =
         "hosts:\n  pc04: {mac: \"52:54:00:28:00:14\", site: lab, image: win10, wave: room-b}\n";
@@ -109,6 +110,8 @@ fn review_of_a_pull_request_shows_hosts_waves_and_effect() {
     assert_eq!(pc01["changes"][0]["from"], "pilot");
     assert_eq!(pc01["changes"][0]["to"], "room-a");
     assert_eq!(r["waves_added"][0], "room-b");
+    assert_eq!(r["windows_changed"]["from"], "-");
+    assert_eq!(r["windows_changed"]["to"], "Sat 22:00 - Sun 06:00");
     assert_eq!(
         r["images_changed"][0]["changes"][0]["to"],
         "from ref-win10 generation 2"
