@@ -58,7 +58,7 @@ pub fn entry_file(path: &Path) -> PathBuf {
 /// Read and validate a fleet from a tree. `Err` is an I/O problem (no such file).
 pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Result<(FleetSpec, Sources), Invalid>> {
     let started = std::time::Instant::now();
-    let loaded = source::load_each(tree, entry, spec::read_document).map_err(anyhow::Error::msg)?;
+    let loaded = source::load_each(tree, entry, spec::read_file).map_err(anyhow::Error::msg)?;
     timing("read, parse and read entries", started);
     let started = std::time::Instant::now();
     let (sources, built) = spec::build_read(loaded);
@@ -169,8 +169,15 @@ pub fn plan(
     out: &mut dyn Write,
     p: Palette,
 ) -> Result<u8> {
-    let observed = read_observed(observed)?;
-    let (spec, _) = match load(&DirTree, &entry_file(path))? {
+    // The observed state is read while the fleet loads.
+    let (observed, loaded) = std::thread::scope(|s| {
+        let observed = s.spawn(|| read_observed(observed));
+        let loaded = load(&DirTree, &entry_file(path));
+        (observed.join(), loaded)
+    });
+    let observed =
+        observed.map_err(|_| anyhow::anyhow!("internal: observed-state reader panicked"))??;
+    let (spec, _) = match loaded? {
         Ok(ok) => ok,
         Err(invalid) => {
             print_problems(

@@ -313,10 +313,20 @@ pub fn diff(spec: &FleetSpec, observed: &Observed, params: &Params) -> Plan {
     let mut suspended = Vec::new();
     let mut captures = Vec::new();
     let mut per_wave: HashMap<&str, Vec<HostPlan>> = HashMap::new();
-    for host in spec.hosts.values() {
-        let seen = by_mac.get(&host.mac).copied();
-        let mut host_stalled = Vec::new();
-        let (capture, steps) = host_steps(spec, observed, host, seen, &mut host_stalled);
+    // Each host's steps depend only on that host: computed on all cores, in order.
+    let hosts: Vec<&Host> = spec.hosts.values().collect();
+    let computed = crate::par::map_chunks(&hosts, |chunk| {
+        chunk
+            .iter()
+            .map(|host| {
+                let seen = by_mac.get(&host.mac).copied();
+                let mut host_stalled = Vec::new();
+                let (capture, steps) = host_steps(spec, observed, host, seen, &mut host_stalled);
+                (capture, steps, host_stalled)
+            })
+            .collect()
+    });
+    for (host, (capture, steps, host_stalled)) in hosts.into_iter().zip(computed) {
         if host.suspend {
             if capture.is_some() || !steps.is_empty() || !host_stalled.is_empty() {
                 suspended.push(host.name.clone());

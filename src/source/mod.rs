@@ -214,15 +214,25 @@ const PARALLEL_PARSE_BYTES: usize = 256 * 1024;
 /// A missing entry file is an I/O error (`Err`); everything else (syntax errors, includes
 /// that match nothing) is a problem reported with its position.
 pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Loaded, String> {
-    load_each(tree, entry, |doc| doc)
+    load_each(tree, entry, |text, file| {
+        let root = yaml::parse(text, file)?;
+        let mut problems = Vec::new();
+        let includes = include_patterns(&root, &mut problems);
+        Ok((Document { file, root }, includes, problems))
+    })
 }
 
-/// [`load`], turning each document into a `D` with `each` on the thread that parsed
-/// it: the tree of one file need not outlive its reading, and files are read in parallel.
+/// What reading one file gives: the thing made of it, its `include:` patterns, and
+/// problems found on the way.
+pub type ReadFile<D> = (D, Vec<Sp<String>>, Vec<Diagnostic>);
+
+/// [`load`] with the reading of each file left to `each` (text, file index), which
+/// runs on the thread that reads that file: files are read in parallel, and a reader
+/// can keep less than a whole tree (see [`yaml::parse_with`]).
 pub fn load_each<D: Send>(
     tree: &dyn Tree,
     entry: &Path,
-    each: impl Fn(Document) -> D + Sync,
+    each: impl Fn(&str, u32) -> Result<ReadFile<D>, yaml::SyntaxError> + Sync,
 ) -> Result<Loaded<D>, String> {
     let mut loaded = Loaded::default();
     let text = tree.read(entry)?;
@@ -248,16 +258,7 @@ pub fn load_each<D: Send>(
             .collect();
         let bytes: usize = level.iter().map(|(_, t)| t.len()).sum();
         let parsed = crate::par::map_chunks_if(bytes > PARALLEL_PARSE_BYTES, &level, |files| {
-            files
-                .iter()
-                .map(|(file, text)| {
-                    yaml::parse(text, *file).map(|root| {
-                        let mut problems = Vec::new();
-                        let includes = include_patterns(&root, &mut problems);
-                        (each(Document { file: *file, root }), includes, problems)
-                    })
-                })
-                .collect()
+            files.iter().map(|(file, text)| each(text, *file)).collect()
         });
         let mut next = Vec::new();
         for ((path, parsed), file) in paths.into_iter().zip(parsed).zip(first as u32..) {
@@ -348,7 +349,7 @@ pub fn load_each<D: Send>(
 
 /// The `include:` list of a document, with positions. Type errors are reported here
 /// because the include list must be read before the rest of the fleet.
-fn include_patterns(root: &Node, problems: &mut Vec<Diagnostic>) -> Vec<Sp<String>> {
+pub fn include_patterns(root: &Node, problems: &mut Vec<Diagnostic>) -> Vec<Sp<String>> {
     let Value::Map(entries) = &root.value else {
         return Vec::new();
     };

@@ -92,11 +92,23 @@ pub struct SyntaxError {
 /// Plain scalars are typed by the YAML 1.2 core schema, without the 1.1 surprises
 /// (`no` stays text, `0123` stays text, `52:54:00:28:00:11` stays text).
 pub fn parse(text: &str, file: u32) -> Result<Node, SyntaxError> {
+    parse_with(text, file, &mut |_, key, value| Some((key, value)))
+}
+
+/// Receives each entry of a mapping under a top-level key (a host under `hosts:`, say)
+/// as soon as it is complete, with the top-level key. It returns the entry to keep it
+/// in the tree, or consumes it: then the entry's nodes never pile up in memory, and on
+/// a large file its reading overlaps with the parsing of the rest.
+pub type EntrySink<'s> = dyn FnMut(&Node, Node, Node) -> Option<(Node, Node)> + 's;
+
+/// [`parse`], handing section entries to `sink` as they complete.
+pub fn parse_with(text: &str, file: u32, sink: &mut EntrySink) -> Result<Node, SyntaxError> {
     if text.len() < PIPELINE_BYTES {
         let mut parser = Parser::new_from_str(text);
         return build_tree(
             std::iter::from_fn(|| parser.next_event().map(|e| e.map_err(syntax))),
             file,
+            sink,
         );
     }
     // Large files: the parser runs on its own thread and the tree is built on this one
@@ -123,7 +135,7 @@ pub fn parse(text: &str, file: u32) -> Result<Node, SyntaxError> {
             }
             let _ = tx.send(batch);
         });
-        build_tree(rx.into_iter().flatten(), file)
+        build_tree(rx.into_iter().flatten(), file, sink)
     })
 }
 
@@ -142,7 +154,11 @@ fn syntax(e: serde_saphyr::granit_parser::ScanError) -> SyntaxError {
     }
 }
 
-fn build_tree<'a>(events: impl Iterator<Item = Item<'a>>, file: u32) -> Result<Node, SyntaxError> {
+fn build_tree<'a>(
+    events: impl Iterator<Item = Item<'a>>,
+    file: u32,
+    sink: &mut EntrySink,
+) -> Result<Node, SyntaxError> {
     let mut stack: Vec<Frame> = Vec::new();
     let mut anchors: HashMap<usize, Node> = HashMap::new();
     let mut root: Option<Node> = None;
@@ -231,6 +247,18 @@ fn build_tree<'a>(events: impl Iterator<Item = Item<'a>>, file: u32) -> Result<N
             _ => None,
         };
         let Some(node) = done else { continue };
+        // An entry of a section (top-level map -> section map -> entry) goes to the sink.
+        if let [
+            Frame::Map(_, _, _, Some(section)),
+            Frame::Map(_, _, entries, pending),
+        ] = stack.as_mut_slice()
+        {
+            match pending.take() {
+                Some(key) => entries.extend(sink(section, key, node)),
+                None => *pending = Some(node),
+            }
+            continue;
+        }
         match stack.last_mut() {
             Some(Frame::Seq(_, _, items)) => items.push(node),
             Some(Frame::Map(_, _, entries, pending)) => match pending.take() {

@@ -17,8 +17,8 @@ use super::types::{parse_duration, parse_rate};
 use super::wire::{self, SECTIONS, Selector};
 use super::*;
 use crate::diag::Diagnostic;
-use crate::source::yaml::{DeError, Node, Value, from_node};
-use crate::source::{Document, Loaded, Loc, Sources, Sp};
+use crate::source::yaml::{DeError, Node, SyntaxError, Value, from_node};
+use crate::source::{Document, Loaded, Loc, ReadFile, Sources, Sp};
 
 /// Build the validated fleet, or every problem found (including the loader's).
 /// The source files come back for showing problems against.
@@ -49,7 +49,7 @@ pub fn read_document(doc: Document) -> ReadDocument {
     let mut cx = Cx {
         problems: Vec::new(),
     };
-    let raw = collect(std::slice::from_ref(&doc), &mut cx);
+    let raw = collect(std::slice::from_ref(&doc), EarlyEntries::default(), &mut cx);
     crate::par::drop_later(doc);
     ReadDocument {
         raw,
@@ -364,7 +364,76 @@ impl Raw {
     }
 }
 
-fn collect(documents: &[Document], cx: &mut Cx) -> Raw {
+/// Section entries read early, by [`read_file`]'s sink, with the position of the
+/// section key they came under (a section written twice keeps only its first).
+#[derive(Default)]
+struct EarlyEntries {
+    sites: Vec<(Loc, Early<wire::Site>)>,
+    images: Vec<(Loc, Early<wire::Image>)>,
+    hosts: Vec<(Loc, Early<wire::Host>)>,
+    groups: Vec<(Loc, Early<wire::Group>)>,
+    multicast: Vec<(Loc, Early<wire::Multicast>)>,
+    waves: Vec<(Loc, Early<wire::Wave>)>,
+}
+
+impl EarlyEntries {
+    /// The sink of [`crate::source::yaml::parse_with`]: read known sections' entries now.
+    fn take(&mut self, section: &Node, key: Node, value: Node) -> Option<(Node, Node)> {
+        fn early<T: for<'de> serde::Deserialize<'de>>(
+            list: &mut Vec<(Loc, Early<T>)>,
+            section: Loc,
+            key: Node,
+            value: &Node,
+        ) {
+            list.push((section, (key, from_node::<T>(value), value.loc)));
+        }
+        let at = section.loc;
+        match section.scalar_str() {
+            Some("sites") => early(&mut self.sites, at, key, &value),
+            Some("images") => early(&mut self.images, at, key, &value),
+            Some("hosts") => early(&mut self.hosts, at, key, &value),
+            Some("groups") => early(&mut self.groups, at, key, &value),
+            Some("multicast") => early(&mut self.multicast, at, key, &value),
+            Some("waves") => early(&mut self.waves, at, key, &value),
+            _ => return Some((key, value)),
+        }
+        None
+    }
+}
+
+/// The early entries that came under the section key at `at`.
+fn under<T>(list: &mut Vec<(Loc, Early<T>)>, at: Loc) -> Vec<Early<T>> {
+    list.extract_if(.., |(l, _)| *l == at)
+        .map(|(_, e)| e)
+        .collect()
+}
+
+/// Read a file: parse it, reading section entries as they complete (on a large file
+/// this overlaps with parsing, and the tree of a host never outlives its reading), then
+/// the rest of the tree. Runs on the loader's threads, one file each.
+pub fn read_file(text: &str, file: u32) -> Result<ReadFile<ReadDocument>, SyntaxError> {
+    let mut early = EarlyEntries::default();
+    let root = crate::source::yaml::parse_with(text, file, &mut |section, key, value| {
+        early.take(section, key, value)
+    })?;
+    let mut cx = Cx {
+        problems: Vec::new(),
+    };
+    let includes = crate::source::include_patterns(&root, &mut cx.problems);
+    let doc = Document { file, root };
+    let raw = collect(std::slice::from_ref(&doc), early, &mut cx);
+    crate::par::drop_later(doc);
+    Ok((
+        ReadDocument {
+            raw,
+            problems: cx.problems,
+        },
+        includes,
+        Vec::new(),
+    ))
+}
+
+fn collect(documents: &[Document], mut early: EarlyEntries, cx: &mut Cx) -> Raw {
     let mut raw = Raw::new();
     for doc in documents {
         let entries = match &doc.root.value {
@@ -421,12 +490,17 @@ fn collect(documents: &[Document], cx: &mut Cx) -> Raw {
                     }
                 }
                 "include" => {} // read by the loader
-                "sites" => read_section(v, &mut raw.sites, cx),
-                "images" => read_section(v, &mut raw.images, cx),
-                "hosts" => read_section(v, &mut raw.hosts, cx),
-                "groups" => read_section(v, &mut raw.groups, cx),
-                "multicast" => read_section(v, &mut raw.multicast, cx),
-                "waves" => read_section(v, &mut raw.waves, cx),
+                "sites" => read_section(v, under(&mut early.sites, k.loc), &mut raw.sites, cx),
+                "images" => read_section(v, under(&mut early.images, k.loc), &mut raw.images, cx),
+                "hosts" => read_section(v, under(&mut early.hosts, k.loc), &mut raw.hosts, cx),
+                "groups" => read_section(v, under(&mut early.groups, k.loc), &mut raw.groups, cx),
+                "multicast" => read_section(
+                    v,
+                    under(&mut early.multicast, k.loc),
+                    &mut raw.multicast,
+                    cx,
+                ),
+                "waves" => read_section(v, under(&mut early.waves, k.loc), &mut raw.waves, cx),
                 "windows" => match from_node::<Option<Vec<Sp<String>>>>(v) {
                     Ok(w) => raw.windows.extend(w.unwrap_or_default()),
                     Err(e) => cx.de_error(e, v.loc, None),
@@ -450,13 +524,18 @@ fn collect(documents: &[Document], cx: &mut Cx) -> Raw {
     raw
 }
 
-fn read_section<T>(node: &Node, section: &mut Section<T>, cx: &mut Cx)
+/// A section entry read while its file was still being parsed: its name, the result
+/// of reading it, and where its value starts.
+type Early<T> = (Node, Result<T, DeError>, Loc);
+
+fn read_section<T>(node: &Node, early: Vec<Early<T>>, section: &mut Section<T>, cx: &mut Cx)
 where
     T: for<'de> serde::Deserialize<'de> + Send,
 {
     let entries = match &node.value {
         Value::Map(e) => e,
-        Value::Null => return,
+        Value::Null if early.is_empty() => return,
+        Value::Null => &Vec::new(),
         other => {
             cx.err(
                 Diagnostic::new(
@@ -476,8 +555,12 @@ where
     let results = crate::par::map_chunks(entries, |chunk| {
         chunk.iter().map(|(_, v)| from_node::<T>(v)).collect()
     });
-    section.ok.reserve(entries.len());
-    for ((k, v), result) in entries.iter().zip(results) {
+    section.ok.reserve(early.len() + entries.len());
+    let late = entries
+        .iter()
+        .zip(results)
+        .map(|((k, v), r)| (k.clone(), r, v.loc));
+    for (k, result, value_loc) in early.into_iter().chain(late) {
         let Some(name) = k.scalar_text() else {
             cx.err(Diagnostic::new(
                 format!(
@@ -509,7 +592,7 @@ where
                 section.ok.insert(name, Entry { loc: k.loc, value });
             }
             Err(e) => {
-                cx.de_error(e, v.loc, Some((section.kind, &name, k.loc)));
+                cx.de_error(e, value_loc, Some((section.kind, &name, k.loc)));
                 section.broken.insert(name);
             }
         }
