@@ -196,6 +196,7 @@ pub fn plan(
     let started = std::time::Instant::now();
     let plan = plan::diff(&spec, &observed, &Params::default());
     timing("plan", started);
+    let started = std::time::Instant::now();
     match format {
         Format::Text => out.write_all(render::plan_text(&plan, p).as_bytes())?,
         Format::Markdown => out.write_all(render::plan_markdown(&plan).as_bytes())?,
@@ -204,6 +205,7 @@ pub fn plan(
             writeln!(out)?;
         }
     }
+    timing("output", started);
     let code = if plan.is_empty() {
         exit::OK
     } else {

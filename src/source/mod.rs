@@ -81,8 +81,8 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Sp<T> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Sp<T>, A::Error> {
                 let mut loc = None;
                 let mut value = None;
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    if key == yaml::SPANNED_FIELDS[0] {
+                while let Some(key) = map.next_key::<SpField>()? {
+                    if key.is_loc {
                         loc = Some(Loc::unpack(map.next_value()?));
                     } else {
                         value = Some(map.next_value()?);
@@ -101,6 +101,30 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Sp<T> {
             yaml::SPANNED_FIELDS,
             SpVisitor(std::marker::PhantomData),
         )
+    }
+}
+
+/// The two keys [`yaml::SPANNED`] hands out, told apart without allocating: this runs
+/// for every positioned field of every host.
+struct SpField {
+    is_loc: bool,
+}
+
+impl<'de> Deserialize<'de> for SpField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SpField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field of a positioned value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SpField, E> {
+                Ok(SpField {
+                    is_loc: v == yaml::SPANNED_FIELDS[0],
+                })
+            }
+        }
+        d.deserialize_identifier(V)
     }
 }
 
