@@ -84,7 +84,7 @@ impl Observed {
         for h in &o.hosts {
             if seen.insert(h.mac, ()).is_some() {
                 return Err(format!(
-                    " host {} appears twice in `hosts`; list each MAC once",
+                    "host {} appears twice in `hosts`; list each MAC once",
                     h.mac
                 ));
             }

@@ -156,7 +156,15 @@ fn read_observed(path: Option<&Path>) -> Result<Observed> {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read observed state {}", p.display()))?;
-            Observed::from_json(&text).map_err(|e| anyhow::anyhow!("{}:{e}", p.display()))
+            Observed::from_json(&text).map_err(|e| {
+                // JSON errors lead with LINE:COL; others are about the file as a whole.
+                let sep = if e.starts_with(|c: char| c.is_ascii_digit()) {
+                    ":"
+                } else {
+                    ": "
+                };
+                anyhow::anyhow!("{}{sep}{e}", p.display())
+            })
         }
     }
 }

@@ -388,7 +388,11 @@ pub fn review(r: &Review, md: bool, p: Palette) -> String {
         list(
             &mut out,
             "Maintenance windows changed",
-            vec![format!("{} -> {}", w.from, w.to)],
+            vec![format!(
+                "from {} to {}",
+                if w.from == "-" { "none" } else { &w.from },
+                if w.to == "-" { "none" } else { &w.to }
+            )],
         );
     }
     if !r.effect.is_empty() || !r.cancelled.is_empty() {

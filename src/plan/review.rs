@@ -23,7 +23,7 @@ pub struct Review {
     pub multicast_changed: Vec<Changed>,
     /// The fleet-wide maintenance windows, when they change.
     pub windows_changed: Option<FieldChange>,
-    /// Hosts the head cannot converge, and why (new with this change or not).
+    /// Hosts this change leaves unable to converge, and why.
     pub stalled: Vec<super::Stalled>,
     /// Steps the head plans that the base did not (or planned differently), by wave.
     pub effect: Vec<WaveEffect>,
@@ -348,7 +348,13 @@ pub fn review(
                 to: if to.is_empty() { "-".into() } else { to },
             })
         },
-        stalled: head_plan.stalled.clone(),
+        // Only what this change stalls: hosts stalled before it are not its doing.
+        stalled: head_plan
+            .stalled
+            .iter()
+            .filter(|s| !base_plan.stalled.contains(s))
+            .cloned()
+            .collect(),
         effect,
         cancelled,
     }

@@ -388,6 +388,10 @@ impl EarlyEntries {
             list.push((section, (key, from_node::<T>(value), value.loc)));
         }
         let at = section.loc;
+        if key.scalar_str() == Some("<<") {
+            // A merge key: left in the tree, where the mapping merges it on close.
+            return Some((key, value));
+        }
         match section.scalar_str() {
             Some("sites") => early(&mut self.sites, at, key, &value),
             Some("images") => early(&mut self.images, at, key, &value),
@@ -803,8 +807,10 @@ fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
                 dhcp.lease_secs = secs;
             }
         }
+        // A router that is also the server was reported with the pool already.
         if let (Some(pool), Some(router), Some(d)) = (dhcp.pool, dhcp.router, &s.dhcp)
             && pool.contains(router)
+            && Some(router) != server
             && let Some(p) = &d.pool
         {
             cx.err(

@@ -68,7 +68,7 @@ pub struct Site {
     pub server: Sp<String>,
     /// The site's subnet in CIDR form, e.g. 172.28.0.0/24.
     pub subnet: Sp<String>,
-    /// DHCP service for the site.
+    /// DHCP service for the site. Without it: proxy mode (PXE options only).
     pub dhcp: Option<Dhcp>,
     /// What happens to machines whose MAC is not in the fleet. Default: register.
     pub unknown_hosts: Option<Sp<UnknownHosts>>,
@@ -139,6 +139,7 @@ pub struct ImageCapture {
     /// The reference host whose disk becomes the image.
     pub from: Sp<String>,
     /// Capture again whenever this number grows.
+    #[schemars(range(min = 1))]
     pub generation: Sp<u64>,
 }
 
@@ -201,6 +202,7 @@ pub struct Actions {
 #[serde(deny_unknown_fields)]
 pub struct CaptureAction {
     pub image: Sp<String>,
+    #[schemars(range(min = 1))]
     pub generation: Sp<u64>,
 }
 
@@ -210,6 +212,7 @@ pub struct WipeAction {
     /// fast: partition tables and signatures at both ends; normal: zeros over the whole
     /// disk; full: a random pass, then zeros, read back.
     pub mode: WipeMode,
+    #[schemars(range(min = 1))]
     pub generation: Sp<u64>,
 }
 
@@ -224,6 +227,7 @@ pub enum WipeMode {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Generation {
+    #[schemars(range(min = 1))]
     pub generation: Sp<u64>,
 }
 
