@@ -93,7 +93,7 @@ impl Observed {
     }
 
     /// Hosts by MAC, for lookups during a plan.
-    pub fn by_mac(&self) -> HashMap<Mac, &ObservedHost> {
+    pub fn by_mac(&self) -> rustc_hash::FxHashMap<Mac, &ObservedHost> {
         self.hosts.iter().map(|h| (h.mac, h)).collect()
     }
 

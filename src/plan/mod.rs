@@ -82,7 +82,7 @@ pub struct WavePlan {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct HostPlan {
     pub host: String,
-    pub mac: String,
+    pub mac: crate::spec::Mac,
     pub site: String,
     pub steps: Vec<Step>,
 }
@@ -336,7 +336,7 @@ pub fn diff(spec: &FleetSpec, observed: &Observed, params: &Params) -> Plan {
         stalled.extend(host_stalled);
         let plan_of = |steps| HostPlan {
             host: host.name.clone(),
-            mac: host.mac.to_string(),
+            mac: host.mac,
             site: host.site.clone(),
             steps,
         };

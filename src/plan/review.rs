@@ -173,9 +173,9 @@ const WAVE_FIELDS: &[Field<Wave>] = &[
 ];
 
 /// Changes of a keyed collection: (added, removed, changed).
-fn keyed<T>(
-    base: &indexmap::IndexMap<String, T>,
-    head: &indexmap::IndexMap<String, T>,
+fn keyed<T, S: std::hash::BuildHasher>(
+    base: &indexmap::IndexMap<String, T, S>,
+    head: &indexmap::IndexMap<String, T, S>,
     fields: &[Field<T>],
 ) -> (Vec<String>, Vec<String>, Vec<Changed>) {
     let added = head

@@ -5,7 +5,9 @@
 //! references and builds the domain types. Names whose entry failed to read are kept
 //! as "known" so a typo in one host does not cascade into "unknown host" elsewhere.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
@@ -222,20 +224,20 @@ struct Entry<T> {
 /// Entries of one section: the ones that read well, and the names of the ones that did not.
 struct Section<T> {
     kind: &'static str,
-    ok: IndexMap<String, Entry<T>>,
+    ok: IndexMap<String, Entry<T>, FxBuildHasher>,
     /// Defined but unreadable: references to these are not reported again.
-    broken: HashSet<String>,
+    broken: FxHashSet<String>,
     /// First definition of every name, for duplicate reports.
-    seen: HashMap<String, Loc>,
+    seen: FxHashMap<String, Loc>,
 }
 
 impl<T> Section<T> {
     fn new(kind: &'static str) -> Self {
         Section {
             kind,
-            ok: IndexMap::new(),
-            broken: HashSet::new(),
-            seen: HashMap::new(),
+            ok: IndexMap::default(),
+            broken: FxHashSet::default(),
+            seen: FxHashMap::default(),
         }
     }
 
@@ -640,7 +642,7 @@ fn resolve(raw: &Raw, cx: &mut Cx) -> FleetSpec {
         }
     }
     check_multicast_sites(raw, &hosts, &waves, cx);
-    let mut members: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut members: FxHashMap<&str, Vec<String>> = FxHashMap::default();
     for h in hosts.values() {
         for g in &h.groups {
             members.entry(g.as_str()).or_default().push(h.name.clone());
@@ -1033,7 +1035,7 @@ fn selects(selector: &IndexMap<String, String>, labels: &BTreeMap<String, String
 /// Group selectors indexed by one of their labels, so matching a host costs a few
 /// lookups instead of a pass over every group (thousands of rooms, 100,000 hosts).
 struct SelectorIndex<'a> {
-    by_label: HashMap<(&'a str, &'a str), Vec<(&'a str, &'a Selector)>>,
+    by_label: FxHashMap<(&'a str, &'a str), Vec<(&'a str, &'a Selector)>>,
     /// Empty selectors: they select every host.
     everyone: Vec<&'a str>,
 }
@@ -1041,7 +1043,7 @@ struct SelectorIndex<'a> {
 impl<'a> SelectorIndex<'a> {
     fn new(groups: &'a Section<wire::Group>) -> Self {
         let mut index = SelectorIndex {
-            by_label: HashMap::new(),
+            by_label: FxHashMap::default(),
             everyone: Vec::new(),
         };
         for (name, g) in &groups.ok {
@@ -1076,7 +1078,11 @@ impl<'a> SelectorIndex<'a> {
     }
 }
 
-fn resolve_hosts(raw: &Raw, sites: &IndexMap<String, Site>, cx: &mut Cx) -> IndexMap<String, Host> {
+fn resolve_hosts(
+    raw: &Raw,
+    sites: &IndexMap<String, Site>,
+    cx: &mut Cx,
+) -> IndexMap<String, Host, FxBuildHasher> {
     let selectors = SelectorIndex::new(&raw.groups);
     let entries: Vec<(&String, &Entry<wire::Host>)> = raw.hosts.ok.iter().collect();
     // Per-host checks touch nothing shared, so they run on every core; duplicates
@@ -1093,9 +1099,10 @@ fn resolve_hosts(raw: &Raw, sites: &IndexMap<String, Site>, cx: &mut Cx) -> Inde
             })
             .collect()
     });
-    let mut out = IndexMap::with_capacity(entries.len());
-    let mut macs: HashMap<Mac, (&str, Loc)> = HashMap::with_capacity(entries.len());
-    let mut ips: HashMap<Ipv4Addr, (&str, Loc)> = HashMap::new();
+    let mut out = IndexMap::with_capacity_and_hasher(entries.len(), FxBuildHasher);
+    let mut macs: FxHashMap<Mac, (&str, Loc)> =
+        FxHashMap::with_capacity_and_hasher(entries.len(), FxBuildHasher);
+    let mut ips: FxHashMap<Ipv4Addr, (&str, Loc)> = FxHashMap::default();
     for ((name, e), (host, problems)) in entries.iter().zip(resolved) {
         cx.problems.extend(problems);
         let Some(host) = host else { continue };
@@ -1506,12 +1513,12 @@ fn resolve_waves(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Wave> {
 /// `members` select it, or the implicit `default` wave.
 fn assign_waves(
     raw: &Raw,
-    hosts: &mut IndexMap<String, Host>,
+    hosts: &mut IndexMap<String, Host, FxBuildHasher>,
     waves: &mut IndexMap<String, Wave>,
     cx: &mut Cx,
 ) {
     // host -> (wave, where the claim was made)
-    let mut claims: HashMap<String, (String, Option<Loc>)> = HashMap::new();
+    let mut claims: FxHashMap<String, (String, Option<Loc>)> = FxHashMap::default();
     for (wname, e) in &raw.waves.ok {
         let Some(m) = &e.value.members else { continue };
         let mut claim = |host: &str, loc: Loc, cx: &mut Cx| {
@@ -1717,7 +1724,7 @@ fn host_capture_loc(raw: &Raw, host: &str) -> Option<Loc> {
 }
 
 /// Normalise image `capture.from` into host capture actions and check the rules around them.
-fn resolve_captures(raw: &Raw, hosts: &mut IndexMap<String, Host>, cx: &mut Cx) {
+fn resolve_captures(raw: &Raw, hosts: &mut IndexMap<String, Host, FxBuildHasher>, cx: &mut Cx) {
     for (iname, e) in &raw.images.ok {
         let Some(c) = &e.value.capture else { continue };
         if !raw
@@ -1812,7 +1819,7 @@ fn resolve_captures(raw: &Raw, hosts: &mut IndexMap<String, Host>, cx: &mut Cx) 
 /// A multicast group serves one L2 segment: its hosts must all be on one site.
 fn check_multicast_sites(
     raw: &Raw,
-    hosts: &IndexMap<String, Host>,
+    hosts: &IndexMap<String, Host, FxBuildHasher>,
     waves: &IndexMap<String, Wave>,
     cx: &mut Cx,
 ) {

@@ -27,7 +27,7 @@ pub struct FleetSpec {
     pub sites: IndexMap<String, Site>,
     pub images: IndexMap<String, Image>,
     /// Every host, with group defaults and wave membership already applied.
-    pub hosts: IndexMap<String, Host>,
+    pub hosts: IndexMap<String, Host, rustc_hash::FxBuildHasher>,
     pub groups: IndexMap<String, Group>,
     pub multicast: IndexMap<String, MulticastGroup>,
     /// In an order that respects `after` (ties broken by name).
