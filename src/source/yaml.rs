@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::Deserialize;
@@ -105,11 +106,9 @@ pub type EntrySink<'s> = dyn FnMut(&Node, Node, Node) -> Option<(Node, Node)> + 
 pub fn parse_with(text: &str, file: u32, sink: &mut EntrySink) -> Result<Node, SyntaxError> {
     if text.len() < PIPELINE_BYTES {
         let mut parser = Parser::new_from_str(text);
-        return build_tree(
-            std::iter::from_fn(|| parser.next_event().map(|e| e.map_err(syntax))),
-            file,
-            sink,
-        );
+        let events =
+            std::iter::from_fn(|| parser.next_event()).filter_map(|e| compact(e, file).transpose());
+        return build_tree(events, file, sink);
     }
     // Large files: the parser runs on its own thread and the tree is built on this one
     // as the events arrive, in batches so the channel costs nothing per event.
@@ -119,8 +118,10 @@ pub fn parse_with(text: &str, file: u32, sink: &mut EntrySink) -> Result<Node, S
             let mut parser = Parser::new_from_str(text);
             let mut batch = Vec::with_capacity(BATCH);
             while let Some(event) = parser.next_event() {
-                let event = event.map_err(syntax);
-                let last = matches!(event, Err(_) | Ok((Event::StreamEnd, _)));
+                let Some(event) = compact(event, file).transpose() else {
+                    continue;
+                };
+                let last = matches!(event, Err(_) | Ok((Ev::StreamEnd, _)));
                 batch.push(event);
                 if batch.len() == BATCH || last {
                     // The builder hung up (it found an error): stop parsing.
@@ -143,7 +144,42 @@ pub fn parse_with(text: &str, file: u32, sink: &mut EntrySink) -> Result<Node, S
 const PIPELINE_BYTES: usize = 1 << 20;
 const BATCH: usize = 4096;
 
-type Item<'a> = Result<(Event<'a>, Span), SyntaxError>;
+/// The parser's events cut down to what the tree needs, positions already computed:
+/// a third of the size, which matters when 2 million of them cross threads.
+enum Ev<'a> {
+    StreamEnd,
+    DocumentStart,
+    /// Text, whether it is plain (typed by the core schema) or a string, its anchor.
+    Scalar(Cow<'a, str>, bool, usize),
+    Alias(usize),
+    SeqStart(usize),
+    MapStart(usize),
+    End,
+}
+
+type Item<'a> = Result<(Ev<'a>, Loc), SyntaxError>;
+
+/// `None` for events the tree has no use for (stream start, comments, ...).
+fn compact<'a>(
+    event: Result<(Event<'a>, Span), serde_saphyr::granit_parser::ScanError>,
+    file: u32,
+) -> Result<Option<(Ev<'a>, Loc)>, SyntaxError> {
+    let (event, span) = event.map_err(syntax)?;
+    let ev = match event {
+        Event::StreamEnd => Ev::StreamEnd,
+        Event::DocumentStart(..) => Ev::DocumentStart,
+        Event::Scalar(value, style, anchor, tag) => {
+            let forced_str = tag.as_ref().is_some_and(|t| t.suffix() == "str");
+            Ev::Scalar(value, style == ScalarStyle::Plain && !forced_str, anchor)
+        }
+        Event::Alias(id) => Ev::Alias(id),
+        Event::SequenceStart(_, anchor, _) => Ev::SeqStart(anchor),
+        Event::MappingStart(_, anchor, _) => Ev::MapStart(anchor),
+        Event::SequenceEnd | Event::MappingEnd => Ev::End,
+        _ => return Ok(None),
+    };
+    Ok(Some((ev, loc_of(&span, file))))
+}
 
 fn syntax(e: serde_saphyr::granit_parser::ScanError) -> SyntaxError {
     SyntaxError {
@@ -164,12 +200,10 @@ fn build_tree<'a>(
     let mut root: Option<Node> = None;
     let mut documents = 0;
     for event in events {
-        let (event, span) = event?;
-        let loc = loc_of(&span, file);
+        let (event, loc) = event?;
         let done = match event {
-            Event::StreamStart | Event::DocumentEnd => None,
-            Event::StreamEnd => break,
-            Event::DocumentStart(..) => {
+            Ev::StreamEnd => break,
+            Ev::DocumentStart => {
                 documents += 1;
                 if documents > 1 {
                     return Err(SyntaxError {
@@ -183,9 +217,8 @@ fn build_tree<'a>(
                 }
                 None
             }
-            Event::Scalar(value, style, anchor, tag) => {
-                let forced_str = tag.as_ref().is_some_and(|t| t.suffix() == "str");
-                let v = if style == ScalarStyle::Plain && !forced_str {
+            Ev::Scalar(value, is_plain, anchor) => {
+                let v = if is_plain {
                     plain(&value)
                 } else {
                     Value::Str(value.into_owned())
@@ -196,7 +229,7 @@ fn build_tree<'a>(
                 }
                 Some(node)
             }
-            Event::Alias(id) => match anchors.get(&id) {
+            Ev::Alias(id) => match anchors.get(&id) {
                 Some(n) => Some(Node {
                     value: n.value.clone(),
                     loc,
@@ -210,15 +243,15 @@ fn build_tree<'a>(
                     });
                 }
             },
-            Event::SequenceStart(_, anchor, _) => {
+            Ev::SeqStart(anchor) => {
                 stack.push(Frame::Seq(loc, anchor, Vec::new()));
                 None
             }
-            Event::MappingStart(_, anchor, _) => {
+            Ev::MapStart(anchor) => {
                 stack.push(Frame::Map(loc, anchor, Vec::new(), None));
                 None
             }
-            Event::SequenceEnd | Event::MappingEnd => {
+            Ev::End => {
                 let node = match stack.pop() {
                     Some(Frame::Seq(loc, anchor, items)) => {
                         let node = Node {
@@ -244,7 +277,6 @@ fn build_tree<'a>(
                 };
                 Some(node)
             }
-            _ => None,
         };
         let Some(node) = done else { continue };
         // An entry of a section (top-level map -> section map -> entry) goes to the sink.
