@@ -193,7 +193,7 @@ fn wanted<'a>(spec: &FleetSpec, observed: &'a Observed, image: &str) -> Want<'a>
     if let Some(pin) = &img.pin {
         return match versions.iter().find(|v| v.digest == *pin) {
             Some(v) => Want::Version(v),
-            None => Want::Digest(pin.clone()),
+            None => Want::Digest(*pin),
         };
     }
     match &img.capture {
@@ -263,9 +263,7 @@ fn host_steps(
         let deployed = seen.and_then(|s| s.deployed.as_ref());
         let (version, bytes) = match wanted(spec, observed, image) {
             Want::Version(v) => (
-                Some(Version::Digest {
-                    digest: v.digest.clone(),
-                }),
+                Some(Version::Digest { digest: v.digest }),
                 Some(v.stored_bytes),
             ),
             Want::Digest(d) => (Some(Version::Digest { digest: d }), None),

@@ -47,7 +47,7 @@ fn rate(bps: u64) -> String {
 
 fn version(v: &Version) -> String {
     match v {
-        Version::Digest { digest } => digest.short().to_string(),
+        Version::Digest { digest } => digest.short(),
         Version::NextCapture { generation } => format!("(capture generation {generation})"),
     }
 }

@@ -272,55 +272,75 @@ impl fmt::Display for IpRange {
     }
 }
 
-/// An image version's name: the BLAKE3 hash of its manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Digest(String);
+/// An image version's name: the BLAKE3 hash of its manifest, written
+/// `blake3:<64 hex digits>`. Held as the 32 bytes: plans copy it for every host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
 
 impl Digest {
     /// The first 12 hex digits, as people read them.
-    pub fn short(&self) -> &str {
-        let hex = self.0.strip_prefix("blake3:").unwrap_or(&self.0);
-        &hex[..12.min(hex.len())]
+    pub fn short(&self) -> String {
+        String::from_utf8_lossy(&self.hex()[..12]).into_owned()
     }
-    pub fn as_str(&self) -> &str {
-        &self.0
+
+    fn hex(&self) -> [u8; 64] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = HEX[usize::from(b >> 4)];
+            out[2 * i + 1] = HEX[usize::from(b & 15)];
+        }
+        out
     }
 }
 
 impl FromStr for Digest {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Digest::try_from(s.to_string())
-    }
-}
-
-impl TryFrom<String> for Digest {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        let hex = s.strip_prefix("blake3:").unwrap_or(&s);
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
-                "invalid image digest `{s}`: expected blake3: followed by 64 hex digits"
-            ));
+        let bad =
+            || format!("invalid image digest `{s}`: expected blake3: followed by 64 hex digits");
+        let hex = s.strip_prefix("blake3:").unwrap_or(s).as_bytes();
+        if hex.len() != 64 {
+            return Err(bad());
         }
-        // Already canonical (the usual case): keep the string as it is.
-        if s.len() == 71 && !hex.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Ok(Digest(s));
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut out = [0u8; 32];
+        for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(h), Some(l)) => *o = h << 4 | l,
+                _ => return Err(bad()),
+            }
         }
-        Ok(Digest(format!("blake3:{}", hex.to_ascii_lowercase())))
-    }
-}
-
-impl From<Digest> for String {
-    fn from(d: Digest) -> String {
-        d.0
+        Ok(Digest(out))
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str("blake3:")?;
+        f.write_str(&String::from_utf8_lossy(&self.hex()))
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Digest;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an image digest like blake3:<64 hex digits>")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Digest, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 

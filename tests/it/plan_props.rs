@@ -198,9 +198,9 @@ proptest! {
         let by_mac = obs.by_mac();
         for host in spec.hosts.values() {
             let Some(image) = &host.image else { continue };
-            let newest = obs.images.get(image).and_then(|i| i.versions.last()).map(|v| v.digest.clone());
+            let newest = obs.images.get(image).and_then(|i| i.versions.last()).map(|v| v.digest);
             let Some(newest) = newest else { continue }; // stalled: no version
-            let deployed = by_mac.get(&host.mac).and_then(|o| o.deployed.clone());
+            let deployed = by_mac.get(&host.mac).and_then(|o| o.deployed);
             let wiped = host.actions.wipe.as_ref().is_some_and(|w| w.generation > by_mac.get(&host.mac).map(|o| o.done.wipe).unwrap_or(0));
             let changes = deployed.as_ref() != Some(&newest) || wiped;
             let count = seen.get(host.name.as_str()).copied().unwrap_or(0);
