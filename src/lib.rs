@@ -17,5 +17,6 @@ pub mod diag;
 pub mod observed;
 pub mod par;
 pub mod plan;
+pub mod services;
 pub mod source;
 pub mod spec;

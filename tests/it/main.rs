@@ -6,6 +6,7 @@ mod git_review;
 mod plan_props;
 mod schema;
 mod snapshots;
+mod tftp;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,339 @@
+//! The TFTP server against real clients (atftp, busybox tftp, tftp-hpa) on loopback.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use fleetwave::services::tftp::{self, Config, Stats};
+use tokio_util::sync::CancellationToken;
+
+/// A server on 127.0.0.1, port chosen by the kernel, stopped and joined on drop.
+struct Server {
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    fn start(root: &Path) -> Server {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let socket = rt
+            .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))
+            .expect("bind loopback");
+        let addr = socket.local_addr().expect("local addr");
+        let stats = Arc::new(Stats::default());
+        let stop = CancellationToken::new();
+        let (s, t) = (stats.clone(), stop.clone());
+        let mut config = Config::new(root);
+        config.timeout = std::time::Duration::from_millis(500);
+        let thread = std::thread::spawn(move || rt.block_on(tftp::run(socket, config, s, t)));
+        Server {
+            addr,
+            stats,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn port(&self) -> String {
+        self.addr.port().to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The client, or a skip (a failure under CI=true, where it must be installed).
+fn tool(name: &str, path: &str) -> bool {
+    if Path::new(path).exists() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{name} ({path}) is missing; .ci/run installs it");
+    }
+    eprintln!("skipping: {name} is not installed ({path}); apt-get install {name}");
+    false
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("client runs")
+}
+
+/// Deterministic pseudo-random bytes, so a failure reproduces.
+fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct Files {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+    out: PathBuf,
+}
+
+fn files() -> Files {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&root).expect("mkdir");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    Files { dir, root, out }
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    match (std::fs::read(a), std::fs::read(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+#[test]
+fn atftp_fetches_byte_identical_at_every_block_size_and_window() {
+    if !tool("atftp", "/usr/bin/atftp") {
+        return;
+    }
+    let f = files();
+    // Odd size, and a size that is an exact multiple of 512 and 8192 (empty last block).
+    std::fs::write(f.root.join("odd.bin"), bytes(3_000_001, 1)).expect("write");
+    std::fs::write(f.root.join("even.bin"), bytes(8192 * 40, 2)).expect("write");
+    std::fs::write(f.root.join("empty.bin"), b"").expect("write");
+    let server = Server::start(&f.root);
+    for file in ["odd.bin", "even.bin", "empty.bin"] {
+        for (blksize, window) in [
+            (512, 1),
+            (1468, 1),
+            (8192, 1),
+            (65464, 1),
+            (1468, 8),
+            (512, 16),
+        ] {
+            let out = f.out.join(format!("{file}-{blksize}-{window}"));
+            let o = run(Command::new("atftp")
+                .args([
+                    "--option",
+                    &format!("blksize {blksize}"),
+                    "--option",
+                    "tsize 0",
+                ])
+                .args(["--option", &format!("windowsize {window}")])
+                .args(["-g", "-r", file, "-l"])
+                .arg(&out)
+                .args(["127.0.0.1", &server.port()]));
+            assert!(
+                same(&f.root.join(file), &out),
+                "{file} at blksize {blksize} window {window}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    assert_eq!(server.stats.transfers_failed.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn busybox_fetches_byte_identical_at_every_block_size() {
+    if !tool("busybox-static", "/usr/bin/busybox") {
+        return;
+    }
+    let f = files();
+    std::fs::write(f.root.join("ipxe.efi"), bytes(1_048_583, 3)).expect("write");
+    let server = Server::start(&f.root);
+    for blksize in [512, 1468, 8192, 65464] {
+        let out = f.out.join(format!("ipxe-{blksize}"));
+        let o = run(Command::new("busybox")
+            .args([
+                "tftp",
+                "-g",
+                "-b",
+                &blksize.to_string(),
+                "-r",
+                "ipxe.efi",
+                "-l",
+            ])
+            .arg(&out)
+            .args(["127.0.0.1", &server.port()]));
+        assert!(
+            same(&f.root.join("ipxe.efi"), &out),
+            "blksize {blksize}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_100_mib_file_crosses_block_number_rollover() {
+    if !tool("atftp", "/usr/bin/atftp") {
+        return;
+    }
+    let f = files();
+    // 100 MiB in 1024-byte blocks: 102,400 blocks, so block numbers wrap past 65535.
+    let data = bytes(100 << 20, 4);
+    std::fs::write(f.root.join("big.img"), &data).expect("write");
+    let server = Server::start(&f.root);
+    let out = f.out.join("big.img");
+    let o = run(Command::new("atftp")
+        .args(["--option", "blksize 1024", "--option", "windowsize 16"])
+        .args(["-g", "-r", "big.img", "-l"])
+        .arg(&out)
+        .args(["127.0.0.1", &server.port()]));
+    assert!(
+        same(&f.root.join("big.img"), &out),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn traversal_and_absolute_paths_and_symlinks_out_are_refused() {
+    if !tool("tftp-hpa", "/usr/bin/tftp") {
+        return;
+    }
+    let f = files();
+    std::fs::write(f.dir.path().join("secret"), b"outside the root").expect("write");
+    std::os::unix::fs::symlink(f.dir.path().join("secret"), f.root.join("link-out"))
+        .expect("symlink");
+    let server = Server::start(&f.root);
+    for (i, name) in [
+        "../secret",
+        "/etc/passwd",
+        "link-out",
+        "a/../../secret",
+        "missing.bin",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = f.out.join(format!("refused-{i}"));
+        // tftp-hpa exits 0 and leaves an empty file on errors: judge by contents.
+        let o = run(Command::new("tftp")
+            .args([
+                "-m",
+                "binary",
+                "127.0.0.1",
+                &server.port(),
+                "-c",
+                "get",
+                name,
+            ])
+            .arg(&out));
+        let got = std::fs::read(&out).unwrap_or_default();
+        assert!(got.is_empty(), "{name} was served: {} bytes", got.len());
+        let said =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        let expect = if *name == "missing.bin" {
+            "not found"
+        } else {
+            "refused"
+        };
+        assert!(said.contains(expect), "{name}: client said {said:?}");
+    }
+    assert_eq!(server.stats.transfers_failed.load(Ordering::Relaxed), 5);
+}
+
+#[test]
+fn writes_are_refused_and_nothing_is_written() {
+    if !tool("atftp", "/usr/bin/atftp") {
+        return;
+    }
+    let f = files();
+    let local = f.out.join("upload.bin");
+    std::fs::write(&local, bytes(10_000, 5)).expect("write");
+    let server = Server::start(&f.root);
+    let o = run(Command::new("atftp")
+        .args(["-p", "-r", "upload.bin", "-l"])
+        .arg(&local)
+        .args(["127.0.0.1", &server.port()]));
+    assert!(
+        !o.status.success(),
+        "atftp reported success for a refused write"
+    );
+    assert!(!f.root.join("upload.bin").exists());
+    assert_eq!(server.stats.refused.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn many_clients_at_once_all_get_their_files() {
+    if !tool("busybox-static", "/usr/bin/busybox") {
+        return;
+    }
+    let f = files();
+    for i in 0..4 {
+        std::fs::write(
+            f.root.join(format!("f{i}")),
+            bytes(700_000 + i * 333, 10 + i as u64),
+        )
+        .expect("write");
+    }
+    let server = Server::start(&f.root);
+    let children: Vec<_> = (0..32)
+        .map(|i| {
+            let out = f.out.join(format!("c{i}"));
+            let child = Command::new("busybox")
+                .args([
+                    "tftp",
+                    "-g",
+                    "-b",
+                    "1468",
+                    "-r",
+                    &format!("f{}", i % 4),
+                    "-l",
+                ])
+                .arg(&out)
+                .args(["127.0.0.1", &server.port()])
+                .spawn()
+                .expect("client starts");
+            (i, out, child)
+        })
+        .collect();
+    for (i, out, mut child) in children {
+        let _ = child.wait();
+        assert!(
+            same(&f.root.join(format!("f{}", i % 4)), &out),
+            "client {i}"
+        );
+    }
+    assert_eq!(server.stats.transfers_done.load(Ordering::Relaxed), 32);
+}
+
+#[test]
+fn netascii_reads_come_back_as_the_text_file() {
+    if !tool("tftp-hpa", "/usr/bin/tftp") {
+        return;
+    }
+    let f = files();
+    let text = "#!ipxe\nchain http://172.28.0.1/boot/${mac}.ipxe\r\nsecond\rline\n";
+    std::fs::write(f.root.join("boot.ipxe"), text).expect("write");
+    let server = Server::start(&f.root);
+    let out = f.out.join("boot.ipxe");
+    run(Command::new("tftp")
+        .args([
+            "-m",
+            "ascii",
+            "127.0.0.1",
+            &server.port(),
+            "-c",
+            "get",
+            "boot.ipxe",
+        ])
+        .arg(&out));
+    assert_eq!(std::fs::read_to_string(&out).unwrap_or_default(), text);
+}
