@@ -147,16 +147,22 @@ fn review_of_a_pull_request_shows_hosts_waves_and_effect() {
     assert!(md.contains("#### Wave `room-b`"), "{md}");
 }
 
-#[test]
-fn review_of_identical_commits_has_no_changes() {
+/// A repository whose first commit is the lab, split into fleet.yaml and rooms/a.yaml.
+fn lab_repo() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    let repo = dir.path();
-    git(repo, &["init", "-q", "-b", "main"]);
+    git(dir.path(), &["init", "-q", "-b", "main"]);
     commit(
-        repo,
+        dir.path(),
         &[("fleet.yaml", BASE), ("rooms/a.yaml", ROOM_A)],
         "lab",
     );
+    dir
+}
+
+#[test]
+fn review_of_identical_commits_has_no_changes() {
+    let dir = lab_repo();
+    let repo = dir.path();
     commit(repo, &[("README.md", "notes\n")], "docs only");
     let (code, text) = review(repo, "HEAD~1", "HEAD", Format::Text);
     assert_eq!(code, 0, "{text}");
@@ -165,14 +171,8 @@ fn review_of_identical_commits_has_no_changes() {
 
 #[test]
 fn an_invalid_head_is_an_error_that_names_the_revision() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = lab_repo();
     let repo = dir.path();
-    git(repo, &["init", "-q", "-b", "main"]);
-    commit(
-        repo,
-        &[("fleet.yaml", BASE), ("rooms/a.yaml", ROOM_A)],
-        "lab",
-    );
     let broken = ROOM_A.replace("52:54:00:28:00:13", "52:54:00:28:00:12");
     commit(repo, &[("rooms/a.yaml", &broken)], "typo");
     let (code, text) = review(repo, "HEAD~1", "HEAD", Format::Text);
@@ -183,14 +183,8 @@ fn an_invalid_head_is_an_error_that_names_the_revision() {
 
 #[test]
 fn an_unknown_revision_is_an_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = lab_repo();
     let repo = dir.path();
-    git(repo, &["init", "-q", "-b", "main"]);
-    commit(
-        repo,
-        &[("fleet.yaml", BASE), ("rooms/a.yaml", ROOM_A)],
-        "lab",
-    );
     let mut out = Vec::new();
     let args = GitArgs {
         repo,
