@@ -56,6 +56,15 @@ impl Drop for Server {
     }
 }
 
+/// Wait (10 s at most) for a counter the server updates just after the client has
+/// what it needs and exits.
+fn settle(counter: &std::sync::atomic::AtomicU64, want: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while counter.load(Ordering::Relaxed) < want && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The client, or a skip (a failure under CI=true, where it must be installed).
 fn tool(name: &str, path: &str) -> bool {
     if Path::new(path).exists() {
@@ -246,6 +255,7 @@ fn traversal_and_absolute_paths_and_symlinks_out_are_refused() {
         };
         assert!(said.contains(expect), "{name}: client said {said:?}");
     }
+    settle(&server.stats.transfers_failed, 5);
     assert_eq!(server.stats.transfers_failed.load(Ordering::Relaxed), 5);
 }
 
@@ -311,7 +321,9 @@ fn many_clients_at_once_all_get_their_files() {
             "client {i}"
         );
     }
+    settle(&server.stats.transfers_done, 32);
     assert_eq!(server.stats.transfers_done.load(Ordering::Relaxed), 32);
+    assert_eq!(server.stats.transfers_failed.load(Ordering::Relaxed), 0);
 }
 
 #[test]
@@ -336,4 +348,108 @@ fn netascii_reads_come_back_as_the_text_file() {
         ])
         .arg(&out));
     assert_eq!(std::fs::read_to_string(&out).unwrap_or_default(), text);
+}
+
+/// A bare UDP socket speaking TFTP by hand, for what no real client will do.
+fn raw_client() -> std::net::UdpSocket {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    s
+}
+
+fn rrq(name: &str) -> Vec<u8> {
+    let mut p = vec![0, 1];
+    p.extend_from_slice(name.as_bytes());
+    p.extend_from_slice(b"\0octet\0");
+    p
+}
+
+#[test]
+fn a_silent_client_is_given_up_with_an_error_and_frees_its_slot() {
+    let f = files();
+    std::fs::write(f.root.join("boot.bin"), bytes(5000, 7)).expect("write");
+    let server = Server::start(&f.root);
+    let c = raw_client();
+    c.send_to(&rrq("boot.bin"), server.addr).expect("send");
+    let mut buf = [0u8; 1024];
+    let mut data_packets = 0;
+    // Never ACK: block 1 comes again on each timeout, then an ERROR ends the transfer.
+    let error = loop {
+        let (n, _) = c.recv_from(&mut buf).expect("server answers");
+        match u16::from_be_bytes([buf[0], buf[1]]) {
+            3 => {
+                assert_eq!(
+                    u16::from_be_bytes([buf[2], buf[3]]),
+                    1,
+                    "only block 1 without an ACK"
+                );
+                data_packets += 1;
+            }
+            5 => break String::from_utf8_lossy(&buf[4..n]).into_owned(),
+            op => panic!("unexpected opcode {op}"),
+        }
+    };
+    assert_eq!(data_packets, 5, "one send and four retransmissions");
+    assert!(error.contains("timed out"), "{error}");
+    assert_eq!(server.stats.transfers_failed.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn garbage_on_the_port_does_not_stop_the_server() {
+    if !tool("busybox-static", "/usr/bin/busybox") {
+        return;
+    }
+    let f = files();
+    std::fs::write(f.root.join("ok.bin"), bytes(20_000, 8)).expect("write");
+    let server = Server::start(&f.root);
+    let c = raw_client();
+    let junk: [&[u8]; 7] = [
+        b"",
+        b"\x00",
+        b"\x00\x01no-terminator",
+        b"\x00\x01file\x00octet\x00blksize\x00",
+        b"\x00\x03\x00\x01stray data",
+        b"\xff\xff\xff\xff",
+        &[0u8; 1500],
+    ];
+    for j in junk {
+        c.send_to(j, server.addr).expect("send");
+    }
+    let out = f.out.join("ok.bin");
+    run(Command::new("busybox")
+        .args(["tftp", "-g", "-r", "ok.bin", "-l"])
+        .arg(&out)
+        .args(["127.0.0.1", &server.port()]));
+    assert!(same(&f.root.join("ok.bin"), &out));
+    assert!(server.stats.malformed.load(Ordering::Relaxed) >= 6);
+}
+
+#[test]
+fn shutdown_ends_transfers_in_flight() {
+    let f = files();
+    std::fs::write(f.root.join("slow.bin"), bytes(50_000, 9)).expect("write");
+    let mut server = Server::start(&f.root);
+    let c = raw_client();
+    c.send_to(&rrq("slow.bin"), server.addr).expect("send");
+    let mut buf = [0u8; 1024];
+    let (_, from) = c.recv_from(&mut buf).expect("block 1");
+    // Stop with the transfer waiting for our ACK: the client hears why, and run() returns.
+    server.stop.cancel();
+    let (n, _) = c.recv_from(&mut buf).expect("an error packet");
+    assert_eq!(
+        u16::from_be_bytes([buf[0], buf[1]]),
+        5,
+        "expected ERROR, got {:?}",
+        &buf[..n]
+    );
+    assert!(String::from_utf8_lossy(&buf[4..n]).contains("shutting down"));
+    let started = std::time::Instant::now();
+    let result = server.thread.take().map(|t| t.join());
+    assert!(matches!(result, Some(Ok(Ok(())))), "server ended cleanly");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "no transfer outlived the server"
+    );
+    let _ = from;
 }
