@@ -392,6 +392,7 @@ fn a_silent_client_is_given_up_with_an_error_and_frees_its_slot() {
     };
     assert_eq!(data_packets, 5, "one send and four retransmissions");
     assert!(error.contains("timed out"), "{error}");
+    settle(&server.stats.transfers_failed, 1);
     assert_eq!(server.stats.transfers_failed.load(Ordering::Relaxed), 1);
 }
 
