@@ -248,7 +248,8 @@ fn build_tree<'a>(
                 None
             }
             Ev::MapStart(anchor) => {
-                stack.push(Frame::Map(loc, anchor, Vec::new(), None));
+                // A host or a site has a handful of keys: one allocation, not three.
+                stack.push(Frame::Map(loc, anchor, Vec::with_capacity(8), None));
                 None
             }
             Ev::End => {
