@@ -61,7 +61,7 @@ pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Result<(FleetSpec, Sources)
     let loaded = source::load_each(tree, entry, spec::read_file).map_err(anyhow::Error::msg)?;
     timing("read, parse and read entries", started);
     let started = std::time::Instant::now();
-    let (sources, built) = spec::build_read(loaded);
+    let (sources, built) = spec::build(loaded);
     timing("validate", started);
     Ok(match built {
         Ok(spec) => Ok((spec, sources)),

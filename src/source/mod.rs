@@ -211,10 +211,10 @@ pub struct Document {
     pub root: Node,
 }
 
-/// The result of reading a fleet: all files, what was made of each (its tree, by
-/// default), and problems found so far.
+/// The result of reading a fleet: all files, what was made of each, and problems
+/// found so far.
 #[derive(Debug)]
-pub struct Loaded<D = Document> {
+pub struct Loaded<D> {
     pub sources: Sources,
     pub documents: Vec<D>,
     pub problems: Vec<Diagnostic>,
@@ -233,26 +233,17 @@ impl<D> Default for Loaded<D> {
 /// Above this many bytes in one level of includes, files are parsed on all cores.
 const PARALLEL_PARSE_BYTES: usize = 256 * 1024;
 
-/// Read the fleet file at `entry` and every file it includes, recursively.
-///
-/// A missing entry file is an I/O error (`Err`); everything else (syntax errors, includes
-/// that match nothing) is a problem reported with its position.
-pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Loaded, String> {
-    load_each(tree, entry, |text, file| {
-        let root = yaml::parse(text, file)?;
-        let mut problems = Vec::new();
-        let includes = include_patterns(&root, &mut problems);
-        Ok((Document { file, root }, includes, problems))
-    })
-}
-
 /// What reading one file gives: the thing made of it, its `include:` patterns, and
 /// problems found on the way.
 pub type ReadFile<D> = (D, Vec<Sp<String>>, Vec<Diagnostic>);
 
-/// [`load`] with the reading of each file left to `each` (text, file index), which
-/// runs on the thread that reads that file: files are read in parallel, and a reader
-/// can keep less than a whole tree (see [`yaml::parse_with`]).
+/// Read the fleet file at `entry` and every file it includes, recursively, handing
+/// each file's text to `each` (text, file index) on the thread that reads it: files of
+/// one include level are read in parallel, and a reader need not keep a whole tree (see
+/// [`yaml::parse_with`]).
+///
+/// A missing entry file is an I/O error (`Err`); everything else (syntax errors, includes
+/// that match nothing) is a problem reported with its position.
 pub fn load_each<D: Send>(
     tree: &dyn Tree,
     entry: &Path,

@@ -22,45 +22,16 @@ use crate::diag::Diagnostic;
 use crate::source::yaml::{DeError, Node, SyntaxError, Value, from_node};
 use crate::source::{Document, Loaded, Loc, ReadFile, Sources, Sp};
 
-/// Build the validated fleet, or every problem found (including the loader's).
-/// The source files come back for showing problems against.
-pub fn build(loaded: Loaded) -> (Sources, Result<FleetSpec, Vec<Diagnostic>>) {
-    let Loaded {
-        sources,
-        documents,
-        problems,
-    } = loaded;
-    let read = documents.into_iter().map(read_document).collect();
-    build_read(Loaded {
-        sources,
-        documents: read,
-        problems,
-    })
-}
-
-/// One file's entries in wire form: what [`read_document`] makes of a document, on the
+/// One file's entries in wire form: what [`read_file`] makes of a file, on the
 /// thread that parsed it (see [`crate::source::load_each`]).
 pub struct ReadDocument {
     raw: Raw,
     problems: Vec<Diagnostic>,
 }
 
-/// Read one document's sections into wire types. Its node tree is freed here: it is
-/// the largest thing in memory and not needed past this point.
-pub fn read_document(doc: Document) -> ReadDocument {
-    let mut cx = Cx {
-        problems: Vec::new(),
-    };
-    let raw = collect(std::slice::from_ref(&doc), EarlyEntries::default(), &mut cx);
-    crate::par::drop_later(doc);
-    ReadDocument {
-        raw,
-        problems: cx.problems,
-    }
-}
-
-/// [`build`] for documents already read by [`read_document`].
-pub fn build_read(loaded: Loaded<ReadDocument>) -> (Sources, Result<FleetSpec, Vec<Diagnostic>>) {
+/// Build the validated fleet from files read by [`read_file`], or every problem found
+/// (the loader's included). The source files come back for showing problems against.
+pub fn build(loaded: Loaded<ReadDocument>) -> (Sources, Result<FleetSpec, Vec<Diagnostic>>) {
     let Loaded {
         sources,
         documents,

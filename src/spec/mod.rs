@@ -14,7 +14,7 @@ use indexmap::IndexMap;
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
-pub use build::{ReadDocument, build, build_read, read_document, read_file};
+pub use build::{ReadDocument, build, read_file};
 pub use types::{Digest, IpRange, Mac, SizeRange, Window};
 pub use wire::{DhcpMode, Os, Transport, UnknownHosts, WipeMode};
 

@@ -171,8 +171,12 @@ fn observed(g: &Gen) -> Observed {
 }
 
 fn spec_of(g: &Gen) -> FleetSpec {
-    let loaded =
-        source::load(&OneFile(fleet_yaml(g)), std::path::Path::new("fleet.yaml")).expect("loads");
+    let loaded = source::load_each(
+        &OneFile(fleet_yaml(g)),
+        std::path::Path::new("fleet.yaml"),
+        fleetwave::spec::read_file,
+    )
+    .expect("loads");
     match fleetwave::spec::build(loaded).1 {
         Ok(s) => s,
         Err(p) => panic!("generated fleet invalid: {p:?}\n{}", fleet_yaml(g)),
