@@ -398,7 +398,7 @@ pub fn read_file(text: &str, file: u32) -> Result<ReadFile<ReadDocument>, Syntax
     };
     let includes = crate::source::include_patterns(&root, &mut cx.problems);
     let doc = Document { file, root };
-    let raw = collect(std::slice::from_ref(&doc), early, &mut cx);
+    let raw = collect(&doc, early, &mut cx);
     crate::par::drop_later(doc);
     Ok((
         ReadDocument {
@@ -410,93 +410,88 @@ pub fn read_file(text: &str, file: u32) -> Result<ReadFile<ReadDocument>, Syntax
     ))
 }
 
-fn collect(documents: &[Document], mut early: EarlyEntries, cx: &mut Cx) -> Raw {
+fn collect(doc: &Document, mut early: EarlyEntries, cx: &mut Cx) -> Raw {
     let mut raw = Raw::new();
-    for doc in documents {
-        let entries = match &doc.root.value {
-            Value::Map(entries) => entries.as_slice(),
-            Value::Null => &[],
-            other => {
-                cx.err(
-                    Diagnostic::new(
-                        format!(
-                            "a fleet file must be a mapping of sections, found {}",
-                            other.kind()
-                        ),
-                        doc.root.loc,
-                    )
-                    .hint(format!(
-                        "start with `version: 1`, then sections such as: {}",
-                        SECTIONS[2..].join(", ")
-                    )),
-                );
-                continue;
-            }
-        };
-        let mut version_seen = false;
-        let mut keys_seen: HashMap<&str, Loc> = HashMap::new();
-        for (k, v) in entries {
-            let Value::Str(key) = &k.value else {
-                cx.err(Diagnostic::new(
-                    format!("section names are text, found {}", k.value.kind()),
-                    k.loc,
-                ));
-                continue;
-            };
-            if let Some(first) = keys_seen.insert(key.as_str(), k.loc) {
-                cx.err(
-                    Diagnostic::new(format!("section `{key}` appears twice in this file"), k.loc)
-                        .note("first here", first)
-                        .hint("merge the two into one section"),
-                );
-                continue;
-            }
-            match key.as_str() {
-                "version" => {
-                    version_seen = true;
-                    match from_node::<Sp<u32>>(v) {
-                        Ok(n) if n.value == 1 => {}
-                        Ok(n) => cx.err(
-                            Diagnostic::new(
-                                format!("unsupported fleet version {}", n.value),
-                                n.loc,
-                            )
-                            .hint("this fleetwave reads version 1"),
-                        ),
-                        Err(e) => cx.de_error(e, v.loc, None),
-                    }
-                }
-                "include" => {} // read by the loader
-                "sites" => read_section(v, under(&mut early.sites, k.loc), &mut raw.sites, cx),
-                "images" => read_section(v, under(&mut early.images, k.loc), &mut raw.images, cx),
-                "hosts" => read_section(v, under(&mut early.hosts, k.loc), &mut raw.hosts, cx),
-                "groups" => read_section(v, under(&mut early.groups, k.loc), &mut raw.groups, cx),
-                "multicast" => read_section(
-                    v,
-                    under(&mut early.multicast, k.loc),
-                    &mut raw.multicast,
-                    cx,
-                ),
-                "waves" => read_section(v, under(&mut early.waves, k.loc), &mut raw.waves, cx),
-                "windows" => match from_node::<Option<Vec<Sp<String>>>>(v) {
-                    Ok(w) => raw.windows.extend(w.unwrap_or_default()),
-                    Err(e) => cx.de_error(e, v.loc, None),
-                },
-                other => {
-                    let hint = match did_you_mean(other, SECTIONS) {
-                        Some(s) => format!("did you mean `{s}`?"),
-                        None => format!("expected one of: {}", SECTIONS.join(", ")),
-                    };
-                    cx.err(Diagnostic::new(format!("unknown section `{other}`"), k.loc).hint(hint));
-                }
-            }
-        }
-        if doc.file == 0 && !version_seen {
+    let entries = match &doc.root.value {
+        Value::Map(entries) => entries.as_slice(),
+        Value::Null => &[],
+        other => {
             cx.err(
-                Diagnostic::new("missing `version`", doc.root.loc)
-                    .hint("start the fleet file with `version: 1`"),
+                Diagnostic::new(
+                    format!(
+                        "a fleet file must be a mapping of sections, found {}",
+                        other.kind()
+                    ),
+                    doc.root.loc,
+                )
+                .hint(format!(
+                    "start with `version: 1`, then sections such as: {}",
+                    SECTIONS[2..].join(", ")
+                )),
             );
+            return raw;
         }
+    };
+    let mut version_seen = false;
+    let mut keys_seen: HashMap<&str, Loc> = HashMap::new();
+    for (k, v) in entries {
+        let Value::Str(key) = &k.value else {
+            cx.err(Diagnostic::new(
+                format!("section names are text, found {}", k.value.kind()),
+                k.loc,
+            ));
+            continue;
+        };
+        if let Some(first) = keys_seen.insert(key.as_str(), k.loc) {
+            cx.err(
+                Diagnostic::new(format!("section `{key}` appears twice in this file"), k.loc)
+                    .note("first here", first)
+                    .hint("merge the two into one section"),
+            );
+            continue;
+        }
+        match key.as_str() {
+            "version" => {
+                version_seen = true;
+                match from_node::<Sp<u32>>(v) {
+                    Ok(n) if n.value == 1 => {}
+                    Ok(n) => cx.err(
+                        Diagnostic::new(format!("unsupported fleet version {}", n.value), n.loc)
+                            .hint("this fleetwave reads version 1"),
+                    ),
+                    Err(e) => cx.de_error(e, v.loc, None),
+                }
+            }
+            "include" => {} // read by the loader
+            "sites" => read_section(v, under(&mut early.sites, k.loc), &mut raw.sites, cx),
+            "images" => read_section(v, under(&mut early.images, k.loc), &mut raw.images, cx),
+            "hosts" => read_section(v, under(&mut early.hosts, k.loc), &mut raw.hosts, cx),
+            "groups" => read_section(v, under(&mut early.groups, k.loc), &mut raw.groups, cx),
+            "multicast" => read_section(
+                v,
+                under(&mut early.multicast, k.loc),
+                &mut raw.multicast,
+                cx,
+            ),
+            "waves" => read_section(v, under(&mut early.waves, k.loc), &mut raw.waves, cx),
+            "windows" => match from_node::<Option<Vec<Sp<String>>>>(v) {
+                Ok(w) => raw.windows.extend(w.unwrap_or_default()),
+                Err(e) => cx.de_error(e, v.loc, None),
+            },
+            other => {
+                let hint = match did_you_mean(other, SECTIONS) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!("expected one of: {}", SECTIONS.join(", ")),
+                };
+                cx.err(Diagnostic::new(format!("unknown section `{other}`"), k.loc).hint(hint));
+            }
+        }
+    }
+    if doc.file == 0 && !version_seen {
+        cx.err(
+            Diagnostic::new("missing `version`", doc.root.loc)
+                .hint("start the fleet file with `version: 1`"),
+        );
     }
     raw
 }
