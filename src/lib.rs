@@ -9,6 +9,8 @@
 //! - [`observed`]: what is known of the machines and images (for now read from a JSON file).
 //! - [`plan`]: `diff(desired, observed) -> Plan`, the steps per host grouped in waves,
 //!   and the comparison of two commits for review. Pure.
+//! - [`services`]: the network services a site runs: DHCP, TFTP, HTTP boot.
+//! - [`state`]: the server's durable state (leases, observations) in SQLite.
 //! - [`diag`]: problems with their place, rendered with the source line and a hint.
 //! - [`cli`]: the `fleetwave` command's glue and output formats.
 
@@ -20,3 +22,4 @@ pub mod plan;
 pub mod services;
 pub mod source;
 pub mod spec;
+pub mod state;

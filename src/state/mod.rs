@@ -1,0 +1,428 @@
+//! The server's own durable state: DHCP leases and observations of hosts, in SQLite.
+//!
+//! SQLite in WAL mode with `synchronous=FULL`: a committed write survives a crash of
+//! the process or the machine. One writer thread owns the connection and commits
+//! writes in batches (group commit), so thousands of leases a second cost a handful of
+//! fsyncs; whatever must wait for durability (a DHCPACK) runs after its batch commits.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, params};
+use tracing::{error, warn};
+
+use crate::spec::Mac;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {source}; check that the directory exists and is writable")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("state database {path}: {source}")]
+    Query {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "state database {path}: the lease of {ip} names a MAC of {len} bytes; the file is damaged"
+    )]
+    Damaged {
+        path: PathBuf,
+        ip: Ipv4Addr,
+        len: usize,
+    },
+}
+
+/// What a lease row says about its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Handed to `mac` until `expires`.
+    Bound,
+    /// A client reported the address in use by someone else (DHCPDECLINE): not handed
+    /// out until `expires`.
+    Declined,
+}
+
+impl LeaseState {
+    fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Bound => "bound",
+            LeaseState::Declined => "declined",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
+    /// The site whose subnet the address belongs to.
+    pub site: String,
+    /// Unix seconds.
+    pub expires: u64,
+    pub state: LeaseState,
+}
+
+/// One DHCP exchange as the server saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    /// Unix seconds.
+    pub at: u64,
+    pub mac: Mac,
+    /// The address handed out or in use, if any.
+    pub ip: Option<Ipv4Addr>,
+    /// Boot architecture, as `pxe::Arch` names it (`bios`, `efi-x64`, ...).
+    pub arch: String,
+    /// The DHCP message type received.
+    pub message: String,
+    /// Whether the fleet knows the MAC.
+    pub known: bool,
+}
+
+/// A write for the writer thread.
+#[derive(Debug, Clone)]
+pub enum Op {
+    PutLease(Lease),
+    DeleteLease(Ipv4Addr),
+    Observe(Observation),
+}
+
+/// Runs after the batch holding a write has committed.
+pub type AfterCommit = Box<dyn FnOnce() + Send>;
+
+struct Batch {
+    ops: Vec<Op>,
+    after: Option<AfterCommit>,
+}
+
+/// The database, opened and migrated, before the writer thread takes it.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS leases (
+    ip      INTEGER PRIMARY KEY,
+    mac     BLOB    NOT NULL,
+    site    TEXT    NOT NULL,
+    expires INTEGER NOT NULL,
+    state   TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS observations (
+    id      INTEGER PRIMARY KEY,
+    at      INTEGER NOT NULL,
+    mac     TEXT    NOT NULL,
+    ip      TEXT,
+    arch    TEXT    NOT NULL,
+    message TEXT    NOT NULL,
+    known   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS observations_mac ON observations (mac, at);
+";
+
+impl Store {
+    /// Open (or create) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StateError> {
+        let open = |source| StateError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open)?;
+        conn.execute_batch(SCHEMA).map_err(open)?;
+        Ok(Store {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    fn query_err(&self) -> impl Fn(rusqlite::Error) -> StateError + '_ {
+        |source| StateError::Query {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Every lease row, bound or declined, expired or not.
+    pub fn leases(&self) -> Result<Vec<Lease>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT ip, mac, site, expires, state FROM leases ORDER BY ip")
+            .map_err(self.query_err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, u32>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .map_err(self.query_err())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (ip, mac, site, expires, state) = row.map_err(self.query_err())?;
+            let ip = Ipv4Addr::from(ip);
+            let mac: [u8; 6] = mac.as_slice().try_into().map_err(|_| StateError::Damaged {
+                path: self.path.clone(),
+                ip,
+                len: mac.len(),
+            })?;
+            let state = if state == "declined" {
+                LeaseState::Declined
+            } else {
+                LeaseState::Bound
+            };
+            out.push(Lease {
+                ip,
+                mac: Mac(mac),
+                site,
+                expires: expires.max(0) as u64,
+                state,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The most recent observations, newest first.
+    pub fn observations(&self, limit: usize) -> Result<Vec<Observation>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT at, mac, ip, arch, message, known FROM observations \
+                 ORDER BY id DESC LIMIT ?1",
+            )
+            .map_err(self.query_err())?;
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, bool>(5)?,
+                ))
+            })
+            .map_err(self.query_err())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (at, mac, ip, arch, message, known) = row.map_err(self.query_err())?;
+            // Rows this code wrote always parse; skip anything else rather than fail a listing.
+            let (Ok(mac), ip) = (mac.parse(), ip.and_then(|ip| ip.parse().ok())) else {
+                continue;
+            };
+            out.push(Observation {
+                at: at.max(0) as u64,
+                mac,
+                ip,
+                arch,
+                message,
+                known,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Hand the connection to a writer thread.
+    pub fn into_writer(self) -> Writer {
+        let (tx, rx) = mpsc::channel::<Batch>();
+        let thread = std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || write_loop(self, rx));
+        match thread {
+            Ok(thread) => Writer {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            Err(e) => {
+                error!("cannot start the state writer thread: {e}");
+                Writer {
+                    tx: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+}
+
+/// Queues writes for the writer thread. Dropping it (or [`Writer::close`]) lets the
+/// thread commit what is queued and stop.
+pub struct Writer {
+    tx: Option<mpsc::Sender<Batch>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A cheap handle to queue writes from many tasks.
+#[derive(Clone)]
+pub struct WriteHandle {
+    tx: Option<mpsc::Sender<Batch>>,
+}
+
+impl WriteHandle {
+    /// Queue `ops`; `after` runs once they are durable (and never if the commit fails).
+    pub fn write(&self, ops: Vec<Op>, after: Option<AfterCommit>) {
+        let sent = match &self.tx {
+            Some(tx) => tx.send(Batch { ops, after }).is_ok(),
+            None => false,
+        };
+        if !sent {
+            warn!("state writer stopped: a write was not recorded");
+        }
+    }
+
+    /// A handle that records nothing (for the fuzz target and pure tests).
+    pub fn discard() -> WriteHandle {
+        WriteHandle { tx: None }
+    }
+}
+
+impl Writer {
+    pub fn handle(&self) -> WriteHandle {
+        WriteHandle {
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Commit what is queued and stop the thread. Handles still held keep working
+    /// until they are dropped; the thread stops after the last one.
+    pub fn close(mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            error!("state writer thread panicked");
+        }
+    }
+}
+
+/// The most writes committed in one transaction.
+const MAX_BATCH: usize = 4096;
+
+fn write_loop(store: Store, rx: mpsc::Receiver<Batch>) {
+    let mut conn = store.conn;
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        let mut ops = batches[0].ops.len();
+        while ops < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(b) => {
+                    ops += b.ops.len();
+                    batches.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        match commit(&mut conn, &batches) {
+            Ok(()) => {
+                for b in batches {
+                    if let Some(after) = b.after {
+                        after();
+                    }
+                }
+            }
+            Err(e) => error!(
+                "state database {}: commit of {ops} writes failed: {e}; their replies are not sent",
+                store.path.display()
+            ),
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut put = tx.prepare_cached(
+            "INSERT OR REPLACE INTO leases (ip, mac, site, expires, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut del = tx.prepare_cached("DELETE FROM leases WHERE ip = ?1")?;
+        let mut obs = tx.prepare_cached(
+            "INSERT INTO observations (at, mac, ip, arch, message, known) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for op in batches.iter().flat_map(|b| &b.ops) {
+            match op {
+                Op::PutLease(l) => {
+                    put.execute(params![
+                        u32::from(l.ip),
+                        &l.mac.0[..],
+                        l.site,
+                        l.expires as i64,
+                        l.state.as_str()
+                    ])?;
+                }
+                Op::DeleteLease(ip) => {
+                    del.execute([u32::from(*ip)])?;
+                }
+                Op::Observe(o) => {
+                    obs.execute(params![
+                        o.at as i64,
+                        o.mac.to_string(),
+                        o.ip.map(|ip| ip.to_string()),
+                        o.arch,
+                        o.message,
+                        o.known
+                    ])?;
+                }
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(ip: [u8; 4], mac: u8) -> Lease {
+        Lease {
+            ip: ip.into(),
+            mac: Mac([0x52, 0x54, 0, 0, 0, mac]),
+            site: "lab".into(),
+            expires: 100,
+            state: LeaseState::Bound,
+        }
+    }
+
+    #[test]
+    fn leases_survive_reopening_and_callbacks_run_after_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let writer = Store::open(&path).expect("open").into_writer();
+        let (tx, rx) = mpsc::channel();
+        writer.handle().write(
+            vec![
+                Op::PutLease(lease([10, 0, 0, 5], 1)),
+                Op::PutLease(lease([10, 0, 0, 6], 2)),
+            ],
+            None,
+        );
+        writer.handle().write(
+            vec![Op::DeleteLease([10, 0, 0, 6].into())],
+            Some(Box::new(move || tx.send(()).expect("send"))),
+        );
+        rx.recv().expect("callback ran");
+        writer.close();
+        let leases = Store::open(&path).expect("reopen").leases().expect("read");
+        assert_eq!(leases, vec![lease([10, 0, 0, 5], 1)]);
+    }
+}
