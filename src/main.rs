@@ -50,10 +50,67 @@ enum Command {
     },
     /// Print the JSON Schema of fleet.yaml.
     Schema,
+    /// Run the boot services (DHCP, TFTP, HTTP) of the fleet's sites until SIGINT/SIGTERM.
+    Serve {
+        /// The fleet file, or a directory holding fleet.yaml.
+        #[arg(long, default_value = "fleet.yaml")]
+        fleet: PathBuf,
+        /// Observed state as JSON (see docs/observed-state.md), until the server records its own.
+        #[arg(long)]
+        observed: Option<PathBuf>,
+        /// Serve only this site (repeatable); all sites by default.
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        /// Directory of the state database (leases, observations).
+        #[arg(long, default_value = "/var/lib/fleetwave")]
+        state_dir: PathBuf,
+        /// iPXE binaries, served by TFTP (Debian's `ipxe` package puts them here).
+        #[arg(long, default_value = "/usr/lib/ipxe")]
+        ipxe_dir: PathBuf,
+        /// The agent's kernel (vmlinuz) and initrd (initrd.img), served under /files/.
+        #[arg(long, default_value = "/var/lib/fleetwave/netboot")]
+        files_dir: PathBuf,
+        #[arg(long, default_value_t = 80)]
+        http_port: u16,
+        #[arg(long, default_value_t = 69)]
+        tftp_port: u16,
+        #[arg(long, default_value_t = 67)]
+        dhcp_port: u16,
+        /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug`.
+        #[arg(long, env = "FLEETWAVE_LOG", default_value = "info")]
+        log: String,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Cli::parse();
+    if let Command::Serve {
+        fleet,
+        observed,
+        sites,
+        state_dir,
+        ipxe_dir,
+        files_dir,
+        http_port,
+        tftp_port,
+        dhcp_port,
+        log,
+    } = args.command
+    {
+        init_logs(&log);
+        let a = cli::serve::ServeArgs {
+            fleet,
+            observed,
+            sites,
+            state_dir,
+            ipxe_dir,
+            files_dir,
+            http_port,
+            tftp_port,
+            dhcp_port,
+        };
+        return finish(cli::serve::serve(&a));
+    }
     fleetwave::par::one_shot_process();
     let stdout = std::io::stdout();
     let palette = Palette::for_stream(stdout.is_terminal());
@@ -80,6 +137,7 @@ fn main() -> ExitCode {
             }
             _ => cli::plan(&path, observed.as_deref(), format, &mut out, palette),
         },
+        Command::Serve { .. } => unreachable!("handled above"),
         Command::Schema => {
             use std::io::Write;
             out.write_all(cli::schema().as_bytes())
@@ -87,6 +145,10 @@ fn main() -> ExitCode {
                 .map_err(Into::into)
         }
     };
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<u8>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -94,4 +156,17 @@ fn main() -> ExitCode {
             ExitCode::from(exit::ERROR)
         }
     }
+}
+
+fn init_logs(filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("fleetwave: --log {filter:?}: {e}; using `info`");
+        EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }

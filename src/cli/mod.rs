@@ -1,6 +1,8 @@
 //! The `fleetwave` command: argument parsing lives in main.rs, the work here, writing
 //! to the given streams so tests can run it in-process too.
 
+pub mod serve;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -69,7 +71,7 @@ pub fn load(tree: &dyn Tree, entry: &Path) -> Result<Result<(FleetSpec, Sources)
     })
 }
 
-fn print_problems(
+pub(crate) fn print_problems(
     out: &mut dyn Write,
     invalid: &Invalid,
     format: Format,
@@ -150,7 +152,7 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-fn read_observed(path: Option<&Path>) -> Result<Observed> {
+pub(crate) fn read_observed(path: Option<&Path>) -> Result<Observed> {
     match path {
         None => Ok(Observed::default()),
         Some(p) => {

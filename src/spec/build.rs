@@ -668,7 +668,8 @@ fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
             );
         }
         let subnet = subnet.map(|n| n.trunc());
-        if let (Some(ip), Some(net)) = (server, subnet)
+        let relayed = s.relayed.as_ref().is_some_and(|r| r.value);
+        if let (Some(ip), Some(net), false) = (server, subnet, relayed)
             && !net.contains(&ip)
         {
             cx.err(
@@ -677,7 +678,7 @@ fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
                     s.server.loc,
                 )
                 .note("subnet declared here", s.subnet.loc)
-                .hint("the server must have an address on the network it serves"),
+                .hint("the server must have an address on the network it serves; if its clients come through a DHCP relay, add `relayed: true`"),
             );
         }
         let mut dhcp = Dhcp {
@@ -829,6 +830,7 @@ fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
                     interface: s.interface.value.clone(),
                     server,
                     subnet,
+                    relayed: s.relayed.as_ref().is_some_and(|r| r.value),
                     dhcp,
                     unknown_hosts: s
                         .unknown_hosts

@@ -41,6 +41,8 @@ pub struct Site {
     pub interface: String,
     pub server: Ipv4Addr,
     pub subnet: Ipv4Net,
+    /// Clients come through a DHCP relay; `server` may lie outside `subnet`.
+    pub relayed: bool,
     pub dhcp: Dhcp,
     pub unknown_hosts: UnknownHosts,
     pub image_store: String,

@@ -66,6 +66,10 @@ pub struct Site {
     pub interface: Sp<String>,
     /// This server's IPv4 address on that network (next-server, HTTP, multicast source).
     pub server: Sp<String>,
+    /// The site's clients reach this server through a DHCP relay (their requests carry
+    /// the relay's address in the subnet). `server` is then this server's routed
+    /// address and may lie outside `subnet`. Default: false.
+    pub relayed: Option<Sp<bool>>,
     /// The site's subnet in CIDR form, e.g. 172.28.0.0/24.
     pub subnet: Sp<String>,
     /// DHCP service for the site. Without it: proxy mode (PXE options only).

@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::tool;
 use fleetwave::services::tftp::{self, Config, Stats};
 use tokio_util::sync::CancellationToken;
 
@@ -63,18 +64,6 @@ fn settle(counter: &std::sync::atomic::AtomicU64, want: u64) {
     while counter.load(Ordering::Relaxed) < want && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-}
-
-/// The client, or a skip (a failure under CI=true, where it must be installed).
-fn tool(name: &str, path: &str) -> bool {
-    if Path::new(path).exists() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{name} ({path}) is missing; .ci/run installs it");
-    }
-    eprintln!("skipping: {name} is not installed ({path}); apt-get install {name}");
-    false
 }
 
 fn run(cmd: &mut Command) -> Output {

@@ -10,7 +10,7 @@ pub mod packet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::FileExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -57,8 +57,8 @@ impl Config {
     }
 }
 
-/// Counters, for logs and tests.
-#[derive(Debug, Default)]
+/// Counters, for logs, the health endpoint and tests.
+#[derive(Debug, Default, serde::Serialize)]
 pub struct Stats {
     pub transfers_done: AtomicU64,
     pub transfers_failed: AtomicU64,
@@ -163,34 +163,6 @@ pub enum TransferError {
     Shutdown,
     #[error("{0}")]
     Io(#[from] io::Error),
-}
-
-/// The file a request names, if it lies inside the root.
-pub fn resolve(root: &Path, name: &str) -> Result<PathBuf, &'static str> {
-    let path = Path::new(name);
-    if path.is_absolute() || name.contains('\\') {
-        return Err("absolute paths are refused");
-    }
-    let mut clean = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(p) => clean.push(p),
-            Component::CurDir => {}
-            _ => return Err("paths leading out of the TFTP root are refused"),
-        }
-    }
-    // Symlinks may point anywhere: judge where the file really is.
-    let real = root
-        .join(&clean)
-        .canonicalize()
-        .map_err(|_| "file not found")?;
-    if !real.starts_with(root) {
-        return Err("paths leading out of the TFTP root are refused");
-    }
-    if !real.is_file() {
-        return Err("file not found");
-    }
-    Ok(real)
 }
 
 /// Options accepted for one transfer.
@@ -326,7 +298,7 @@ async fn transfer(
         )
         .await);
     }
-    let path = match resolve(&config.root, &request.filename) {
+    let path = match super::confine(&config.root, &request.filename) {
         Ok(p) => p,
         Err(why) => {
             let code = if why == "file not found" {
@@ -530,27 +502,27 @@ mod tests {
         std::fs::write(root.join("sub/b.bin"), b"y").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("evil")).unwrap();
         std::os::unix::fs::symlink("a.bin", root.join("good")).unwrap();
-        assert!(resolve(&root, "a.bin").is_ok());
-        assert!(resolve(&root, "./sub/b.bin").is_ok());
-        assert!(resolve(&root, "good").is_ok());
+        assert!(super::super::confine(&root, "a.bin").is_ok());
+        assert!(super::super::confine(&root, "./sub/b.bin").is_ok());
+        assert!(super::super::confine(&root, "good").is_ok());
         assert_eq!(
-            resolve(&root, "../etc/passwd"),
-            Err("paths leading out of the TFTP root are refused")
+            super::super::confine(&root, "../etc/passwd"),
+            Err("paths leading out of the served root are refused")
         );
         assert_eq!(
-            resolve(&root, "sub/../../x"),
-            Err("paths leading out of the TFTP root are refused")
+            super::super::confine(&root, "sub/../../x"),
+            Err("paths leading out of the served root are refused")
         );
         assert_eq!(
-            resolve(&root, "/etc/passwd"),
+            super::super::confine(&root, "/etc/passwd"),
             Err("absolute paths are refused")
         );
         assert_eq!(
-            resolve(&root, "evil"),
-            Err("paths leading out of the TFTP root are refused")
+            super::super::confine(&root, "evil"),
+            Err("paths leading out of the served root are refused")
         );
-        assert_eq!(resolve(&root, "sub"), Err("file not found"));
-        assert_eq!(resolve(&root, "nope"), Err("file not found"));
+        assert_eq!(super::super::confine(&root, "sub"), Err("file not found"));
+        assert_eq!(super::super::confine(&root, "nope"), Err("file not found"));
     }
 
     #[test]

@@ -1,0 +1,429 @@
+//! The HTTP server: per-host iPXE scripts, boot files, and a health endpoint.
+//!
+//! - `GET /boot/{mac}.ipxe`: what the host boots now, derived from the plan: its local
+//!   disk when nothing is due, the imaging agent with its task when something is, the
+//!   agent in registration mode for a machine the fleet does not know.
+//! - `GET /ipxe/{path}`: iPXE binaries (UEFI HTTP boot); `GET /files/{path}`: the
+//!   agent's kernel and initrd. Read-only, confined to their roots.
+//! - `GET /health`: counters of every service, as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rustc_hash::FxHashMap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::plan::{Plan, Step, Version, Via};
+use crate::services::dhcp;
+use crate::services::tftp;
+use crate::spec::{FleetSpec, Mac, UnknownHosts, WipeMode};
+
+/// What one known host boots now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostBoot {
+    /// Nothing due (or the host is suspended or stalled): boot the local disk.
+    Local { host: String, why: String },
+    /// Boot the agent to carry out `task`.
+    Agent {
+        host: String,
+        site: String,
+        /// The step's kind and parameters, for the agent's command line.
+        task: Vec<(&'static str, String)>,
+        summary: String,
+    },
+}
+
+/// Every host's boot, by MAC, computed from one plan.
+#[derive(Debug, Clone, Default)]
+pub struct BootTable {
+    pub hosts: FxHashMap<Mac, HostBoot>,
+    /// Sites whose unknown machines are registered, for the register script.
+    pub register_sites: Vec<String>,
+}
+
+impl BootTable {
+    pub fn from_plan(spec: &FleetSpec, plan: &Plan) -> BootTable {
+        let mut hosts: FxHashMap<Mac, HostBoot> = spec
+            .hosts
+            .values()
+            .map(|h| {
+                (
+                    h.mac,
+                    HostBoot::Local {
+                        host: h.name.clone(),
+                        why: "nothing due".into(),
+                    },
+                )
+            })
+            .collect();
+        for name in &plan.suspended {
+            if let Some(h) = spec.hosts.get(name) {
+                hosts.insert(
+                    h.mac,
+                    HostBoot::Local {
+                        host: name.clone(),
+                        why: "suspended".into(),
+                    },
+                );
+            }
+        }
+        for s in &plan.stalled {
+            if let Some(h) = spec.hosts.get(&s.host) {
+                hosts.insert(
+                    h.mac,
+                    HostBoot::Local {
+                        host: s.host.clone(),
+                        why: format!("stalled: {}", s.reason),
+                    },
+                );
+            }
+        }
+        for (wave, hp) in plan.host_plans() {
+            let Some(step) = hp.steps.first() else {
+                continue;
+            };
+            if let Step::Deploy {
+                image,
+                version: Version::NextCapture { generation },
+                ..
+            } = step
+            {
+                // Nothing to write until the capture has produced the version.
+                hosts.insert(
+                    hp.mac,
+                    HostBoot::Local {
+                        host: hp.host.clone(),
+                        why: format!(
+                            "waiting for the capture of {image} (generation {generation})"
+                        ),
+                    },
+                );
+                continue;
+            }
+            let (task, summary) = describe(step);
+            let summary = match wave {
+                "(captures)" => summary,
+                w => format!("{summary}, wave {w}"),
+            };
+            hosts.insert(
+                hp.mac,
+                HostBoot::Agent {
+                    host: hp.host.clone(),
+                    site: hp.site.clone(),
+                    task,
+                    summary,
+                },
+            );
+        }
+        let register_sites = spec
+            .sites
+            .iter()
+            .filter(|(_, s)| s.unknown_hosts == UnknownHosts::Register)
+            .map(|(n, _)| n.clone())
+            .collect();
+        BootTable {
+            hosts,
+            register_sites,
+        }
+    }
+}
+
+fn describe(step: &Step) -> (Vec<(&'static str, String)>, String) {
+    match step {
+        Step::Inventory { generation } => (
+            vec![
+                ("task", "inventory".into()),
+                ("generation", generation.to_string()),
+            ],
+            "inventory".into(),
+        ),
+        Step::Capture { image, generation } => (
+            vec![
+                ("task", "capture".into()),
+                ("image", image.clone()),
+                ("generation", generation.to_string()),
+            ],
+            format!("capture {image} (generation {generation})"),
+        ),
+        Step::Wipe { mode, generation } => {
+            let mode = match mode {
+                WipeMode::Fast => "fast",
+                WipeMode::Normal => "normal",
+                WipeMode::Full => "full",
+            };
+            (
+                vec![
+                    ("task", "wipe".into()),
+                    ("mode", mode.into()),
+                    ("generation", generation.to_string()),
+                ],
+                format!("wipe ({mode})"),
+            )
+        }
+        Step::Deploy {
+            image,
+            version,
+            via,
+            ..
+        } => {
+            let version = match version {
+                Version::Digest { digest } => digest.to_string(),
+                Version::NextCapture { generation } => format!("capture-{generation}"),
+            };
+            let via = match via {
+                Via::Unicast => "unicast".to_string(),
+                Via::Multicast { session } => format!("multicast:{session}"),
+            };
+            (
+                vec![
+                    ("task", "deploy".into()),
+                    ("image", image.clone()),
+                    ("version", version.clone()),
+                    ("via", via.clone()),
+                ],
+                format!("deploy {image}@{version} by {via}"),
+            )
+        }
+        Step::Verify { generation } => (
+            vec![
+                ("task", "verify".into()),
+                ("generation", generation.to_string()),
+            ],
+            "verify".into(),
+        ),
+    }
+}
+
+/// The iPXE script for `mac`; `None` when the MAC is unknown and no site registers
+/// unknown machines.
+pub fn script(table: &BootTable, mac: Mac, base_url: &str) -> Option<String> {
+    let mut s = String::from("#!ipxe\n");
+    match table.hosts.get(&mac) {
+        Some(HostBoot::Local { host, why }) => {
+            let _ = writeln!(s, "# fleetwave: {host}: {why}; booting the local disk");
+            s.push_str(LOCAL_BOOT);
+        }
+        Some(HostBoot::Agent {
+            host,
+            site,
+            task,
+            summary,
+        }) => {
+            let _ = writeln!(s, "# fleetwave: {host}: {summary}");
+            let mut args = vec![("host", host.clone()), ("site", site.clone())];
+            args.extend(task.iter().cloned());
+            agent_boot(&mut s, base_url, mac, &args);
+        }
+        None if !table.register_sites.is_empty() => {
+            let _ = writeln!(
+                s,
+                "# fleetwave: unknown machine {mac}: registering its inventory"
+            );
+            agent_boot(&mut s, base_url, mac, &[("task", "register".into())]);
+        }
+        None => return None,
+    }
+    Some(s)
+}
+
+/// BIOS boots the first disk; UEFI returns to the firmware's next boot entry.
+const LOCAL_BOOT: &str = "iseq ${platform} efi && goto efi ||
+sanboot --no-describe --drive 0x80 || goto failed
+:efi
+exit
+:failed
+echo fleetwave: the local disk did not boot
+sleep 10
+exit
+";
+
+fn agent_boot(s: &mut String, base: &str, mac: Mac, args: &[(&str, String)]) {
+    let mut cmdline = format!(
+        "initrd=initrd.img console=tty0 console=ttyS0,115200 fleetwave.server={base} fleetwave.mac={mac}"
+    );
+    for (k, v) in args {
+        let _ = write!(cmdline, " fleetwave.{k}={v}");
+    }
+    let _ = writeln!(s, "kernel {base}/files/vmlinuz {cmdline} || goto failed");
+    let _ = writeln!(s, "initrd {base}/files/initrd.img || goto failed");
+    s.push_str("boot || goto failed\n:failed\necho fleetwave: the agent did not boot; retrying in 30 s\nsleep 30\nreboot\n");
+}
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    pub table: Arc<BootTable>,
+    /// How clients reach this server when a request names no Host.
+    pub base_url: String,
+    pub ipxe_root: PathBuf,
+    pub files_root: PathBuf,
+    pub dhcp: Option<Arc<Mutex<dhcp::Server>>>,
+    pub tftp: Option<Arc<tftp::Stats>>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/boot/{file}", get(boot_script))
+        .route("/ipxe/{*path}", get(ipxe_file))
+        .route("/files/{*path}", get(boot_file))
+        .route("/health", get(health))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .with_state(state)
+}
+
+/// Serve on `listener` until `shutdown`; requests in flight finish first.
+pub async fn run(
+    listener: TcpListener,
+    state: HttpState,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn boot_script(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    UrlPath(file): UrlPath<String>,
+) -> Response {
+    let Some(mac) = file.strip_suffix(".ipxe") else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "scripts are named /boot/MAC.ipxe\n".into(),
+        );
+    };
+    let Ok(mac) = mac.replace('-', ":").parse::<Mac>() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("{mac:?} is not a MAC address; ask for /boot/52:54:00:28:00:11.ipxe\n"),
+        );
+    };
+    // The address the client used reaches this server from its site.
+    let base = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".:-[]".contains(&b))
+        })
+        .map(|h| format!("http://{h}"))
+        .unwrap_or_else(|| st.base_url.clone());
+    match script(&st.table, mac, &base) {
+        Some(s) => text(StatusCode::OK, s),
+        None => text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "#!ipxe\necho fleetwave: {mac} is not in the fleet and no site registers unknown machines\nexit\n"
+            ),
+        ),
+    }
+}
+
+async fn ipxe_file(State(st): State<HttpState>, UrlPath(path): UrlPath<String>) -> Response {
+    serve_file(st.ipxe_root.clone(), path).await
+}
+
+async fn boot_file(State(st): State<HttpState>, UrlPath(path): UrlPath<String>) -> Response {
+    serve_file(st.files_root.clone(), path).await
+}
+
+/// Stream a file from `root`, refusing anything that leads out of it.
+async fn serve_file(root: PathBuf, path: String) -> Response {
+    let found = tokio::task::spawn_blocking(move || {
+        let root = root.canonicalize().map_err(|_| "file not found")?;
+        super::confine(&root, &path)
+    })
+    .await
+    .unwrap_or(Err("file not found"));
+    let real = match found {
+        Ok(p) => p,
+        Err(why @ "file not found") => return text(StatusCode::NOT_FOUND, format!("{why}\n")),
+        Err(why) => return text(StatusCode::FORBIDDEN, format!("{why}\n")),
+    };
+    let file = match tokio::fs::File::open(&real).await {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::NOT_FOUND, format!("{e}\n")),
+    };
+    let len = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    };
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file,
+        256 * 1024,
+    ));
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn health(State(st): State<HttpState>) -> Response {
+    let mut doc = BTreeMap::new();
+    doc.insert("status", serde_json::json!("ok"));
+    doc.insert("hosts", serde_json::json!(st.table.hosts.len()));
+    let due = st
+        .table
+        .hosts
+        .values()
+        .filter(|b| matches!(b, HostBoot::Agent { .. }))
+        .count();
+    doc.insert("hosts_due", serde_json::json!(due));
+    if let Some(d) = &st.dhcp {
+        let (bound, stats) = dhcp::summary(d);
+        doc.insert(
+            "dhcp",
+            serde_json::json!({"bound_leases": bound, "counters": &*stats}),
+        );
+    }
+    if let Some(t) = &st.tftp {
+        doc.insert("tftp", serde_json::json!(&**t));
+    }
+    let body = serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into());
+    ([(header::CONTENT_TYPE, "application/json")], body + "\n").into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_machine_is_registered_only_where_a_site_asks_for_it() {
+        let mac: Mac = "52:54:00:aa:bb:cc".parse().expect("mac");
+        let mut table = BootTable::default();
+        assert_eq!(script(&table, mac, "http://10.0.0.1"), None);
+        table.register_sites.push("lab".into());
+        let s = script(&table, mac, "http://10.0.0.1").expect("script");
+        assert!(s.contains("fleetwave.task=register"), "{s}");
+    }
+}
