@@ -62,10 +62,13 @@ pub struct KnownHost {
     pub ip: Option<Ipv4Addr>,
 }
 
+/// The fleet's hosts by MAC.
+pub type HostMap = FxHashMap<Mac, KnownHost>;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub sites: Vec<SiteNet>,
-    pub hosts: FxHashMap<Mac, KnownHost>,
+    pub hosts: HostMap,
     pub boot: BootFiles,
     /// The port of the HTTP server, for iPXE script URLs.
     pub http_port: u16,
