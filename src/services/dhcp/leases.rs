@@ -2,9 +2,8 @@
 //! every binding is committed there before the client hears of it, and this table is
 //! rebuilt from it at start, so a restart never hands one address to two clients.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
-
-use rustc_hash::FxHashMap;
 
 use crate::spec::{IpRange, Mac};
 use crate::state::{Lease, LeaseState};
@@ -27,13 +26,14 @@ pub struct Entry {
     pub site: usize,
 }
 
+/// Keyed by what clients send, so with std's DoS-resistant hasher (not FxHash).
 #[derive(Debug, Default)]
 pub struct Leases {
-    by_ip: FxHashMap<Ipv4Addr, Entry>,
+    by_ip: HashMap<Ipv4Addr, Entry>,
     /// A client's latest address on each site.
-    by_client: FxHashMap<(usize, Mac), Ipv4Addr>,
+    by_client: HashMap<(usize, Mac), Ipv4Addr>,
     /// Where the search for a free address resumes, per site.
-    cursor: FxHashMap<usize, u32>,
+    cursor: HashMap<usize, u32>,
 }
 
 impl Leases {
