@@ -282,10 +282,6 @@ impl WriteHandle {
             warn!("state writer stopped: a write was not recorded");
         }
     }
-
-    /// A handle that records nothing (for the fuzz target and pure tests).
-    pub fn discard() -> WriteHandle {
-        WriteHandle { tx: None }
     }
 }
 

@@ -11,7 +11,7 @@ use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use fleetwave::services::dhcp::{self, Config, Server, Stats};
 use fleetwave::spec::DhcpMode;
-use fleetwave::state::{Store, WriteHandle};
+use fleetwave::state::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::netlab::{LAB_FLEET, Lab, serve_args, workdir};
@@ -306,9 +306,11 @@ images:",
     let server = lab.serve("srv", &args.iter().map(String::as_str).collect::<Vec<_>>());
     let out = lab
         .cmd("relay", "perfdhcp")
-        // A test period, not a request count: with -n perfdhcp stops on its last send
-        // and counts that exchange as a drop.
-        .args(["-4", "-l", "eth0", "-r", "100", "-R", "1000", "-p", "3"])
+        // A test period, then 2 s (-W) for replies in flight: otherwise the exchanges
+        // of the last milliseconds (an ACK waits for its commit) count as drops.
+        .args([
+            "-4", "-l", "eth0", "-r", "100", "-R", "1000", "-p", "3", "-W", "2000000",
+        ])
         .arg("172.28.0.1")
         .output()
         .expect("perfdhcp runs");
@@ -331,6 +333,8 @@ struct Loop {
     stats: Arc<Stats>,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
+    writer: Option<fleetwave::state::Writer>,
+    _dir: tempfile::TempDir,
 }
 
 impl Loop {
@@ -355,13 +359,18 @@ impl Loop {
         let pxe_addr = local(&s4011);
         let stop = CancellationToken::new();
         let t = stop.clone();
+        // A real store: ACKs leave only after their lease is committed.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writer = Store::open(&dir.path().join("state.db"))
+            .expect("store")
+            .into_writer();
+        let w = writer.handle();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let w = WriteHandle::discard();
                 let a = dhcp::run(server.clone(), s67, Some(0), false, w.clone(), t.clone());
                 let b = dhcp::run(server, s4011, Some(0), true, w, t);
                 let _ = tokio::join!(a, b);
@@ -374,6 +383,8 @@ impl Loop {
             stats,
             stop,
             thread: Some(thread),
+            writer: Some(writer),
+            _dir: dir,
         }
     }
 
@@ -390,6 +401,9 @@ impl Drop for Loop {
         self.stop.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if let Some(w) = self.writer.take() {
+            w.close();
         }
     }
 }
@@ -554,4 +568,141 @@ fn relay_agent_information_comes_back_unchanged() {
     assert!(
         (Ipv4Addr::new(172, 28, 0, 100)..=Ipv4Addr::new(172, 28, 0, 199)).contains(&m.yiaddr())
     );
+}
+
+fn with(kind: MessageType, mac: [u8; 6], ciaddr: Ipv4Addr, opts: Vec<DhcpOption>) -> Vec<u8> {
+    let mut pkt = request(kind, mac, opts);
+    pkt[12..16].copy_from_slice(&ciaddr.octets());
+    pkt
+}
+
+#[test]
+fn renewals_extend_and_addresses_that_are_not_the_clients_are_refused() {
+    let lp = Loop::start(DhcpMode::Authoritative);
+    let pc01 = [0x52, 0x54, 0, 0x28, 0, 0x11];
+    let pc02 = [0x52, 0x54, 0, 0x28, 0, 0x12];
+    let stranger = [2, 0, 0, 0, 0, 0x42];
+    let reserved = Ipv4Addr::new(172, 28, 0, 11);
+    let kind = |m: &Message| m.opts().msg_type();
+
+    // RENEWING: a known host renews its reservation (ciaddr set, no option 50).
+    let ack = lp
+        .ask(
+            lp.server_addr,
+            &with(MessageType::Request, pc01, reserved, vec![]),
+        )
+        .expect("an answer");
+    assert_eq!(
+        (kind(&ack), ack.yiaddr()),
+        (Some(MessageType::Ack), reserved)
+    );
+    assert_eq!(
+        ack.opts().get(OptionCode::AddressLeaseTime),
+        Some(&DhcpOption::AddressLeaseTime(3600))
+    );
+    // Someone else asking for that reservation: NAK.
+    let nak = lp
+        .ask(
+            lp.server_addr,
+            &request(
+                MessageType::Request,
+                stranger,
+                vec![DhcpOption::RequestedIpAddress(reserved)],
+            ),
+        )
+        .expect("an answer");
+    assert_eq!(kind(&nak), Some(MessageType::Nak));
+    // A host with a reservation asking for a pool address: NAK, so it rediscovers.
+    let pool_ip = Ipv4Addr::new(172, 28, 0, 150);
+    let nak = lp
+        .ask(
+            lp.server_addr,
+            &request(
+                MessageType::Request,
+                pc01,
+                vec![DhcpOption::RequestedIpAddress(pool_ip)],
+            ),
+        )
+        .expect("an answer");
+    assert_eq!(kind(&nak), Some(MessageType::Nak));
+    // INIT-REBOOT for a free pool address: granted; then it is nobody else's.
+    let ack = lp
+        .ask(
+            lp.server_addr,
+            &request(
+                MessageType::Request,
+                pc02,
+                vec![DhcpOption::RequestedIpAddress(pool_ip)],
+            ),
+        )
+        .expect("an answer");
+    assert_eq!(
+        (kind(&ack), ack.yiaddr()),
+        (Some(MessageType::Ack), pool_ip)
+    );
+    let nak = lp
+        .ask(
+            lp.server_addr,
+            &with(MessageType::Request, stranger, pool_ip, vec![]),
+        )
+        .expect("an answer");
+    assert_eq!(kind(&nak), Some(MessageType::Nak));
+    // A request for another server's offer is left alone.
+    let other_server = request(
+        MessageType::Request,
+        stranger,
+        vec![
+            DhcpOption::RequestedIpAddress(Ipv4Addr::new(172, 28, 0, 160)),
+            DhcpOption::ServerIdentifier(Ipv4Addr::new(172, 28, 0, 2)),
+        ],
+    );
+    assert!(lp.ask(lp.server_addr, &other_server).is_none());
+    // INFORM: configuration, no address, no lease time.
+    let info = lp
+        .ask(
+            lp.server_addr,
+            &with(
+                MessageType::Inform,
+                stranger,
+                Ipv4Addr::new(172, 28, 0, 77),
+                vec![],
+            ),
+        )
+        .expect("an answer");
+    assert_eq!(kind(&info), Some(MessageType::Ack));
+    assert_eq!(info.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert!(info.opts().get(OptionCode::AddressLeaseTime).is_none());
+    assert!(info.opts().get(OptionCode::Router).is_some());
+}
+
+#[test]
+fn a_declined_address_is_not_offered_again() {
+    let lp = Loop::start(DhcpMode::Authoritative);
+    let mac = [2, 0, 0, 0, 0, 0x51];
+    let offer = lp
+        .ask(lp.server_addr, &request(MessageType::Discover, mac, vec![]))
+        .expect("offer");
+    let first = offer.yiaddr();
+    // The client finds the address in use (ARP answered) and declines it.
+    lp.client
+        .send_to(
+            &request(
+                MessageType::Decline,
+                mac,
+                vec![DhcpOption::RequestedIpAddress(first)],
+            ),
+            lp.server_addr,
+        )
+        .expect("send");
+    let again = lp
+        .ask(lp.server_addr, &request(MessageType::Discover, mac, vec![]))
+        .expect("offer");
+    assert_ne!(again.yiaddr(), first);
+    let other = lp
+        .ask(
+            lp.server_addr,
+            &request(MessageType::Discover, [2, 0, 0, 0, 0, 0x52], vec![]),
+        )
+        .expect("offer");
+    assert_ne!(other.yiaddr(), first);
 }
