@@ -282,7 +282,6 @@ impl WriteHandle {
             warn!("state writer stopped: a write was not recorded");
         }
     }
-    }
 }
 
 impl Writer {
