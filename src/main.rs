@@ -50,6 +50,17 @@ enum Command {
     },
     /// Print the JSON Schema of fleet.yaml.
     Schema,
+    /// The image store: list, check, remove, collect garbage.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// The imaging agent's work on a disk (here against a local store; over HTTP from
+    /// the netboot environment in a later release).
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
     /// Run the boot services (DHCP, TFTP, HTTP) of the fleet's sites until SIGINT/SIGTERM.
     Serve {
         /// The fleet file, or a directory holding fleet.yaml.
@@ -79,6 +90,71 @@ enum Command {
         /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug`.
         #[arg(long, env = "FLEETWAVE_LOG", default_value = "info")]
         log: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Images, their versions, logical and stored sizes and dedup ratio.
+    Ls {
+        #[arg(long, default_value = "/images")]
+        store: PathBuf,
+    },
+    /// Re-hash every manifest and every chunk an image uses (exit 1 on any problem).
+    Verify {
+        #[arg(long, default_value = "/images")]
+        store: PathBuf,
+    },
+    /// Remove an image (NAME) or one version (NAME@blake3:...), then unused chunks.
+    Rm {
+        spec: String,
+        #[arg(long, default_value = "/images")]
+        store: PathBuf,
+    },
+    /// Delete manifests and chunks no image uses.
+    Gc {
+        #[arg(long, default_value = "/images")]
+        store: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Capture a disk or disk image file into the store as a new version of IMAGE.
+    Capture {
+        /// Block device or disk image file.
+        disk: PathBuf,
+        #[arg(long)]
+        image: String,
+        /// The capture generation this version answers.
+        #[arg(long, default_value_t = 1)]
+        generation: u64,
+        /// zstd compression level.
+        #[arg(long, default_value_t = 3)]
+        level: i32,
+        #[arg(long, default_value = "/images")]
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image version (NAME, NAME@blake3:..., or a digest) onto a disk, then
+    /// read it back and verify it (exit 1 if verification fails).
+    Deploy {
+        image: String,
+        target: PathBuf,
+        #[arg(long, default_value = "/images")]
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check whether a disk still holds an image version (exit 1 when it drifted).
+    Verify {
+        image: String,
+        disk: PathBuf,
+        #[arg(long, default_value = "/images")]
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -138,6 +214,34 @@ fn main() -> ExitCode {
             _ => cli::plan(&path, observed.as_deref(), format, &mut out, palette),
         },
         Command::Serve { .. } => unreachable!("handled above"),
+        Command::Image { command } => match command {
+            ImageCommand::Ls { store } => cli::image::ls(&store, &mut out),
+            ImageCommand::Verify { store } => cli::image::verify_store(&store, &mut out),
+            ImageCommand::Rm { spec, store } => cli::image::rm(&store, &spec, &mut out),
+            ImageCommand::Gc { store } => cli::image::gc(&store, &mut out),
+        },
+        Command::Agent { command } => match command {
+            AgentCommand::Capture {
+                disk,
+                image,
+                generation,
+                level,
+                store,
+                json,
+            } => cli::image::capture(&store, &disk, &image, generation, level, json, &mut out),
+            AgentCommand::Deploy {
+                image,
+                target,
+                store,
+                json,
+            } => cli::image::deploy(&store, &image, &target, json, &mut out),
+            AgentCommand::Verify {
+                image,
+                disk,
+                store,
+                json,
+            } => cli::image::verify_disk(&store, &image, &disk, json, &mut out),
+        },
         Command::Schema => {
             use std::io::Write;
             out.write_all(cli::schema().as_bytes())

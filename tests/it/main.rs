@@ -5,6 +5,7 @@ mod dhcp;
 mod fixtures;
 mod git_review;
 mod http;
+mod image;
 mod netlab;
 mod plan_props;
 mod schema;

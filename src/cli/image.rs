@@ -1,0 +1,250 @@
+//! `fleetwave image ...` (the store) and `fleetwave agent capture|deploy|verify`
+//! against a local store.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::exit;
+use crate::image::store::Store;
+use crate::image::{self, CaptureOptions};
+use crate::spec::Digest;
+
+fn open(store: &Path) -> Result<Store> {
+    Store::open(store).with_context(|| format!("cannot open the image store {}", store.display()))
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}
+
+/// `fleetwave agent capture DISK`.
+pub fn capture(
+    store: &Path,
+    disk: &Path,
+    name: &str,
+    generation: u64,
+    level: i32,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let s = open(store)?;
+    let opts = CaptureOptions {
+        level,
+        ..CaptureOptions::default()
+    };
+    let r = image::capture(disk, &s, Some((name, generation)), opts)?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &r)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "captured {} into {name}: {}\n  disk {}, used {}, data {}, stored {} ({} chunks, {} new: {})\n  {:.1} s",
+            disk.display(),
+            r.digest,
+            mb(r.disk_bytes),
+            mb(r.used_bytes),
+            mb(r.data_bytes),
+            mb(r.stored_bytes),
+            r.chunks,
+            r.new_chunks,
+            mb(r.new_stored_bytes),
+            r.seconds
+        )?;
+    }
+    Ok(exit::OK)
+}
+
+/// `fleetwave agent deploy IMAGE TARGET`.
+pub fn deploy(
+    store: &Path,
+    spec: &str,
+    target: &Path,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let s = open(store)?;
+    let digest = s.resolve(spec)?;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    match image::deploy(&s, &digest, target, threads) {
+        Ok(r) => {
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &r)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "deployed and verified {} on {}: {} chunks ({} written now, {}) in {:.1} s",
+                    r.verified,
+                    target.display(),
+                    r.chunks,
+                    r.chunks_written,
+                    mb(r.bytes_written),
+                    r.seconds
+                )?;
+                if let Some(g) = &r.grown {
+                    writeln!(
+                        out,
+                        "  partition {} grown from {} to {} for the larger disk",
+                        g.partition,
+                        mb(g.old_bytes),
+                        mb(g.new_bytes)
+                    )?;
+                }
+            }
+            Ok(exit::OK)
+        }
+        Err(e @ image::ImageError::Verify { .. }) => {
+            writeln!(out, "FAILED: {e}")?;
+            Ok(exit::CHANGES)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `fleetwave agent verify IMAGE DISK`: exit 0 when the disk holds the version, 1 when
+/// it drifted.
+pub fn verify_disk(
+    store: &Path,
+    spec: &str,
+    disk: &Path,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let s = open(store)?;
+    let digest = s.resolve(spec)?;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let r = image::verify(&s, &digest, disk, threads)?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &r)?;
+        writeln!(out)?;
+    } else if r.bad == 0 {
+        writeln!(
+            out,
+            "{} holds {} ({} regions checked)",
+            disk.display(),
+            digest,
+            r.checked
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{} has drifted from {}: {} of {} regions differ, the first at byte {}",
+            disk.display(),
+            digest,
+            r.bad,
+            r.checked,
+            r.first_bad.unwrap_or(0)
+        )?;
+    }
+    Ok(if r.bad == 0 { exit::OK } else { exit::CHANGES })
+}
+
+/// `fleetwave image ls`.
+pub fn ls(store: &Path, out: &mut dyn Write) -> Result<u8> {
+    let s = open(store)?;
+    let images = s.images()?;
+    if images.is_empty() {
+        writeln!(out, "no images in {}", store.display())?;
+    }
+    for (name, rec) in images {
+        writeln!(out, "{name}")?;
+        for v in &rec.versions {
+            let m = s.manifest(&v.digest)?;
+            let logical = m.used_bytes();
+            writeln!(
+                out,
+                "  {}  generation {}  disk {}  logical {}  stored {}  dedup {:.2}x",
+                v.digest,
+                v.generation,
+                mb(v.disk_bytes),
+                mb(logical),
+                mb(v.stored_bytes),
+                logical as f64 / v.stored_bytes.max(1) as f64
+            )?;
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// `fleetwave image verify`: every manifest and every chunk it uses, re-hashed.
+pub fn verify_store(store: &Path, out: &mut dyn Write) -> Result<u8> {
+    let s = open(store)?;
+    let mut problems = Vec::new();
+    let mut checked = BTreeSet::new();
+    for (name, rec) in s.images()? {
+        for v in &rec.versions {
+            let m = match s.manifest(&v.digest) {
+                Ok(m) => m,
+                Err(e) => {
+                    problems.push(format!("{name}: {e}"));
+                    continue;
+                }
+            };
+            for c in &m.chunks {
+                if !checked.insert(c.hash) {
+                    continue;
+                }
+                if let Err(e) = s.chunk(&c.hash, c.len as usize) {
+                    problems.push(format!("{name}@{}: {e}", v.digest));
+                }
+            }
+        }
+    }
+    for p in &problems {
+        writeln!(out, "{p}")?;
+    }
+    writeln!(
+        out,
+        "{} chunks checked, {} problem{}",
+        checked.len(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    )?;
+    Ok(if problems.is_empty() {
+        exit::OK
+    } else {
+        exit::CHANGES
+    })
+}
+
+/// `fleetwave image rm NAME[@DIGEST]`, then the store's garbage collection.
+pub fn rm(store: &Path, spec: &str, out: &mut dyn Write) -> Result<u8> {
+    let s = open(store)?;
+    let (name, digest) = match spec.split_once('@') {
+        Some((n, d)) => (
+            n,
+            Some(
+                d.parse::<Digest>()
+                    .map_err(|e| anyhow::anyhow!("{spec}: {e}"))?,
+            ),
+        ),
+        None => (spec, None),
+    };
+    let n = s.remove(name, digest)?;
+    let (manifests, chunks, bytes) = s.gc()?;
+    writeln!(
+        out,
+        "removed {n} version{} of {name}; freed {manifests} manifest{}, {chunks} chunk{} ({})",
+        if n == 1 { "" } else { "s" },
+        if manifests == 1 { "" } else { "s" },
+        if chunks == 1 { "" } else { "s" },
+        mb(bytes)
+    )?;
+    Ok(exit::OK)
+}
+
+/// `fleetwave image gc`.
+pub fn gc(store: &Path, out: &mut dyn Write) -> Result<u8> {
+    let s = open(store)?;
+    let (manifests, chunks, bytes) = s.gc()?;
+    writeln!(
+        out,
+        "freed {manifests} manifests and {chunks} chunks ({})",
+        mb(bytes)
+    )?;
+    Ok(exit::OK)
+}

@@ -1,0 +1,569 @@
+//! What is on a disk: its partition table (MBR, with logical partitions, or GPT), the
+//! filesystem of each partition, and which byte ranges hold data worth keeping.
+//!
+//! ext4 and NTFS are read from their own allocation bitmaps; anything else (and any
+//! filesystem whose metadata looks wrong or unclean) counts as used whole, so an
+//! image is never missing data because a bitmap was misread.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use serde::{Deserialize, Serialize};
+
+/// Sectors as partition tables count them. 4Kn disks are found by their GPT header.
+const SECTOR: u64 = 512;
+/// The granularity of the used map: the usual filesystem block.
+pub const BLOCK: u64 = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableKind {
+    None,
+    Mbr,
+    Gpt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fs {
+    Ext4,
+    Ntfs,
+    /// Anything else: kept whole.
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    /// 1-based, as the OS numbers it (logical MBR partitions from 5).
+    pub number: u32,
+    pub start: u64,
+    pub bytes: u64,
+    /// MBR type byte as `0x83`, or the GPT type GUID.
+    pub kind: String,
+    pub fs: Fs,
+    /// Bytes the filesystem says are in use (the whole partition for `other`).
+    pub used_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub disk_bytes: u64,
+    pub table: TableKind,
+    /// The sector size the table uses.
+    pub sector: u64,
+    pub partitions: Vec<Partition>,
+    /// Byte ranges to capture, sorted, disjoint, block aligned (clipped to the disk).
+    #[serde(skip)]
+    pub used: Vec<(u64, u64)>,
+}
+
+fn le16(b: &[u8], at: usize) -> u64 {
+    u16::from_le_bytes([b[at], b[at + 1]]) as u64
+}
+fn le32(b: &[u8], at: usize) -> u64 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as u64
+}
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn read_at(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+/// GUIDs are stored with their first three fields little-endian.
+pub fn guid(b: &[u8]) -> String {
+    format!(
+        "{:08X}-{:04X}-{:04X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
+        le32(b, 0),
+        le16(b, 4),
+        le16(b, 6),
+        b[8],
+        b[9],
+        b[10],
+        b[11],
+        b[12],
+        b[13],
+        b[14],
+        b[15]
+    )
+}
+
+/// Read the layout of the disk (or disk image file) `f` of `disk_bytes`.
+pub fn read(f: &File, disk_bytes: u64) -> io::Result<Layout> {
+    let mut layout = Layout {
+        disk_bytes,
+        table: TableKind::None,
+        sector: SECTOR,
+        partitions: Vec::new(),
+        used: Vec::new(),
+    };
+    let mut parts: Vec<RawPart> = Vec::new();
+    if disk_bytes >= 2 * SECTOR {
+        if let Some((sector, gpt)) = read_gpt(f, disk_bytes)? {
+            layout.table = TableKind::Gpt;
+            layout.sector = sector;
+            parts = gpt;
+        } else if let Some(mbr) = read_mbr(f, disk_bytes)? {
+            layout.table = TableKind::Mbr;
+            parts = mbr;
+        }
+    }
+    let mut used: Vec<(u64, u64)> = Vec::new();
+    if layout.table == TableKind::None {
+        // A bare filesystem, or unknown content.
+        let (fs, runs) = fs_used(f, 0, disk_bytes)?;
+        layout.partitions.push(Partition {
+            number: 0,
+            start: 0,
+            bytes: disk_bytes,
+            kind: "none".into(),
+            fs,
+            used_bytes: runs.iter().map(|r| r.1).sum(),
+        });
+        used.extend(runs);
+    } else {
+        let first = parts.iter().map(|p| p.1).min().unwrap_or(disk_bytes);
+        // The table itself and whatever boot loader sits before the first partition.
+        used.push((0, first.min(disk_bytes)));
+        // The GPT backup, and the tail of the disk.
+        let tail = (1 << 20).min(disk_bytes);
+        used.push((disk_bytes - tail, tail));
+        for (number, start, bytes, kind) in parts {
+            let bytes = bytes.min(disk_bytes.saturating_sub(start));
+            let (fs, runs) = fs_used(f, start, bytes)?;
+            layout.partitions.push(Partition {
+                number,
+                start,
+                bytes,
+                kind,
+                fs,
+                used_bytes: runs.iter().map(|r| r.1).sum(),
+            });
+            used.extend(runs);
+        }
+    }
+    layout.used = normalize(used, disk_bytes);
+    Ok(layout)
+}
+
+/// Sorted, merged, widened to whole blocks, clipped to the disk.
+pub fn normalize(mut runs: Vec<(u64, u64)>, disk_bytes: u64) -> Vec<(u64, u64)> {
+    for r in runs.iter_mut() {
+        let start = r.0 / BLOCK * BLOCK;
+        let end = (r.0 + r.1)
+            .div_ceil(BLOCK)
+            .saturating_mul(BLOCK)
+            .min(disk_bytes);
+        *r = (start, end.saturating_sub(start));
+    }
+    runs.retain(|r| r.1 > 0);
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (s, l) in runs {
+        match out.last_mut() {
+            Some(last) if s <= last.0 + last.1 => {
+                let end = (last.0 + last.1).max(s + l);
+                last.1 = end - last.0;
+            }
+            _ => out.push((s, l)),
+        }
+    }
+    out
+}
+
+/// A partition as a table lists it: number, start and length in bytes, type.
+type RawPart = (u32, u64, u64, String);
+
+fn read_gpt(f: &File, disk_bytes: u64) -> io::Result<Option<(u64, Vec<RawPart>)>> {
+    for sector in [512u64, 4096] {
+        if disk_bytes < sector * 3 {
+            continue;
+        }
+        let h = read_at(f, sector, 92)?;
+        if &h[0..8] != b"EFI PART" {
+            continue;
+        }
+        let entries_lba = le64(&h, 72);
+        let count = le32(&h, 80).min(1024);
+        let size = le32(&h, 84);
+        if !(128..=4096).contains(&size) {
+            continue;
+        }
+        let table = read_at(f, entries_lba * sector, (count * size) as usize)?;
+        let mut parts = Vec::new();
+        for i in 0..count {
+            let e = &table[(i * size) as usize..((i + 1) * size) as usize];
+            if e[..16].iter().all(|&b| b == 0) {
+                continue;
+            }
+            let (first, last) = (le64(e, 32), le64(e, 40));
+            if last < first {
+                continue;
+            }
+            parts.push((
+                i as u32 + 1,
+                first * sector,
+                (last - first + 1) * sector,
+                guid(&e[..16]),
+            ));
+        }
+        return Ok(Some((sector, parts)));
+    }
+    Ok(None)
+}
+
+fn read_mbr(f: &File, disk_bytes: u64) -> io::Result<Option<Vec<RawPart>>> {
+    let mbr = read_at(f, 0, 512)?;
+    if mbr[510] != 0x55 || mbr[511] != 0xAA {
+        return Ok(None);
+    }
+    let entry = |b: &[u8], i: usize| {
+        let e = &b[446 + 16 * i..446 + 16 * (i + 1)];
+        (e[4], le32(e, 8) * SECTOR, le32(e, 12) * SECTOR)
+    };
+    // A boot sector of a bare FAT/NTFS filesystem also ends in 55 AA: its "entries"
+    // are then code and point outside the disk.
+    let mut parts = Vec::new();
+    for i in 0..4 {
+        let (kind, start, bytes) = entry(&mbr, i);
+        if kind == 0 || bytes == 0 {
+            continue;
+        }
+        if start + bytes > disk_bytes || start == 0 {
+            return Ok(None);
+        }
+        if matches!(kind, 0x05 | 0x0F | 0x85) {
+            // Logical partitions: a chain of EBRs, each holding one partition and a
+            // link to the next (relative to the extended partition's start).
+            let mut next = start;
+            let mut number = 5;
+            for _ in 0..128 {
+                let ebr = read_at(f, next, 512)?;
+                if ebr[510] != 0x55 || ebr[511] != 0xAA {
+                    break;
+                }
+                let (k, rel, len) = entry(&ebr, 0);
+                if k != 0 && len > 0 && next + rel + len <= disk_bytes {
+                    parts.push((number, next + rel, len, format!("0x{k:02x}")));
+                    number += 1;
+                }
+                let (k2, link, _) = entry(&ebr, 1);
+                if k2 == 0 || link == 0 {
+                    break;
+                }
+                next = start + link;
+            }
+            // The EBRs themselves are in the extended partition's gaps.
+            parts.push((0, start, SECTOR, format!("0x{kind:02x}")));
+            continue;
+        }
+        parts.push((i as u32 + 1, start, bytes, format!("0x{kind:02x}")));
+    }
+    Ok(Some(parts))
+}
+
+/// The filesystem in `[start, start+bytes)` and its used byte ranges (absolute).
+fn fs_used(f: &File, start: u64, bytes: u64) -> io::Result<(Fs, Vec<(u64, u64)>)> {
+    let whole = vec![(start, bytes)];
+    if bytes < 4096 {
+        return Ok((Fs::Other, whole));
+    }
+    let head = read_at(f, start, 4096)?;
+    if le16(&head, 1024 + 56) == 0xEF53 {
+        return Ok(match ext4_used(f, start, bytes, &head[1024..2048])? {
+            Some(runs) => (Fs::Ext4, runs),
+            None => (Fs::Ext4, whole),
+        });
+    }
+    if &head[3..11] == b"NTFS    " {
+        return Ok(match ntfs_used(f, start, bytes, &head)? {
+            Some(runs) => (Fs::Ntfs, runs),
+            None => (Fs::Ntfs, whole),
+        });
+    }
+    Ok((Fs::Other, whole))
+}
+
+/// Blocks marked in ext2/3/4 block bitmaps, plus every group's metadata. `None` when
+/// the filesystem needs recovery or its numbers do not add up.
+fn ext4_used(f: &File, start: u64, bytes: u64, sb: &[u8]) -> io::Result<Option<Vec<(u64, u64)>>> {
+    let log = le32(sb, 24);
+    if log > 6 {
+        return Ok(None);
+    }
+    let bs = 1024u64 << log;
+    let incompat = le32(sb, 96);
+    let is64 = incompat & 0x80 != 0;
+    // needs_recovery (journal not replayed): the bitmaps may be stale. meta_bg
+    // scatters the group descriptors, which this reader does not follow.
+    if incompat & (0x4 | 0x10) != 0 {
+        return Ok(None);
+    }
+    let blocks = le32(sb, 4) | if is64 { le32(sb, 336) << 32 } else { 0 };
+    let first_data = le32(sb, 20);
+    let per_group = le32(sb, 32);
+    let desc_size = if is64 { le16(sb, 254).max(32) } else { 32 };
+    let reserved_gdt = le16(sb, 206);
+    let sparse_super = le32(sb, 100) & 0x1 != 0;
+    if per_group == 0 || blocks == 0 || blocks * bs > bytes || per_group > bs * 8 {
+        return Ok(None);
+    }
+    let groups = (blocks - first_data).div_ceil(per_group);
+    let gdt_blocks = (groups * desc_size).div_ceil(bs);
+    let gdt = read_at(f, start + (first_data + 1) * bs, (gdt_blocks * bs) as usize)?;
+    let mut runs = Vec::new();
+    let has_backup = |g: u64| {
+        if !sparse_super || g <= 1 {
+            return true;
+        }
+        [3u64, 5, 7].iter().any(|&p| {
+            let mut x = p;
+            while x < g {
+                x *= p;
+            }
+            x == g
+        })
+    };
+    let mut bitmap = vec![0u8; bs as usize];
+    for g in 0..groups {
+        let d = &gdt[(g * desc_size) as usize..((g + 1) * desc_size) as usize];
+        let hi = |at: usize| {
+            if is64 && desc_size >= 64 {
+                le32(d, at) << 32
+            } else {
+                0
+            }
+        };
+        let block_bitmap = le32(d, 0) | hi(0x20);
+        let inode_bitmap = le32(d, 4) | hi(0x24);
+        let inode_table = le32(d, 8) | hi(0x28);
+        let flags = le16(d, 18);
+        let g_start = first_data + g * per_group;
+        let g_blocks = per_group.min(blocks - g_start);
+        // Metadata, wherever flex_bg put it (its inode table spans s_inodes_per_group
+        // inodes of s_inode_size bytes).
+        let inodes_per_group = le32(sb, 40);
+        let inode_size = if le32(sb, 76) >= 1 { le16(sb, 88) } else { 128 };
+        let itable_blocks = (inodes_per_group * inode_size).div_ceil(bs);
+        for (b, n) in [
+            (block_bitmap, 1),
+            (inode_bitmap, 1),
+            (inode_table, itable_blocks),
+        ] {
+            if b < blocks {
+                runs.push((start + b * bs, n.min(blocks - b) * bs));
+            }
+        }
+        if has_backup(g) {
+            runs.push((
+                start + g_start * bs,
+                (1 + gdt_blocks + reserved_gdt).min(g_blocks) * bs,
+            ));
+        }
+        if flags & 0x2 != 0 {
+            // BLOCK_UNINIT: nothing but the metadata above.
+            continue;
+        }
+        if block_bitmap >= blocks {
+            return Ok(None);
+        }
+        f.read_exact_at(&mut bitmap, start + block_bitmap * bs)?;
+        set_bits(&bitmap, g_blocks, |first, n| {
+            runs.push((start + (g_start + first) * bs, n * bs));
+        });
+    }
+    // Boot block and superblock of block 0 (1 KiB block filesystems start at block 1).
+    runs.push((start, 2048.max(bs).min(bytes)));
+    Ok(Some(runs))
+}
+
+/// Clusters marked in NTFS's `$Bitmap` (MFT record 6), plus the space after the
+/// volume (the backup boot sector). `None` when any structure does not check out.
+fn ntfs_used(f: &File, start: u64, bytes: u64, boot: &[u8]) -> io::Result<Option<Vec<(u64, u64)>>> {
+    let bps = le16(boot, 0x0B);
+    let spc_raw = boot[0x0D] as u64;
+    let spc = if spc_raw > 0x80 {
+        1 << (256 - spc_raw)
+    } else {
+        spc_raw
+    };
+    if !(256..=4096).contains(&bps) || spc == 0 {
+        return Ok(None);
+    }
+    let cluster = bps * spc;
+    let total_sectors = le64(boot, 0x28);
+    let volume = total_sectors * bps;
+    let mft_lcn = le64(boot, 0x30);
+    let cpr = boot[0x40] as i8;
+    let record = if cpr < 0 {
+        1u64 << (-cpr as u32)
+    } else {
+        cpr as u64 * cluster
+    };
+    if volume > bytes || !(512..=65536).contains(&record) {
+        return Ok(None);
+    }
+    let mut rec = read_at(f, start + mft_lcn * cluster + 6 * record, record as usize)?;
+    if &rec[0..4] != b"FILE" {
+        return Ok(None);
+    }
+    // Update sequence fix-ups: the last two bytes of each sector hold a check value.
+    let usa_off = le16(&rec, 4) as usize;
+    let usa_count = le16(&rec, 6) as usize;
+    if usa_off + 2 * usa_count > rec.len() {
+        return Ok(None);
+    }
+    for i in 1..usa_count {
+        let end = i * bps as usize;
+        if end > rec.len() {
+            return Ok(None);
+        }
+        if rec[end - 2..end] != rec[usa_off..usa_off + 2] {
+            return Ok(None);
+        }
+        let fix = [rec[usa_off + 2 * i], rec[usa_off + 2 * i + 1]];
+        rec[end - 2..end].copy_from_slice(&fix);
+    }
+    // The unnamed, non-resident $DATA attribute.
+    let mut at = le16(&rec, 0x14) as usize;
+    let runs = loop {
+        if at + 16 > rec.len() {
+            return Ok(None);
+        }
+        let kind = le32(&rec, at);
+        let len = le32(&rec, at + 4) as usize;
+        if kind == 0xFFFF_FFFF || len == 0 || at + len > rec.len() {
+            return Ok(None);
+        }
+        if kind == 0x80 && rec[at + 8] == 1 && rec[at + 9] == 0 {
+            let runs_at = at + le16(&rec, at + 0x20) as usize;
+            let size = le64(&rec, at + 0x30);
+            break Some((decode_runs(&rec[runs_at.min(at + len)..at + len]), size));
+        }
+        at += len;
+    };
+    let Some((data_runs, size)) = runs else {
+        return Ok(None);
+    };
+    let clusters = volume / cluster;
+    if size < clusters.div_ceil(8) {
+        return Ok(None);
+    }
+    let mut bitmap = Vec::with_capacity(size as usize);
+    for (lcn, n) in data_runs {
+        let Some(lcn) = lcn else {
+            // Sparse run: zeros.
+            bitmap.resize(bitmap.len() + (n * cluster) as usize, 0);
+            continue;
+        };
+        if (lcn + n) * cluster > volume {
+            return Ok(None);
+        }
+        bitmap.extend(read_at(f, start + lcn * cluster, (n * cluster) as usize)?);
+    }
+    if (bitmap.len() as u64) < clusters.div_ceil(8) {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    set_bits(&bitmap, clusters, |first, n| {
+        out.push((start + first * cluster, n * cluster));
+    });
+    out.push((start, cluster.min(bytes)));
+    if bytes > volume {
+        out.push((start + volume, bytes - volume));
+    } else {
+        // The backup boot sector is the volume's last sector.
+        out.push((start + volume - bps, bps));
+    }
+    Ok(Some(out))
+}
+
+/// Each run of set bits among the first `count` bits (least significant first, as
+/// ext4 and NTFS store them): `run(first, length)`.
+fn set_bits(bitmap: &[u8], count: u64, mut run: impl FnMut(u64, u64)) {
+    let bit = |i: u64| bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
+    let count = count.min(bitmap.len() as u64 * 8);
+    let mut i = 0u64;
+    while i < count {
+        if i.is_multiple_of(8) && bitmap[(i / 8) as usize] == 0 {
+            i += 8;
+            continue;
+        }
+        if bit(i) {
+            let first = i;
+            while i < count && bit(i) {
+                i += 1;
+            }
+            run(first, i - first);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// NTFS run list: (LCN or None for sparse, length in clusters).
+fn decode_runs(b: &[u8]) -> Vec<(Option<u64>, u64)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut lcn: i64 = 0;
+    while i < b.len() && b[i] != 0 {
+        let h = b[i];
+        let (ln, on) = ((h & 0x0F) as usize, (h >> 4) as usize);
+        if ln == 0 || ln > 8 || on > 8 || i + 1 + ln + on > b.len() {
+            break;
+        }
+        let mut len = 0u64;
+        for k in 0..ln {
+            len |= (b[i + 1 + k] as u64) << (8 * k);
+        }
+        if on == 0 {
+            out.push((None, len));
+        } else {
+            let mut off: i64 = 0;
+            for k in 0..on {
+                off |= (b[i + 1 + ln + k] as i64) << (8 * k);
+            }
+            // Sign-extend.
+            let shift = 64 - 8 * on as u32;
+            off = (off << shift) >> shift;
+            lcn += off;
+            if lcn < 0 {
+                break;
+            }
+            out.push((Some(lcn as u64), len));
+        }
+        i += 1 + ln + on;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_merged_and_block_aligned() {
+        let r = normalize(vec![(5000, 10), (0, 100), (8192, 4096), (20000, 1)], 30000);
+        assert_eq!(r, vec![(0, 12288), (16384, 4096)]);
+    }
+
+    #[test]
+    fn bit_runs_stop_at_the_count() {
+        let mut runs = Vec::new();
+        set_bits(&[0b1110_0001, 0xff, 0], 12, |a, n| runs.push((a, n)));
+        assert_eq!(runs, vec![(0, 1), (5, 7)]);
+    }
+
+    #[test]
+    fn ntfs_run_lists_decode_with_signed_offsets() {
+        // 0x21: 1-byte length, 2-byte offset; then a negative offset.
+        let runs = decode_runs(&[0x21, 0x10, 0x00, 0x10, 0x11, 0x04, 0xF0, 0x00]);
+        assert_eq!(runs, vec![(Some(0x1000), 0x10), (Some(0x1000 - 0x10), 4)]);
+    }
+}

@@ -1,0 +1,696 @@
+//! Disk images: capture a disk into the content-addressed store, deploy a version back
+//! onto a disk, verify a disk against a version.
+//!
+//! A disk becomes a *data stream*: the bytes of its used blocks (filesystem bitmaps,
+//! see [`layout`]) that are not all zeros, in disk order. The stream is cut into
+//! content-defined chunks (FastCDC), so an edit moves few chunk boundaries and a
+//! recapture stores only what changed. The manifest maps the stream back onto the disk.
+
+pub mod gpt;
+pub mod layout;
+pub mod manifest;
+pub mod store;
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::spec::Digest;
+use layout::BLOCK;
+use manifest::{ChunkRef, Chunker, Manifest, PartitionTable};
+use store::{Store, StoreError, VersionRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "target {path} holds {have} bytes but the image needs {need}: choose a larger disk \
+         (a smaller one cannot hold it)"
+    )]
+    TooSmall { path: PathBuf, have: u64, need: u64 },
+    #[error(
+        "verification failed on {path}: {bad} of {total} chunks differ from image {digest} \
+         (first at disk offset {first_offset}); the disk does NOT hold this image"
+    )]
+    Verify {
+        path: PathBuf,
+        digest: Digest,
+        bad: usize,
+        total: usize,
+        first_offset: u64,
+    },
+}
+
+type Result<T> = std::result::Result<T, ImageError>;
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The size of a disk or disk image file.
+pub fn disk_size(f: &mut File) -> io::Result<u64> {
+    let meta = f.metadata()?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    // A block device reports its size by seeking to its end.
+    let n = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(n)
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureOptions {
+    /// zstd level (1-19; 3 is zstd's default).
+    pub level: i32,
+    pub threads: usize,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        CaptureOptions {
+            level: 3,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptureReport {
+    pub digest: Digest,
+    pub disk_bytes: u64,
+    /// Bytes the filesystems use (what was read).
+    pub used_bytes: u64,
+    /// Non-zero bytes among them (the data stream).
+    pub data_bytes: u64,
+    pub chunks: usize,
+    /// Chunks the store did not have, their data bytes, and their compressed bytes:
+    /// what crossed to it.
+    pub new_chunks: usize,
+    pub new_data_bytes: u64,
+    pub new_stored_bytes: u64,
+    /// Compressed bytes of all the version's chunks.
+    pub stored_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Where the data stream's bytes sit on the disk, filled in while the stream is read.
+#[derive(Default)]
+struct Extents {
+    data: Vec<(u64, u64)>,
+    zeros: Vec<(u64, u64)>,
+}
+
+fn push_run(v: &mut Vec<(u64, u64)>, off: u64, len: u64) {
+    match v.last_mut() {
+        Some(last) if last.0 + last.1 == off => last.1 += len,
+        _ => v.push((off, len)),
+    }
+}
+
+/// Reads the non-zero used blocks of a disk, in order, as one stream.
+struct UsedData {
+    file: File,
+    runs: Vec<(u64, u64)>,
+    run: usize,
+    pos: u64,
+    buf: Vec<u8>,
+    buf_start: usize,
+    buf_end: usize,
+    extents: Arc<Mutex<Extents>>,
+}
+
+const READ_SIZE: usize = 4 << 20;
+static ZERO: [u8; BLOCK as usize] = [0; BLOCK as usize];
+
+impl UsedData {
+    /// Fill `buf` with the next non-zero blocks.
+    fn refill(&mut self) -> io::Result<()> {
+        self.buf_start = 0;
+        self.buf_end = 0;
+        while self.buf_end == 0 {
+            let Some(&(start, len)) = self.runs.get(self.run) else {
+                return Ok(());
+            };
+            let end = start + len;
+            if self.pos < start {
+                self.pos = start;
+            }
+            if self.pos >= end {
+                self.run += 1;
+                continue;
+            }
+            let n = ((end - self.pos) as usize).min(READ_SIZE);
+            let mut raw = vec![0u8; n];
+            self.file.read_exact_at(&mut raw, self.pos)?;
+            let mut ext = self.extents.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, block) in raw.chunks(BLOCK as usize).enumerate() {
+                let off = self.pos + (i as u64) * BLOCK;
+                if block == &ZERO[..block.len()] {
+                    push_run(&mut ext.zeros, off, block.len() as u64);
+                } else {
+                    push_run(&mut ext.data, off, block.len() as u64);
+                    self.buf[self.buf_end..self.buf_end + block.len()].copy_from_slice(block);
+                    self.buf_end += block.len();
+                }
+            }
+            self.pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Read for UsedData {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.buf_start == self.buf_end {
+            self.refill()?;
+            if self.buf_end == 0 {
+                return Ok(0);
+            }
+        }
+        let n = out.len().min(self.buf_end - self.buf_start);
+        out[..n].copy_from_slice(&self.buf[self.buf_start..self.buf_start + n]);
+        self.buf_start += n;
+        Ok(n)
+    }
+}
+
+/// Capture the disk (or image file) at `disk` into `store`; with `name`, record the
+/// version under that image with `generation`.
+pub fn capture(
+    disk: &Path,
+    store: &Store,
+    name: Option<(&str, u64)>,
+    opts: CaptureOptions,
+) -> Result<CaptureReport> {
+    let started = Instant::now();
+    if let Some((n, _)) = name
+        && !store::valid_name(n)
+    {
+        return Err(StoreError::BadName(n.into()).into());
+    }
+    let mut file = File::open(disk).map_err(io_err(disk))?;
+    let disk_bytes = disk_size(&mut file).map_err(io_err(disk))?;
+    let layout = layout::read(&file, disk_bytes).map_err(io_err(disk))?;
+    let raw_len = match layout.table {
+        layout::TableKind::Gpt => layout.sector * 34,
+        layout::TableKind::Mbr => 512,
+        layout::TableKind::None => 0,
+    }
+    .min(disk_bytes);
+    let mut raw = vec![0u8; raw_len as usize];
+    file.read_exact_at(&mut raw, 0).map_err(io_err(disk))?;
+    let used_bytes = layout.used.iter().map(|r| r.1).sum();
+
+    let extents = Arc::new(Mutex::new(Extents::default()));
+    let reader = UsedData {
+        file: file.try_clone().map_err(io_err(disk))?,
+        runs: layout.used.clone(),
+        run: 0,
+        pos: 0,
+        buf: vec![0u8; READ_SIZE],
+        buf_start: 0,
+        buf_end: 0,
+        extents: extents.clone(),
+    };
+    let chunker = Chunker::current();
+    let cdc = fastcdc::v2020::StreamCDC::new(
+        reader,
+        chunker.min as usize,
+        chunker.avg as usize,
+        chunker.max as usize,
+    );
+
+    // Workers hash, look up, compress and store; the chunker runs here.
+    let threads = opts.threads.max(1);
+    let (tx, rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
+    let rx = Arc::new(Mutex::new(rx));
+    // Per chunk index: its hash, length, and whether this capture stored it.
+    type Done = Option<(Digest, u32, bool)>;
+    let results: Arc<Mutex<Vec<Done>>> = Arc::default();
+    let first_error: Arc<Mutex<Option<StoreError>>> = Arc::default();
+    let new_stored = Arc::new(AtomicU64::new(0));
+    let claimed: Arc<Mutex<HashSet<Digest>>> = Arc::default();
+    let mut workers = Vec::new();
+    for _ in 0..threads {
+        let (rx, results, err, new_stored, claimed) = (
+            rx.clone(),
+            results.clone(),
+            first_error.clone(),
+            new_stored.clone(),
+            claimed.clone(),
+        );
+        let level = opts.level;
+        let store_root = store.root().to_owned();
+        workers.push(std::thread::spawn(move || {
+            let Ok(store) = Store::open(&store_root) else {
+                return;
+            };
+            loop {
+                let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok((i, data)) = next else { break };
+                let d = Digest(*blake3::hash(&data).as_bytes());
+                let fresh = !store.has_chunk(&d)
+                    && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(d);
+                if fresh {
+                    let r = store::compress(&data, level)
+                        .map_err(|source| StoreError::Io {
+                            path: store.chunk_path(&d),
+                            source,
+                        })
+                        .and_then(|c| store.put_chunk(&d, &c));
+                    match r {
+                        Ok(n) => {
+                            new_stored.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            err.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                        }
+                    }
+                }
+                let mut res = results.lock().unwrap_or_else(|p| p.into_inner());
+                if res.len() <= i {
+                    res.resize(i + 1, None);
+                }
+                res[i] = Some((d, data.len() as u32, fresh));
+            }
+        }));
+    }
+    let mut count = 0;
+    let mut read_error = None;
+    for chunk in cdc {
+        match chunk {
+            Ok(c) => {
+                if tx.send((count, c.data)).is_err() {
+                    break;
+                }
+                count += 1;
+            }
+            Err(e) => {
+                read_error = Some(io::Error::other(e.to_string()));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    for w in workers {
+        let _ = w.join();
+    }
+    if let Some(e) = read_error {
+        return Err(ImageError::Io {
+            path: disk.to_owned(),
+            source: e,
+        });
+    }
+    if let Some(e) = first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e.into());
+    }
+    let results = std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut chunks = Vec::with_capacity(count);
+    let mut new_chunks = 0;
+    let mut new_data_bytes = 0;
+    for r in results.into_iter().take(count) {
+        let Some((hash, len, fresh)) = r else {
+            return Err(ImageError::Io {
+                path: disk.to_owned(),
+                source: io::Error::other("a chunk was lost between threads"),
+            });
+        };
+        new_chunks += usize::from(fresh);
+        if fresh {
+            new_data_bytes += u64::from(len);
+        }
+        chunks.push(ChunkRef { hash, len });
+    }
+    let ext = std::mem::take(&mut *extents.lock().unwrap_or_else(|p| p.into_inner()));
+    let data_bytes = chunks.iter().map(|c| u64::from(c.len)).sum();
+    let manifest = Manifest {
+        format: 1,
+        disk_bytes,
+        chunker,
+        partition_table: PartitionTable {
+            kind: layout.table,
+            sector: layout.sector,
+            partitions: layout.partitions.clone(),
+            raw: raw.iter().map(|b| format!("{b:02x}")).collect(),
+        },
+        extents: ext.data,
+        zero_extents: ext.zeros,
+        chunks,
+        data_bytes,
+    };
+    let digest = store.put_manifest(&manifest)?;
+    let stored_bytes = store.stored_size(manifest.chunks.iter().map(|c| &c.hash));
+    if let Some((name, generation)) = name {
+        store.add_version(
+            name,
+            VersionRecord {
+                digest,
+                generation,
+                captured_at: crate::state::now(),
+                disk_bytes,
+                stored_bytes,
+            },
+        )?;
+    }
+    Ok(CaptureReport {
+        digest,
+        disk_bytes,
+        used_bytes,
+        data_bytes,
+        chunks: manifest.chunks.len(),
+        new_chunks,
+        new_data_bytes,
+        new_stored_bytes: new_stored.load(Ordering::Relaxed),
+        stored_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Where each chunk's bytes go: (disk offset, length) pieces.
+fn placements(m: &Manifest) -> Vec<Vec<(u64, u64)>> {
+    let mut out = Vec::with_capacity(m.chunks.len());
+    let mut ext = m.extents.iter().copied();
+    let mut cur = ext.next();
+    for c in &m.chunks {
+        let mut need = u64::from(c.len);
+        let mut pieces = Vec::new();
+        while need > 0 {
+            let Some((off, len)) = cur else { break };
+            let take = need.min(len);
+            pieces.push((off, take));
+            need -= take;
+            cur = if take == len {
+                ext.next()
+            } else {
+                Some((off + take, len - take))
+            };
+        }
+        out.push(pieces);
+    }
+    out
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployReport {
+    /// The version the disk now holds, read back and checked chunk by chunk.
+    pub verified: Digest,
+    pub disk_bytes: u64,
+    pub target_bytes: u64,
+    pub chunks: usize,
+    /// Chunks written now; the rest were already on the disk (a resumed deploy).
+    pub chunks_written: usize,
+    pub bytes_written: u64,
+    /// Set when the partition table was fixed for a larger disk.
+    pub grown: Option<gpt::Grown>,
+    pub seconds: f64,
+}
+
+/// A deploy's progress, kept beside a file target so an interrupted deploy resumes.
+fn journal_path(target: &Path) -> PathBuf {
+    let mut p = target.as_os_str().to_owned();
+    p.push(".fleetwave-deploy");
+    PathBuf::from(p)
+}
+
+/// Write version `digest` from `store` onto `target`, fix the partition table for a
+/// larger disk, then read everything back and check it. Only a disk that passed the
+/// read-back is reported; anything else is an error.
+pub fn deploy(
+    store: &Store,
+    digest: &Digest,
+    target: &Path,
+    threads: usize,
+) -> Result<DeployReport> {
+    let started = Instant::now();
+    let m = store.manifest(digest)?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(target)
+        .map_err(io_err(target))?;
+    let mut target_bytes = disk_size(&mut file).map_err(io_err(target))?;
+    let is_file = file.metadata().map(|x| x.is_file()).unwrap_or(false);
+    if is_file && target_bytes == 0 {
+        file.set_len(m.disk_bytes).map_err(io_err(target))?;
+        target_bytes = m.disk_bytes;
+    }
+    if target_bytes < m.disk_bytes {
+        return Err(ImageError::TooSmall {
+            path: target.to_owned(),
+            have: target_bytes,
+            need: m.disk_bytes,
+        });
+    }
+    // A journal naming this version means an earlier run was interrupted: chunks
+    // already on the disk (checked by hash) are not written again.
+    let journal = journal_path(target);
+    let resume = is_file
+        && std::fs::read_to_string(&journal)
+            .map(|s| s.trim() == digest.to_string())
+            .unwrap_or(false);
+    if is_file {
+        std::fs::write(&journal, digest.to_string()).map_err(io_err(&journal))?;
+    }
+
+    let places = Arc::new(placements(&m));
+    let chunks = Arc::new(m.chunks.clone());
+    let next = Arc::new(AtomicUsize::new(0));
+    let written = Arc::new(AtomicUsize::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let error: Arc<Mutex<Option<ImageError>>> = Arc::default();
+    let file = Arc::new(file);
+    let mut workers = Vec::new();
+    for _ in 0..threads.max(1) {
+        let (places, chunks, next, written, bytes, error, file) = (
+            places.clone(),
+            chunks.clone(),
+            next.clone(),
+            written.clone(),
+            bytes.clone(),
+            error.clone(),
+            file.clone(),
+        );
+        let store_root = store.root().to_owned();
+        let target = target.to_owned();
+        workers.push(std::thread::spawn(move || {
+            let store = match Store::open(&store_root) {
+                Ok(s) => s,
+                Err(e) => {
+                    error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e.into());
+                    return;
+                }
+            };
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= chunks.len() || error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                    break;
+                }
+                let c = chunks[i];
+                if resume && read_pieces(&file, &places[i]).is_ok_and(|d| hash(&d) == c.hash) {
+                    continue;
+                }
+                let r = store
+                    .chunk(&c.hash, c.len as usize)
+                    .map_err(ImageError::from)
+                    .and_then(|data| {
+                        let mut at = 0usize;
+                        for &(off, len) in &places[i] {
+                            file.write_all_at(&data[at..at + len as usize], off)
+                                .map_err(io_err(&target))?;
+                            at += len as usize;
+                        }
+                        Ok(())
+                    });
+                match r {
+                    Ok(()) => {
+                        written.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(u64::from(c.len), Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    if let Some(e) = error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    let file = Arc::try_unwrap(file).map_err(|_| ImageError::Io {
+        path: target.to_owned(),
+        source: io::Error::other("a deploy thread still holds the target"),
+    })?;
+    // Zeros the image holds: holes in a sparse file stay holes; anything else is zeroed.
+    zero_fill(&file, &m.zero_extents).map_err(io_err(target))?;
+    file.sync_all().map_err(io_err(target))?;
+    // The read-back covers what the image holds; growing then changes the partition
+    // table on purpose, and checks its own CRCs.
+    check(&file, &m, digest, target, threads)?;
+    let mut grown = None;
+    if target_bytes > m.disk_bytes && m.partition_table.kind == layout::TableKind::Gpt {
+        grown = gpt::grow(&file, target_bytes).map_err(io_err(target))?;
+        file.sync_all().map_err(io_err(target))?;
+    }
+    if is_file {
+        let _ = std::fs::remove_file(&journal);
+    }
+    Ok(DeployReport {
+        verified: *digest,
+        disk_bytes: m.disk_bytes,
+        target_bytes,
+        chunks: m.chunks.len(),
+        chunks_written: written.load(Ordering::Relaxed),
+        bytes_written: bytes.load(Ordering::Relaxed),
+        grown,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn hash(data: &[u8]) -> Digest {
+    Digest(*blake3::hash(data).as_bytes())
+}
+
+fn read_pieces(file: &File, pieces: &[(u64, u64)]) -> io::Result<Vec<u8>> {
+    let total: u64 = pieces.iter().map(|p| p.1).sum();
+    let mut out = vec![0u8; total as usize];
+    let mut at = 0usize;
+    for &(off, len) in pieces {
+        file.read_exact_at(&mut out[at..at + len as usize], off)?;
+        at += len as usize;
+    }
+    Ok(out)
+}
+
+fn zero_fill(file: &File, zeros: &[(u64, u64)]) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let zero = vec![0u8; 1 << 20];
+    for &(off, len) in zeros {
+        let mut done = 0;
+        while done < len {
+            let n = ((len - done) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], off + done)?;
+            if buf[..n] != zero[..n] {
+                file.write_all_at(&zero[..n], off + done)?;
+            }
+            done += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Read every chunk of `m` back from `file` and compare hashes; zero extents must be
+/// zeros. Err unless all match.
+fn check(file: &File, m: &Manifest, digest: &Digest, path: &Path, threads: usize) -> Result<()> {
+    let report = compare(file, m, threads).map_err(io_err(path))?;
+    match report.first_bad {
+        None => Ok(()),
+        Some(first_offset) => Err(ImageError::Verify {
+            path: path.to_owned(),
+            digest: *digest,
+            bad: report.bad,
+            total: m.chunks.len() + m.zero_extents.len(),
+            first_offset,
+        }),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub digest: Digest,
+    /// Chunks (and zero extents) that differ from the version.
+    pub bad: usize,
+    pub checked: usize,
+    /// Disk offset of the first difference.
+    pub first_bad: Option<u64>,
+}
+
+fn compare(file: &File, m: &Manifest, threads: usize) -> io::Result<VerifyReport> {
+    let places = placements(m);
+    let next = AtomicUsize::new(0);
+    let bad: Mutex<Vec<u64>> = Mutex::default();
+    let failed: Mutex<Option<io::Error>> = Mutex::default();
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= m.chunks.len() {
+                        break;
+                    }
+                    match read_pieces(file, &places[i]) {
+                        Ok(d) if hash(&d) == m.chunks[i].hash => {}
+                        Ok(_) => bad
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(places[i].first().map_or(0, |p| p.0)),
+                        Err(e) => {
+                            failed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut buf = vec![0u8; 1 << 20];
+    for &(off, len) in &m.zero_extents {
+        let mut done = 0;
+        while done < len {
+            let n = ((len - done) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], off + done)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                bad.push(off + done);
+                break;
+            }
+            done += n as u64;
+        }
+    }
+    bad.sort_unstable();
+    Ok(VerifyReport {
+        digest: Digest([0; 32]),
+        bad: bad.len(),
+        checked: m.chunks.len() + m.zero_extents.len(),
+        first_bad: bad.first().copied(),
+    })
+}
+
+/// Whether the disk at `path` still holds version `digest` (drift check).
+pub fn verify(store: &Store, digest: &Digest, path: &Path, threads: usize) -> Result<VerifyReport> {
+    let m = store.manifest(digest)?;
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut r = compare(&file, &m, threads).map_err(io_err(path))?;
+    r.digest = *digest;
+    Ok(r)
+}

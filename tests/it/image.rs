@@ -1,0 +1,422 @@
+//! Capture and deploy of real disk image files: a GPT disk holding ext4 and NTFS
+//! partitions with files and deleted files, built with mkfs.ext4, mkntfs, sgdisk,
+//! debugfs and ntfscp; checked with e2fsck, ntfsfix, sgdisk and the files themselves.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fleetwave::image::store::Store;
+use fleetwave::image::{self, CaptureOptions};
+
+use crate::tool;
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn tools() -> bool {
+    tool("e2fsprogs", "/usr/sbin/mkfs.ext4")
+        && tool("ntfs-3g", "/usr/sbin/mkntfs")
+        && tool("gdisk", "/usr/sbin/sgdisk")
+}
+
+/// Deterministic bytes: random-looking, or text-like when `text`.
+fn content(n: usize, seed: u64, text: bool) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if text {
+                if i % 60 == 59 {
+                    b'\n'
+                } else {
+                    b"abcdefghij klmnop"[(x % 17) as usize]
+                }
+            } else {
+                x as u8
+            }
+        })
+        .collect()
+}
+
+const SECTOR: u64 = 512;
+const P1_START: u64 = 2048;
+const P1_SECTORS: u64 = 96 * 2048; // 96 MiB ext4
+const DISK_MIB: u64 = 192;
+
+struct Disk {
+    dir: tempfile::TempDir,
+    disk: PathBuf,
+    /// Files each filesystem should hold, with their content.
+    files: Vec<(String, Vec<u8>)>,
+    ntfs_files: Vec<(String, Vec<u8>)>,
+    p2: (u64, u64),
+}
+
+/// A 192 MiB GPT disk: partition 1 ext4 (96 MiB, 4 KiB blocks) with 60 files of which
+/// 2 are deleted; partition 2 NTFS (the rest) with 4 files.
+fn build_disk() -> Disk {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let mut files = Vec::new();
+    for i in 0..60 {
+        let text = i % 2 == 0;
+        let data = content(100_000 + i * 7_919, i as u64 + 1, text);
+        let name = format!("f{i:02}.{}", if text { "txt" } else { "bin" });
+        std::fs::write(src.join(&name), &data).expect("write");
+        files.push((name, data));
+    }
+    let disk = d.join("disk.raw");
+    sh(Command::new("truncate")
+        .args(["-s", &format!("{DISK_MIB}M")])
+        .arg(&disk));
+    sh(Command::new("sgdisk")
+        .args(["-o", &format!("-n1:{P1_START}:+{P1_SECTORS}"), "-t1:8300"])
+        .args(["-n2:0:0", "-t2:0700"])
+        .arg(&disk));
+    let info = sh(Command::new("sgdisk").args(["-i2"]).arg(&disk));
+    let field = |k: &str| -> u64 {
+        info.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|v| v.parse().ok())
+            .expect("sgdisk field")
+    };
+    let (p2_first, p2_last) = (field("First sector"), field("Last sector"));
+
+    let p1 = d.join("p1.img");
+    sh(Command::new("truncate")
+        .args(["-s", &format!("{}", P1_SECTORS * SECTOR)])
+        .arg(&p1));
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&p1));
+    // Deleted files: their blocks are free, their old data still on the disk.
+    for gone in ["f03.bin", "f10.txt"] {
+        sh(Command::new("debugfs")
+            .args(["-w", "-R", &format!("rm {gone}")])
+            .arg(&p1));
+        files.retain(|(n, _)| n != gone);
+    }
+    let p2 = d.join("p2.img");
+    let p2_bytes = (p2_last - p2_first + 1) * SECTOR;
+    sh(Command::new("truncate")
+        .args(["-s", &p2_bytes.to_string()])
+        .arg(&p2));
+    sh(Command::new("mkntfs")
+        .args(["-q", "-F", "-Q", "-s", "512", "-p", &p2_first.to_string()])
+        .args(["-H", "255", "-S", "63"])
+        .arg(&p2));
+    let mut ntfs_files = Vec::new();
+    for (name, data) in files.iter().take(4) {
+        sh(Command::new("ntfscp")
+            .arg("-q")
+            .arg(&p2)
+            .arg(src.join(name))
+            .arg(name));
+        ntfs_files.push((name.clone(), data.clone()));
+    }
+    for (img, seek) in [(&p1, P1_START), (&p2, p2_first)] {
+        sh(Command::new("dd")
+            .arg(format!("if={}", img.display()))
+            .arg(format!("of={}", disk.display()))
+            .args([
+                "bs=512",
+                &format!("seek={seek}"),
+                "conv=notrunc,sparse",
+                "status=none",
+            ]));
+    }
+    Disk {
+        dir,
+        disk,
+        files,
+        ntfs_files,
+        p2: (p2_first, p2_last - p2_first + 1),
+    }
+}
+
+/// Copy `sectors` sectors at `start` out of `disk` into their own file.
+fn extract(disk: &Path, start: u64, sectors: u64, out: &Path) {
+    sh(Command::new("dd")
+        .arg(format!("if={}", disk.display()))
+        .arg(format!("of={}", out.display()))
+        .args([
+            "bs=512",
+            &format!("skip={start}"),
+            &format!("count={sectors}"),
+            "status=none",
+        ]));
+}
+
+/// The filesystems on `disk` are clean and hold exactly the expected files.
+fn check_filesystems(d: &Disk, disk: &Path) {
+    let p1 = d.dir.path().join("check-p1.img");
+    extract(disk, P1_START, P1_SECTORS, &p1);
+    sh(Command::new("e2fsck").arg("-fn").arg(&p1));
+    for (name, data) in &d.files {
+        let got = Command::new("debugfs")
+            .args(["-R", &format!("cat {name}")])
+            .arg(&p1)
+            .output()
+            .expect("debugfs");
+        assert!(got.stdout == *data, "{name} differs on ext4");
+    }
+    let gone = sh(Command::new("debugfs").args(["-R", "ls -l"]).arg(&p1));
+    assert!(!gone.contains("f03.bin"), "a deleted file came back");
+    let p2 = d.dir.path().join("check-p2.img");
+    extract(disk, d.p2.0, d.p2.1, &p2);
+    sh(Command::new("ntfsfix").arg("-n").arg(&p2));
+    for (name, data) in &d.ntfs_files {
+        let got = Command::new("ntfscat")
+            .arg(&p2)
+            .arg(name)
+            .output()
+            .expect("ntfscat");
+        assert!(got.stdout == *data, "{name} differs on NTFS");
+    }
+}
+
+fn threads() -> usize {
+    2
+}
+
+#[test]
+fn capture_then_deploy_to_the_same_size_and_to_a_larger_disk() {
+    if !tools() {
+        return;
+    }
+    let d = build_disk();
+    let store = Store::open(&d.dir.path().join("store")).expect("store");
+    let r = image::capture(&d.disk, &store, Some(("lab", 1)), CaptureOptions::default())
+        .expect("capture");
+    // Only what the filesystems use is read: the files, plus metadata (inode tables,
+    // journal, NTFS's MFT), not free space.
+    let files: u64 = d.files.iter().map(|f| f.1.len() as u64).sum();
+    assert!(
+        r.used_bytes < files + (20 << 20),
+        "read {} bytes for {files} bytes of files",
+        r.used_bytes
+    );
+    assert_eq!(store.resolve("lab").expect("resolve"), r.digest);
+
+    // Same size: a blank (sparse) file.
+    let same = d.dir.path().join("same.raw");
+    sh(Command::new("truncate")
+        .args(["-s", &format!("{DISK_MIB}M")])
+        .arg(&same));
+    let dep = image::deploy(&store, &r.digest, &same, threads()).expect("deploy");
+    assert_eq!(dep.verified, r.digest);
+    assert!(dep.grown.is_none());
+    check_filesystems(&d, &same);
+    let allocated = std::fs::metadata(&same).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.blocks() * 512
+    });
+    assert!(
+        allocated.expect("metadata") < 24 << 20,
+        "the target is not sparse"
+    );
+    // The deployed disk holds the version; the original still does too.
+    let v = image::verify(&store, &r.digest, &same, threads()).expect("verify");
+    assert_eq!(v.bad, 0);
+
+    // Larger: the GPT moves its backup to the new end and partition 2 grows.
+    let big = d.dir.path().join("big.raw");
+    sh(Command::new("truncate").args(["-s", "320M"]).arg(&big));
+    let dep = image::deploy(&store, &r.digest, &big, threads()).expect("deploy larger");
+    let grown = dep.grown.expect("grown");
+    assert_eq!(grown.partition, 2);
+    assert!(
+        grown.new_bytes >= grown.old_bytes + (127 << 20),
+        "{grown:?}"
+    );
+    let report = sh(Command::new("sgdisk").arg("-v").arg(&big));
+    assert!(report.contains("No problems found"), "{report}");
+    let table = sh(Command::new("sgdisk").arg("-i2").arg(&big));
+    assert!(table.contains("Last sector: 653311"), "{table}");
+    check_filesystems(&d, &big);
+}
+
+#[test]
+fn a_recapture_after_changing_5_percent_of_the_files_stores_little() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    for i in 0..100 {
+        std::fs::write(
+            src.join(format!("f{i:03}")),
+            content(1 << 20, i, i % 2 == 0),
+        )
+        .expect("write");
+    }
+    let fs = dir.path().join("fs.img");
+    sh(Command::new("truncate").args(["-s", "160M"]).arg(&fs));
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&fs));
+    let store = Store::open(&dir.path().join("store")).expect("store");
+    let first =
+        image::capture(&fs, &store, Some(("fs", 1)), CaptureOptions::default()).expect("capture");
+    // Rewrite 5 of the 100 files in place, as an edit would.
+    for i in [7u64, 23, 42, 61, 88] {
+        let new = dir.path().join("new");
+        std::fs::write(&new, content(1 << 20, 1000 + i, i % 2 == 0)).expect("write");
+        let name = format!("f{i:03}");
+        sh(Command::new("debugfs")
+            .args(["-w", "-R", &format!("rm {name}")])
+            .arg(&fs));
+        sh(Command::new("debugfs")
+            .args(["-w", "-R", &format!("write {} {name}", new.display())])
+            .arg(&fs));
+    }
+    let second =
+        image::capture(&fs, &store, Some(("fs", 2)), CaptureOptions::default()).expect("recapture");
+    assert_ne!(first.digest, second.digest);
+    let share = second.new_data_bytes as f64 / second.data_bytes as f64;
+    assert!(
+        share <= 0.10,
+        "the recapture sent {} of {} bytes ({:.1}%)",
+        second.new_data_bytes,
+        second.data_bytes,
+        share * 100.0
+    );
+    // Both versions deploy and verify.
+    for v in [first.digest, second.digest] {
+        let t = dir.path().join("t.raw");
+        let _ = std::fs::remove_file(&t);
+        std::fs::File::create(&t).expect("create");
+        image::deploy(&store, &v, &t, threads()).expect("deploy");
+    }
+}
+
+#[test]
+fn a_corrupt_chunk_is_refused_and_never_reported_as_deployed() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("a"), content(3 << 20, 5, false)).expect("write");
+    let fs = dir.path().join("fs.img");
+    sh(Command::new("truncate").args(["-s", "32M"]).arg(&fs));
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&fs));
+    let store = Store::open(&dir.path().join("store")).expect("store");
+    let r =
+        image::capture(&fs, &store, Some(("x", 1)), CaptureOptions::default()).expect("capture");
+    let m = store.manifest(&r.digest).expect("manifest");
+    // Replace one stored chunk with another valid zstd frame of the same length.
+    let victim = m.chunks[m.chunks.len() / 2];
+    let fake =
+        fleetwave::image::store::compress(&vec![0x5a; victim.len as usize], 3).expect("zstd");
+    std::fs::write(store.chunk_path(&victim.hash), fake).expect("corrupt");
+    let t = dir.path().join("t.raw");
+    std::fs::File::create(&t).expect("create");
+    let err = image::deploy(&store, &r.digest, &t, threads()).expect_err("must fail");
+    assert!(err.to_string().contains("is corrupt"), "{err}");
+    // The store check finds it too, through the CLI.
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+        .args(["image", "verify", "--store"])
+        .arg(store.root())
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn an_interrupted_deploy_resumes_and_ends_verified() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    for i in 0..40 {
+        std::fs::write(src.join(format!("f{i}")), content(4 << 20, 100 + i, false)).expect("write");
+    }
+    let fs = dir.path().join("fs.img");
+    sh(Command::new("truncate").args(["-s", "200M"]).arg(&fs));
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&fs));
+    let store_dir = dir.path().join("store");
+    let store = Store::open(&store_dir).expect("store");
+    let r =
+        image::capture(&fs, &store, Some(("x", 1)), CaptureOptions::default()).expect("capture");
+    let target = dir.path().join("t.raw");
+    std::fs::File::create(&target).expect("create");
+    // The agent, killed once a part of the disk is written.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+        .args(["agent", "deploy", "x"])
+        .arg(&target)
+        .arg("--store")
+        .arg(&store_dir)
+        .spawn()
+        .expect("agent starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        use std::os::unix::fs::MetadataExt;
+        let written = std::fs::metadata(&target)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0);
+        if written > 20 << 20 || std::time::Instant::now() > deadline {
+            break;
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    let status = child.wait().expect("wait");
+    let killed = !status.success();
+    // The second run picks up where the first stopped and checks everything.
+    let dep = image::deploy(&store, &r.digest, &target, threads()).expect("resumed deploy");
+    assert_eq!(dep.verified, r.digest);
+    if killed {
+        assert!(
+            dep.chunks_written < dep.chunks,
+            "resume rewrote all {} chunks",
+            dep.chunks
+        );
+    } else {
+        eprintln!("note: the first deploy finished before it could be killed");
+    }
+    // And a damaged disk is reported as drifted, not as holding the version.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .expect("open");
+    let m = store.manifest(&r.digest).expect("manifest");
+    f.write_all_at(&[0xff; 4096], m.extents[m.extents.len() / 2].0)
+        .expect("damage");
+    let v = image::verify(&store, &r.digest, &target, threads()).expect("verify");
+    assert!(v.bad >= 1);
+}
