@@ -129,7 +129,7 @@ enum AgentCommand {
         /// The capture generation this version answers.
         #[arg(long, default_value_t = 1)]
         generation: u64,
-        /// zstd compression level.
+        /// zstd level for chunks that compress (others are stored at level 1).
         #[arg(long, default_value_t = 3)]
         level: i32,
         #[arg(long, default_value = "/images")]

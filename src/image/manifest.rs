@@ -24,9 +24,9 @@ impl Chunker {
         Chunker {
             algorithm: "fastcdc-v2020".into(),
             implementation: "fastcdc 5.0.0".into(),
-            min: 64 * 1024,
-            avg: 256 * 1024,
-            max: 1024 * 1024,
+            min: 128 * 1024,
+            avg: 512 * 1024,
+            max: 2048 * 1024,
         }
     }
 }

@@ -74,7 +74,7 @@ pub fn disk_size(f: &mut File) -> io::Result<u64> {
 
 #[derive(Debug, Clone, Copy)]
 pub struct CaptureOptions {
-    /// zstd level (1-19; 3 is zstd's default).
+    /// zstd level (1-19) for chunks that compress (docs/benchmarks.md compares 3 and 6).
     pub level: i32,
     pub threads: usize,
 }
@@ -266,7 +266,7 @@ pub fn capture(
                 let fresh = !store.has_chunk(&d)
                     && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(d);
                 if fresh {
-                    let r = store::compress(&data, level)
+                    let r = store::compress_chunk(&data, level)
                         .map_err(|source| StoreError::Io {
                             path: store.chunk_path(&d),
                             source,

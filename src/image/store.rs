@@ -397,6 +397,20 @@ pub fn compress(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     zstd::bulk::compress(data, level)
 }
 
+/// Compress a chunk, spending `level`'s effort only where it can pay: a chunk whose
+/// first 64 KiB do not shrink at level 1 (random, already compressed or encrypted
+/// data) is stored at level 1, which costs little and stores it nearly raw.
+pub fn compress_chunk(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    const PROBE: usize = 64 * 1024;
+    if level > 1 && data.len() > PROBE {
+        let probe = zstd::bulk::compress(&data[..PROBE], 1)?;
+        if probe.len() * 100 >= PROBE * 98 {
+            return zstd::bulk::compress(data, 1);
+        }
+    }
+    zstd::bulk::compress(data, level)
+}
+
 /// Decompress a chunk of known length; more or fewer bytes is an error.
 pub fn decompress(raw: &[u8], len: usize) -> io::Result<Vec<u8>> {
     let out = zstd::bulk::decompress(raw, len)?;

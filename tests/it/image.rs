@@ -290,6 +290,12 @@ fn a_recapture_after_changing_5_percent_of_the_files_stores_little() {
         image::capture(&fs, &store, Some(("fs", 2)), CaptureOptions::default()).expect("recapture");
     assert_ne!(first.digest, second.digest);
     let share = second.new_data_bytes as f64 / second.data_bytes as f64;
+    eprintln!(
+        "recapture after changing 5 of 100 files: {} of {} bytes new ({:.1}%)",
+        second.new_data_bytes,
+        second.data_bytes,
+        share * 100.0
+    );
     assert!(
         share <= 0.10,
         "the recapture sent {} of {} bytes ({:.1}%)",
