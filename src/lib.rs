@@ -9,12 +9,14 @@
 //! - [`observed`]: what is known of the machines and images (for now read from a JSON file).
 //! - [`plan`]: `diff(desired, observed) -> Plan`, the steps per host grouped in waves,
 //!   and the comparison of two commits for review. Pure.
+//! - [`agent`]: the imaging agent's inventory and disk choice.
 //! - [`image`]: the content-addressed image store; capture, deploy and verify of disks.
 //! - [`services`]: the network services a site runs: DHCP, TFTP, HTTP boot.
 //! - [`state`]: the server's durable state (leases, observations) in SQLite.
 //! - [`diag`]: problems with their place, rendered with the source line and a hint.
 //! - [`cli`]: the `fleetwave` command's glue and output formats.
 
+pub mod agent;
 pub mod cli;
 pub mod diag;
 pub mod image;

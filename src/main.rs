@@ -147,6 +147,28 @@ enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What this machine has: CPU, memory, disks, NICs, DMI identity.
+    Inventory {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The disk a host's selector picks here (exit 1, with the disks, when none or
+    /// several fit). Removable and USB disks are never picked.
+    Disk {
+        /// Size range, e.g. `100G-1T` or `>=200G`.
+        #[arg(long)]
+        size: Option<String>,
+        #[arg(long)]
+        serial: Option<String>,
+        /// Glob over the model, e.g. `Samsung*`.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
+        /// The image's disk size in bytes: smaller disks are never picked.
+        #[arg(long, default_value_t = 0)]
+        need: u64,
+    },
     /// Check whether a disk still holds an image version (exit 1 when it drifted).
     Verify {
         image: String,
@@ -241,6 +263,25 @@ fn main() -> ExitCode {
                 store,
                 json,
             } => cli::image::verify_disk(&store, &image, &disk, json, &mut out),
+            AgentCommand::Inventory { json } => cli::agent::inventory(json, &mut out),
+            AgentCommand::Disk {
+                size,
+                serial,
+                model,
+                path,
+                need,
+            } => match size.as_deref().map(str::parse).transpose() {
+                Ok(size) => {
+                    let sel = fleetwave::spec::DiskSelector {
+                        size,
+                        serial,
+                        model,
+                        path,
+                    };
+                    cli::agent::disk(&sel, need, &mut out)
+                }
+                Err(e) => Err(anyhow::anyhow!("--size: {e}")),
+            },
         },
         Command::Schema => {
             use std::io::Write;

@@ -1,6 +1,7 @@
 //! The `fleetwave` command: argument parsing lives in main.rs, the work here, writing
 //! to the given streams so tests can run it in-process too.
 
+pub mod agent;
 pub mod image;
 pub mod serve;
 

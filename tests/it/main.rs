@@ -1,5 +1,6 @@
 //! One integration-test binary; each module is one part of the data flow.
 
+mod agent;
 mod cli_exit;
 mod dhcp;
 mod fixtures;

@@ -1,0 +1,73 @@
+//! `fleetwave agent inventory` and `fleetwave agent disk`.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Result;
+
+use super::exit;
+use crate::agent;
+use crate::spec::DiskSelector;
+
+/// Print what the machine has.
+pub fn inventory(json: bool, out: &mut dyn Write) -> Result<u8> {
+    let inv = agent::collect(Path::new("/"));
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &inv)?;
+        writeln!(out)?;
+        return Ok(exit::OK);
+    }
+    writeln!(
+        out,
+        "cpu: {} ({} threads)\nmemory: {:.1} GB",
+        inv.cpu_model.as_deref().unwrap_or("?"),
+        inv.cpu_threads,
+        inv.memory_bytes as f64 / 1e9
+    )?;
+    let d = &inv.dmi;
+    writeln!(
+        out,
+        "machine: {} {} serial {} uuid {}",
+        d.vendor.as_deref().unwrap_or("?"),
+        d.product.as_deref().unwrap_or("?"),
+        d.serial.as_deref().unwrap_or("?"),
+        d.uuid.as_deref().unwrap_or("?")
+    )?;
+    for disk in &inv.disks {
+        writeln!(
+            out,
+            "disk {}: {:.1} GB, {}{}, model {}, serial {}",
+            disk.path.display(),
+            disk.size_bytes as f64 / 1e9,
+            disk.transport,
+            if disk.removable { ", removable" } else { "" },
+            disk.model.as_deref().unwrap_or("?"),
+            disk.serial.as_deref().unwrap_or("?")
+        )?;
+    }
+    for nic in &inv.nics {
+        writeln!(
+            out,
+            "nic {}: {} driver {}",
+            nic.name,
+            nic.mac,
+            nic.driver.as_deref().unwrap_or("?")
+        )?;
+    }
+    Ok(exit::OK)
+}
+
+/// Print the disk the selector picks (exit 0), or why none is picked (exit 1).
+pub fn disk(sel: &DiskSelector, need: u64, out: &mut dyn Write) -> Result<u8> {
+    let disks = agent::disks(Path::new("/"));
+    match agent::select(&disks, sel, need) {
+        Ok(d) => {
+            writeln!(out, "{}", d.path.display())?;
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            writeln!(out, "refused: {e}")?;
+            Ok(exit::CHANGES)
+        }
+    }
+}
