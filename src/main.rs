@@ -147,6 +147,19 @@ enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Wipe a disk: `fast` (partition tables and filesystem signatures at both ends of
+    /// the disk and of each partition), `normal` (zeros everywhere) or `full` (random,
+    /// then zeros); always read back.
+    Wipe {
+        disk: PathBuf,
+        #[arg(long)]
+        mode: String,
+        /// Confirm that the disk's data is to be destroyed.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// What this machine has: CPU, memory, disks, NICs, DMI identity.
     Inventory {
         #[arg(long)]
@@ -264,6 +277,12 @@ fn main() -> ExitCode {
                 json,
             } => cli::image::verify_disk(&store, &image, &disk, json, &mut out),
             AgentCommand::Inventory { json } => cli::agent::inventory(json, &mut out),
+            AgentCommand::Wipe {
+                disk,
+                mode,
+                yes,
+                json,
+            } => cli::agent::wipe(&disk, &mode, yes, json, &mut out),
             AgentCommand::Disk {
                 size,
                 serial,

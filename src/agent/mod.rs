@@ -1,6 +1,8 @@
 //! The imaging agent's view of its machine: inventory from `/proc` and `/sys`, and
 //! the choice of the disk to image, which must never be a guess.
 
+pub mod wipe;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 

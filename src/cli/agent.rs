@@ -71,3 +71,44 @@ pub fn disk(sel: &DiskSelector, need: u64, out: &mut dyn Write) -> Result<u8> {
         }
     }
 }
+
+/// `fleetwave agent wipe DISK --mode M --yes`.
+pub fn wipe(disk: &Path, mode: &str, yes: bool, json: bool, out: &mut dyn Write) -> Result<u8> {
+    let mode = match mode {
+        "fast" => crate::spec::WipeMode::Fast,
+        "normal" => crate::spec::WipeMode::Normal,
+        "full" => crate::spec::WipeMode::Full,
+        other => anyhow::bail!("--mode {other:?}: use fast, normal or full"),
+    };
+    if !yes {
+        anyhow::bail!(
+            "wiping {} destroys its data: add --yes to confirm",
+            disk.display()
+        );
+    }
+    let r = agent::wipe::wipe(disk, mode)?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &r)?;
+        writeln!(out)?;
+        return Ok(exit::OK);
+    }
+    for p in &r.passes {
+        writeln!(
+            out,
+            "{}: wrote {} over {} range{} ({:.1} MB)",
+            disk.display(),
+            p.kind,
+            p.ranges.len(),
+            if p.ranges.len() == 1 { "" } else { "s" },
+            p.bytes as f64 / 1e6
+        )?;
+    }
+    writeln!(
+        out,
+        "read back {:.1} MB from the {}: all zeros ({:.1} s)",
+        r.verified_bytes as f64 / 1e6,
+        r.read_back,
+        r.seconds
+    )?;
+    Ok(exit::OK)
+}

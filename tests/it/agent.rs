@@ -145,3 +145,85 @@ fn deploy_onto_a_block_device_and_verify_it() {
         String::from_utf8_lossy(&fsck.stdout)
     );
 }
+
+/// A 32 MiB GPT disk file with an ext4 partition.
+fn gpt_disk(dir: &Path) -> PathBuf {
+    let disk = dir.join("w.raw");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("disk");
+    let ok = Command::new("sgdisk")
+        .args(["-o", "-n1:2048:0", "-t1:8300"])
+        .arg(&disk)
+        .output()
+        .expect("sgdisk");
+    assert!(ok.status.success());
+    let part = dir.join("p.img");
+    std::fs::File::create(&part)
+        .and_then(|f| f.set_len(20 << 20))
+        .expect("part");
+    assert!(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&part)
+            .status()
+            .is_ok_and(|s| s.success())
+    );
+    let ok = Command::new("dd")
+        .arg(format!("if={}", part.display()))
+        .arg(format!("of={}", disk.display()))
+        .args(["bs=512", "seek=2048", "conv=notrunc", "status=none"])
+        .status();
+    assert!(ok.is_ok_and(|s| s.success()));
+    disk
+}
+
+#[test]
+fn wipes_leave_no_table_no_signature_and_say_what_they_did() {
+    if !tool("gdisk", "/usr/sbin/sgdisk") || !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = gpt_disk(dir.path());
+    let d = disk.to_str().expect("utf-8");
+    // Without --yes nothing happens.
+    let (code, out) = fleetwave(&["agent", "wipe", d, "--mode", "fast"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--yes"), "{out}");
+    let signatures = || {
+        let o = Command::new("wipefs").arg(&disk).output().expect("wipefs");
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert!(signatures().contains("gpt"), "{}", signatures());
+
+    let (code, out) = fleetwave(&["agent", "wipe", d, "--mode", "fast", "--yes", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(r["passes"][0]["kind"], "zeros");
+    // Both ends of the disk and of the partition: 0-2 MiB and about the last MiB.
+    let n = r["verified_bytes"].as_u64().expect("n");
+    assert!((3 << 20..4 << 20).contains(&n), "{n}");
+    assert!(
+        signatures().trim().is_empty(),
+        "signatures left: {}",
+        signatures()
+    );
+    // The ext4 superblock at the partition's start is gone too.
+    let f = std::fs::read(&disk).expect("read");
+    assert!(f[(2048 * 512)..(2048 * 512 + 4096)].iter().all(|&b| b == 0));
+
+    let disk = gpt_disk(dir.path());
+    let (code, out) = fleetwave(&["agent", "wipe", d, "--mode", "full", "--yes", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(r["passes"][0]["kind"], "random");
+    assert_eq!(r["passes"][1]["kind"], "zeros");
+    assert_eq!(r["verified_bytes"], 32 << 20);
+    assert!(std::fs::read(&disk).expect("read").iter().all(|&b| b == 0));
+
+    let disk = gpt_disk(dir.path());
+    let (code, out) = fleetwave(&["agent", "wipe", d, "--mode", "normal", "--yes"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("all zeros"), "{out}");
+    assert!(std::fs::read(&disk).expect("read").iter().all(|&b| b == 0));
+}
