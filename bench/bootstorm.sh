@@ -73,7 +73,7 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 echo "$N clients at once, each DHCP + TFTP undionly.kpxe ($(stat -c %s /usr/lib/ipxe/undionly.kpxe) bytes) + HTTP script"
 echo "== fleetwave serve"
 ip netns exec ${P}srv "$FW" serve --fleet "$WORK/fleet.yaml" --observed "$WORK/observed.json" \
-    --state-dir "$WORK/state" --files-dir "$WORK/files" --http-port 8080 --log warn \
+    --state-dir "$WORK/state" --files-dir "$WORK/files" --http-port 8080 --image-store "$WORK/images" --log warn \
     >"$WORK/fw.log" 2>&1 &
 FWPID=$!
 sleep 1.5

@@ -77,7 +77,7 @@ start() {
     case $1 in
     fleetwave)
         ip netns exec ${P}srv "$FW" serve --fleet "$WORK/fleet.yaml" --state-dir "$WORK/state" \
-            --ipxe-dir "$WORK" --files-dir "$WORK" --http-port 18080 --tftp-port 16969 \
+            --ipxe-dir "$WORK" --files-dir "$WORK" --http-port 18080 --tftp-port 16969 --image-store "$WORK/images" \
             --log warn >"$WORK/fw.log" 2>&1 & ;;
     kea)
         KEA_PIDFILE_DIR=$WORK KEA_LOCKFILE_DIR=$WORK \

@@ -87,6 +87,9 @@ enum Command {
         tftp_port: u16,
         #[arg(long, default_value_t = 67)]
         dhcp_port: u16,
+        /// The image store the agent API serves (default: the site's `image_store`).
+        #[arg(long)]
+        image_store: Option<PathBuf>,
         /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug`.
         #[arg(long, env = "FLEETWAVE_LOG", default_value = "info")]
         log: String,
@@ -132,8 +135,8 @@ enum AgentCommand {
         /// zstd level for chunks that compress (others are stored at level 1).
         #[arg(long, default_value_t = 3)]
         level: i32,
-        #[arg(long, default_value = "/images")]
-        store: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         #[arg(long)]
         json: bool,
     },
@@ -142,8 +145,8 @@ enum AgentCommand {
     Deploy {
         image: String,
         target: PathBuf,
-        #[arg(long, default_value = "/images")]
-        store: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         #[arg(long)]
         json: bool,
     },
@@ -186,11 +189,52 @@ enum AgentCommand {
     Verify {
         image: String,
         disk: PathBuf,
-        #[arg(long, default_value = "/images")]
-        store: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A local image store, or the server's through the agent API.
+#[derive(clap::Args)]
+struct RepoArgs {
+    /// The local image store (without --server).
+    #[arg(long, default_value = "/images")]
+    store: PathBuf,
+    /// The fleetwave server, e.g. http://172.28.0.1 (then --token and --mac).
+    #[arg(long, requires_all = ["token", "mac"])]
+    server: Option<String>,
+    /// The task token from the kernel command line (fleetwave.token=...).
+    #[arg(long, env = "FLEETWAVE_TOKEN")]
+    token: Option<String>,
+    /// This machine's MAC, the one the token is bound to.
+    #[arg(long)]
+    mac: Option<String>,
+}
+
+impl RepoArgs {
+    fn parse_mac(&self) -> anyhow::Result<Option<fleetwave::spec::Mac>> {
+        self.mac
+            .as_deref()
+            .map(|m| m.parse().map_err(|e| anyhow::anyhow!("--mac: {e}")))
+            .transpose()
+    }
+}
+
+fn with_where<T>(
+    r: &RepoArgs,
+    f: impl FnOnce(&cli::image::Where) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mac = r.parse_mac()?;
+    let server = match (&r.server, &r.token, mac) {
+        (Some(s), Some(t), Some(m)) => Some((s.as_str(), t.as_str(), m)),
+        _ => None,
+    };
+    f(&cli::image::Where {
+        store: &r.store,
+        server,
+    })
 }
 
 fn main() -> ExitCode {
@@ -205,6 +249,7 @@ fn main() -> ExitCode {
         http_port,
         tftp_port,
         dhcp_port,
+        image_store,
         log,
     } = args.command
     {
@@ -219,6 +264,7 @@ fn main() -> ExitCode {
             http_port,
             tftp_port,
             dhcp_port,
+            image_store,
         };
         return finish(cli::serve::serve(&a));
     }
@@ -261,21 +307,27 @@ fn main() -> ExitCode {
                 image,
                 generation,
                 level,
-                store,
+                repo,
                 json,
-            } => cli::image::capture(&store, &disk, &image, generation, level, json, &mut out),
+            } => with_where(&repo, |w| {
+                cli::image::capture(w, &disk, &image, generation, level, json, &mut out)
+            }),
             AgentCommand::Deploy {
                 image,
                 target,
-                store,
+                repo,
                 json,
-            } => cli::image::deploy(&store, &image, &target, json, &mut out),
+            } => with_where(&repo, |w| {
+                cli::image::deploy(w, &image, &target, json, &mut out)
+            }),
             AgentCommand::Verify {
                 image,
                 disk,
-                store,
+                repo,
                 json,
-            } => cli::image::verify_disk(&store, &image, &disk, json, &mut out),
+            } => with_where(&repo, |w| {
+                cli::image::verify_disk(w, &image, &disk, json, &mut out)
+            }),
             AgentCommand::Inventory { json } => cli::agent::inventory(json, &mut out),
             AgentCommand::Wipe {
                 disk,

@@ -8,12 +8,66 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::exit;
-use crate::image::store::Store;
+use crate::image::remote::Remote;
+use crate::image::store::{Repo, Store};
 use crate::image::{self, CaptureOptions};
-use crate::spec::Digest;
+use crate::services::api::TaskResult;
+use crate::spec::{Digest, Mac};
 
 fn open(store: &Path) -> Result<Store> {
     Store::open(store).with_context(|| format!("cannot open the image store {}", store.display()))
+}
+
+/// Where the agent's images are: a local store, or the server's through its API.
+pub struct Where<'a> {
+    pub store: &'a Path,
+    /// Server URL, task token and this machine's MAC.
+    pub server: Option<(&'a str, &'a str, Mac)>,
+}
+
+enum Opened {
+    Local(Store),
+    Remote(Remote),
+}
+
+impl Opened {
+    fn repo(&self) -> &dyn Repo {
+        match self {
+            Opened::Local(s) => s,
+            Opened::Remote(r) => r,
+        }
+    }
+
+    /// Tell the server how the task ended (a no-op for a local store).
+    fn report(&self, result: &TaskResult) {
+        if let Opened::Remote(r) = self
+            && let Err(e) = r.post_json("result", result)
+        {
+            eprintln!("fleetwave: could not report the result to the server: {e}");
+        }
+    }
+}
+
+fn open_where(w: &Where) -> Result<Opened> {
+    Ok(match w.server {
+        Some((url, token, mac)) => Opened::Remote(Remote::new(url, token, mac)),
+        None => Opened::Local(open(w.store)?),
+    })
+}
+
+/// Resolve an image spec: locally by name; against a server it must be a digest.
+fn resolve(o: &Opened, spec: &str) -> Result<Digest> {
+    match o {
+        Opened::Local(s) => Ok(s.resolve(spec)?),
+        Opened::Remote(_) => spec
+            .rsplit('@')
+            .next()
+            .unwrap_or(spec)
+            .parse()
+            .map_err(|e| {
+                anyhow::anyhow!("{spec}: against a server, name the version by its digest ({e})")
+            }),
+    }
 }
 
 fn mb(b: u64) -> String {
@@ -22,7 +76,7 @@ fn mb(b: u64) -> String {
 
 /// `fleetwave agent capture DISK`.
 pub fn capture(
-    store: &Path,
+    w: &Where,
     disk: &Path,
     name: &str,
     generation: u64,
@@ -30,12 +84,27 @@ pub fn capture(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    let s = open(store)?;
+    let o = open_where(w)?;
     let opts = CaptureOptions {
         level,
         ..CaptureOptions::default()
     };
-    let r = image::capture(disk, &s, Some((name, generation)), opts)?;
+    let r = match image::capture(disk, o.repo(), Some((name, generation)), opts) {
+        Ok(r) => r,
+        Err(e) => {
+            o.report(&TaskResult {
+                ok: false,
+                digest: None,
+                message: e.to_string(),
+            });
+            return Err(e.into());
+        }
+    };
+    o.report(&TaskResult {
+        ok: true,
+        digest: Some(r.digest),
+        message: format!("captured {} chunks, {} new", r.chunks, r.new_chunks),
+    });
     if json {
         serde_json::to_writer_pretty(&mut *out, &r)?;
         writeln!(out)?;
@@ -59,17 +128,27 @@ pub fn capture(
 }
 
 /// `fleetwave agent deploy IMAGE TARGET`.
-pub fn deploy(
-    store: &Path,
-    spec: &str,
-    target: &Path,
-    json: bool,
-    out: &mut dyn Write,
-) -> Result<u8> {
-    let s = open(store)?;
-    let digest = s.resolve(spec)?;
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    match image::deploy(&s, &digest, target, threads) {
+pub fn deploy(w: &Where, spec: &str, target: &Path, json: bool, out: &mut dyn Write) -> Result<u8> {
+    let o = open_where(w)?;
+    let digest = resolve(&o, spec)?;
+    // More threads than cores: over the network, fetches wait on round trips.
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(4);
+    let result = image::deploy(o.repo(), &digest, target, threads);
+    o.report(&match &result {
+        Ok(r) => TaskResult {
+            ok: true,
+            digest: Some(r.verified),
+            message: format!("deployed and verified {} chunks", r.chunks),
+        },
+        Err(e) => TaskResult {
+            ok: false,
+            digest: None,
+            message: e.to_string(),
+        },
+    });
+    match result {
         Ok(r) => {
             if json {
                 serde_json::to_writer_pretty(&mut *out, &r)?;
@@ -108,16 +187,21 @@ pub fn deploy(
 /// `fleetwave agent verify IMAGE DISK`: exit 0 when the disk holds the version, 1 when
 /// it drifted.
 pub fn verify_disk(
-    store: &Path,
+    w: &Where,
     spec: &str,
     disk: &Path,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    let s = open(store)?;
-    let digest = s.resolve(spec)?;
+    let o = open_where(w)?;
+    let digest = resolve(&o, spec)?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let r = image::verify(&s, &digest, disk, threads)?;
+    let r = image::verify(o.repo(), &digest, disk, threads)?;
+    o.report(&TaskResult {
+        ok: r.bad == 0,
+        digest: (r.bad == 0).then_some(digest),
+        message: format!("{} of {} regions differ", r.bad, r.checked),
+    });
     if json {
         serde_json::to_writer_pretty(&mut *out, &r)?;
         writeln!(out)?;

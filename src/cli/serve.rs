@@ -34,6 +34,9 @@ pub struct ServeArgs {
     pub http_port: u16,
     pub tftp_port: u16,
     pub dhcp_port: u16,
+    /// The image store the agent API serves; `None`: the first served site's
+    /// `image_store`.
+    pub image_store: Option<PathBuf>,
 }
 
 /// Run until SIGINT/SIGTERM. Exit code as for other commands.
@@ -201,6 +204,19 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         port: args.http_port,
     }
     .base();
+    let image_store = args
+        .image_store
+        .clone()
+        .or_else(|| {
+            sites
+                .first()
+                .and_then(|s| spec.sites.get(&s.name))
+                .or_else(|| spec.sites.values().next())
+                .map(|s| PathBuf::from(&s.image_store))
+        })
+        .unwrap_or_else(|| PathBuf::from("/images"));
+    let store = crate::image::store::Store::open(&image_store)?;
+    info!(store = %image_store.display(), "agent API serving the image store");
     let state = http::HttpState {
         table: Arc::new(http::BootTable::from_plan(&spec, &plan)),
         base_url,
@@ -208,6 +224,7 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         files_root: args.files_dir.clone(),
         dhcp: Some(server.clone()),
         tftp: Some(tftp_stats),
+        api: Some(Arc::new(crate::services::api::Api::new(store))),
     };
     info!("HTTP listening on {http_addr}");
     tasks.spawn(http::run(listener, state, shutdown.clone()));

@@ -9,6 +9,7 @@
 pub mod gpt;
 pub mod layout;
 pub mod manifest;
+pub mod remote;
 pub mod store;
 
 use std::collections::HashSet;
@@ -25,7 +26,8 @@ use serde::Serialize;
 use crate::spec::Digest;
 use layout::BLOCK;
 use manifest::{ChunkRef, Chunker, Manifest, PartitionTable};
-use store::{Store, StoreError, VersionRecord};
+pub use store::Repo;
+use store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -192,7 +194,7 @@ impl Read for UsedData {
 /// version under that image with `generation`.
 pub fn capture(
     disk: &Path,
-    store: &Store,
+    repo: &dyn Repo,
     name: Option<(&str, u64)>,
     opts: CaptureOptions,
 ) -> Result<CaptureReport> {
@@ -234,93 +236,91 @@ pub fn capture(
         chunker.max as usize,
     );
 
-    // Workers hash, look up, compress and store; the chunker runs here.
+    // Workers hash, ask the repository, compress and store; the chunker runs here.
     let threads = opts.threads.max(1);
     let (tx, rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
-    let rx = Arc::new(Mutex::new(rx));
+    let rx = Mutex::new(rx);
     // Per chunk index: its hash, length, and whether this capture stored it.
     type Done = Option<(Digest, u32, bool)>;
-    let results: Arc<Mutex<Vec<Done>>> = Arc::default();
-    let first_error: Arc<Mutex<Option<StoreError>>> = Arc::default();
-    let new_stored = Arc::new(AtomicU64::new(0));
-    let claimed: Arc<Mutex<HashSet<Digest>>> = Arc::default();
-    let mut workers = Vec::new();
-    for _ in 0..threads {
-        let (rx, results, err, new_stored, claimed) = (
-            rx.clone(),
-            results.clone(),
-            first_error.clone(),
-            new_stored.clone(),
-            claimed.clone(),
-        );
-        let level = opts.level;
-        let store_root = store.root().to_owned();
-        workers.push(std::thread::spawn(move || {
-            let Ok(store) = Store::open(&store_root) else {
-                return;
-            };
-            loop {
-                let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                let Ok((i, data)) = next else { break };
-                let d = Digest(*blake3::hash(&data).as_bytes());
-                let fresh = !store.has_chunk(&d)
-                    && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(d);
-                if fresh {
-                    let r = store::compress_chunk(&data, level)
-                        .map_err(|source| StoreError::Io {
-                            path: store.chunk_path(&d),
-                            source,
-                        })
-                        .and_then(|c| store.put_chunk(&d, &c));
-                    match r {
-                        Ok(n) => {
-                            new_stored.fetch_add(n, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            err.lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                        }
-                    }
-                }
-                let mut res = results.lock().unwrap_or_else(|p| p.into_inner());
-                if res.len() <= i {
-                    res.resize(i + 1, None);
-                }
-                res[i] = Some((d, data.len() as u32, fresh));
-            }
-        }));
-    }
+    let results: Mutex<Vec<Done>> = Mutex::default();
+    let first_error: Mutex<Option<StoreError>> = Mutex::default();
+    let new_stored = AtomicU64::new(0);
+    let claimed: Mutex<HashSet<Digest>> = Mutex::default();
+    let level = opts.level;
     let mut count = 0;
     let mut read_error = None;
-    for chunk in cdc {
-        match chunk {
-            Ok(c) => {
-                if tx.send((count, c.data)).is_err() {
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((i, data)) = next else { break };
+                    let d = Digest(*blake3::hash(&data).as_bytes());
+                    let fresh = match repo.lacks(&d) {
+                        Ok(lacks) => {
+                            lacks && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(d)
+                        }
+                        Err(e) => {
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                            false
+                        }
+                    };
+                    if fresh {
+                        let r = store::compress_chunk(&data, level)
+                            .map_err(|source| StoreError::Io {
+                                path: PathBuf::from(d.to_string()),
+                                source,
+                            })
+                            .and_then(|c| repo.put_chunk(&d, &c));
+                        match r {
+                            Ok(n) => {
+                                new_stored.fetch_add(n, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                first_error
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get_or_insert(e);
+                            }
+                        }
+                    }
+                    let mut res = results.lock().unwrap_or_else(|p| p.into_inner());
+                    if res.len() <= i {
+                        res.resize(i + 1, None);
+                    }
+                    res[i] = Some((d, data.len() as u32, fresh));
+                }
+            });
+        }
+        for chunk in cdc {
+            match chunk {
+                Ok(c) => {
+                    if tx.send((count, c.data)).is_err() {
+                        break;
+                    }
+                    count += 1;
+                }
+                Err(e) => {
+                    read_error = Some(io::Error::other(e.to_string()));
                     break;
                 }
-                count += 1;
-            }
-            Err(e) => {
-                read_error = Some(io::Error::other(e.to_string()));
-                break;
             }
         }
-    }
-    drop(tx);
-    for w in workers {
-        let _ = w.join();
-    }
+        drop(tx);
+    });
     if let Some(e) = read_error {
         return Err(ImageError::Io {
             path: disk.to_owned(),
             source: e,
         });
     }
-    if let Some(e) = first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e.into());
     }
-    let results = std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()));
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut chunks = Vec::with_capacity(count);
     let mut new_chunks = 0;
     let mut new_data_bytes = 0;
@@ -354,20 +354,7 @@ pub fn capture(
         chunks,
         data_bytes,
     };
-    let digest = store.put_manifest(&manifest)?;
-    let stored_bytes = store.stored_size(manifest.chunks.iter().map(|c| &c.hash));
-    if let Some((name, generation)) = name {
-        store.add_version(
-            name,
-            VersionRecord {
-                digest,
-                generation,
-                captured_at: crate::state::now(),
-                disk_bytes,
-                stored_bytes,
-            },
-        )?;
-    }
+    let (digest, stored_bytes) = repo.commit(&manifest, name)?;
     Ok(CaptureReport {
         digest,
         disk_bytes,
@@ -376,7 +363,7 @@ pub fn capture(
         chunks: manifest.chunks.len(),
         new_chunks,
         new_data_bytes,
-        new_stored_bytes: new_stored.load(Ordering::Relaxed),
+        new_stored_bytes: new_stored.into_inner(),
         stored_bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -432,13 +419,13 @@ fn journal_path(target: &Path) -> PathBuf {
 /// larger disk, then read everything back and check it. Only a disk that passed the
 /// read-back is reported; anything else is an error.
 pub fn deploy(
-    store: &Store,
+    repo: &dyn Repo,
     digest: &Digest,
     target: &Path,
     threads: usize,
 ) -> Result<DeployReport> {
     let started = Instant::now();
-    let m = store.manifest(digest)?;
+    let m = repo.manifest(digest)?;
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -468,83 +455,54 @@ pub fn deploy(
         std::fs::write(&journal, digest.to_string()).map_err(io_err(&journal))?;
     }
 
-    let places = Arc::new(placements(&m));
-    let chunks = Arc::new(m.chunks.clone());
-    let next = Arc::new(AtomicUsize::new(0));
-    let written = Arc::new(AtomicUsize::new(0));
-    let bytes = Arc::new(AtomicU64::new(0));
-    let error: Arc<Mutex<Option<ImageError>>> = Arc::default();
-    let file = Arc::new(file);
-    let mut workers = Vec::new();
-    for _ in 0..threads.max(1) {
-        let (places, chunks, next, written, bytes, error, file) = (
-            places.clone(),
-            chunks.clone(),
-            next.clone(),
-            written.clone(),
-            bytes.clone(),
-            error.clone(),
-            file.clone(),
-        );
-        let store_root = store.root().to_owned();
-        let target = target.to_owned();
-        workers.push(std::thread::spawn(move || {
-            let store = match Store::open(&store_root) {
-                Ok(s) => s,
-                Err(e) => {
-                    error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(e.into());
-                    return;
-                }
-            };
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= chunks.len() || error.lock().map(|e| e.is_some()).unwrap_or(true) {
-                    break;
-                }
-                let c = chunks[i];
-                if resume && read_pieces(&file, &places[i]).is_ok_and(|d| hash(&d) == c.hash) {
-                    continue;
-                }
-                let r = store
-                    .chunk(&c.hash, c.len as usize)
-                    .map_err(ImageError::from)
-                    .and_then(|data| {
-                        let mut at = 0usize;
-                        for &(off, len) in &places[i] {
-                            file.write_all_at(&data[at..at + len as usize], off)
-                                .map_err(io_err(&target))?;
-                            at += len as usize;
+    let places = placements(&m);
+    let next = AtomicUsize::new(0);
+    let written = AtomicUsize::new(0);
+    let bytes = AtomicU64::new(0);
+    let error: Mutex<Option<ImageError>> = Mutex::default();
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= m.chunks.len() || error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                        break;
+                    }
+                    let c = m.chunks[i];
+                    if resume && read_pieces(&file, &places[i]).is_ok_and(|d| hash(&d) == c.hash) {
+                        continue;
+                    }
+                    let r = repo
+                        .chunk(&c.hash, c.len as usize)
+                        .map_err(ImageError::from)
+                        .and_then(|data| {
+                            let mut at = 0usize;
+                            for &(off, len) in &places[i] {
+                                file.write_all_at(&data[at..at + len as usize], off)
+                                    .map_err(io_err(target))?;
+                                at += len as usize;
+                            }
+                            Ok(())
+                        });
+                    match r {
+                        Ok(()) => {
+                            written.fetch_add(1, Ordering::Relaxed);
+                            bytes.fetch_add(u64::from(c.len), Ordering::Relaxed);
                         }
-                        Ok(())
-                    });
-                match r {
-                    Ok(()) => {
-                        written.fetch_add(1, Ordering::Relaxed);
-                        bytes.fetch_add(u64::from(c.len), Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
+                        Err(e) => {
+                            error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                        }
                     }
                 }
-            }
-        }));
-    }
-    for w in workers {
-        let _ = w.join();
-    }
-    if let Some(e) = error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            });
+        }
+    });
+    if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    let file = Arc::try_unwrap(file).map_err(|_| ImageError::Io {
-        path: target.to_owned(),
-        source: io::Error::other("a deploy thread still holds the target"),
-    })?;
     // Zeros the image holds: holes in a sparse file stay holes; anything else is zeroed.
     zero_fill(&file, &m.zero_extents).map_err(io_err(target))?;
     file.sync_all().map_err(io_err(target))?;
@@ -564,8 +522,8 @@ pub fn deploy(
         disk_bytes: m.disk_bytes,
         target_bytes,
         chunks: m.chunks.len(),
-        chunks_written: written.load(Ordering::Relaxed),
-        bytes_written: bytes.load(Ordering::Relaxed),
+        chunks_written: written.into_inner(),
+        bytes_written: bytes.into_inner(),
         grown,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -687,8 +645,13 @@ fn compare(file: &File, m: &Manifest, threads: usize) -> io::Result<VerifyReport
 }
 
 /// Whether the disk at `path` still holds version `digest` (drift check).
-pub fn verify(store: &Store, digest: &Digest, path: &Path, threads: usize) -> Result<VerifyReport> {
-    let m = store.manifest(digest)?;
+pub fn verify(
+    repo: &dyn Repo,
+    digest: &Digest,
+    path: &Path,
+    threads: usize,
+) -> Result<VerifyReport> {
+    let m = repo.manifest(digest)?;
     let file = File::open(path).map_err(io_err(path))?;
     let mut r = compare(&file, &m, threads).map_err(io_err(path))?;
     r.digest = *digest;

@@ -393,6 +393,56 @@ impl Store {
     }
 }
 
+/// Where chunks and manifests live: this machine's store, or the server's over HTTP
+/// (`remote::Remote`). Capture, deploy and verify work against either.
+pub trait Repo: Sync {
+    /// Whether the repository lacks this chunk (so a capture must send it).
+    fn lacks(&self, d: &Digest) -> Result<bool>;
+    /// Store a chunk's compressed bytes; returns the bytes stored.
+    fn put_chunk(&self, d: &Digest, compressed: &[u8]) -> Result<u64>;
+    /// A chunk's data, checked against its name.
+    fn chunk(&self, d: &Digest, len: usize) -> Result<Vec<u8>>;
+    fn manifest(&self, d: &Digest) -> Result<Manifest>;
+    /// Store a manifest whose chunks are all present and, with `image`, record it as
+    /// that image's newest version. Returns its digest and stored size.
+    fn commit(&self, m: &Manifest, image: Option<(&str, u64)>) -> Result<(Digest, u64)>;
+}
+
+impl Repo for Store {
+    fn lacks(&self, d: &Digest) -> Result<bool> {
+        Ok(!self.has_chunk(d))
+    }
+    fn put_chunk(&self, d: &Digest, compressed: &[u8]) -> Result<u64> {
+        Store::put_chunk(self, d, compressed)
+    }
+    fn chunk(&self, d: &Digest, len: usize) -> Result<Vec<u8>> {
+        Store::chunk(self, d, len)
+    }
+    fn manifest(&self, d: &Digest) -> Result<Manifest> {
+        Store::manifest(self, d)
+    }
+    fn commit(&self, m: &Manifest, image: Option<(&str, u64)>) -> Result<(Digest, u64)> {
+        if let Some(missing) = m.chunks.iter().find(|c| !self.has_chunk(&c.hash)) {
+            return Err(StoreError::MissingChunk(missing.hash));
+        }
+        let digest = self.put_manifest(m)?;
+        let stored = self.stored_size(m.chunks.iter().map(|c| &c.hash));
+        if let Some((name, generation)) = image {
+            self.add_version(
+                name,
+                VersionRecord {
+                    digest,
+                    generation,
+                    captured_at: crate::state::now(),
+                    disk_bytes: m.disk_bytes,
+                    stored_bytes: stored,
+                },
+            )?;
+        }
+        Ok((digest, stored))
+    }
+}
+
 pub fn compress(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     zstd::bulk::compress(data, level)
 }

@@ -26,6 +26,7 @@ use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::plan::{Plan, Step, Version, Via};
+use crate::services::api::Api;
 use crate::services::dhcp;
 use crate::services::tftp;
 use crate::spec::{FleetSpec, Mac, UnknownHosts, WipeMode};
@@ -207,8 +208,14 @@ fn describe(step: &Step) -> (Vec<(&'static str, String)>, String) {
 }
 
 /// The iPXE script for `mac`; `None` when the MAC is unknown and no site registers
-/// unknown machines.
-pub fn script(table: &BootTable, mac: Mac, base_url: &str) -> Option<String> {
+/// unknown machines. With `api`, an agent boot carries a fresh task token.
+pub fn script(table: &BootTable, mac: Mac, base_url: &str, api: Option<&Api>) -> Option<String> {
+    let token =
+        |host: Option<&str>, task: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
+            api.and_then(|a| a.mint(mac, host, task))
+                .map(|t| vec![("token", t)])
+                .unwrap_or_default()
+        };
     let mut s = String::from("#!ipxe\n");
     match table.hosts.get(&mac) {
         Some(HostBoot::Local { host, why }) => {
@@ -224,6 +231,7 @@ pub fn script(table: &BootTable, mac: Mac, base_url: &str) -> Option<String> {
             let _ = writeln!(s, "# fleetwave: {host}: {summary}");
             let mut args = vec![("host", host.clone()), ("site", site.clone())];
             args.extend(task.iter().cloned());
+            args.extend(token(Some(host), task));
             agent_boot(&mut s, base_url, mac, &args);
         }
         None if !table.register_sites.is_empty() => {
@@ -231,7 +239,9 @@ pub fn script(table: &BootTable, mac: Mac, base_url: &str) -> Option<String> {
                 s,
                 "# fleetwave: unknown machine {mac}: registering its inventory"
             );
-            agent_boot(&mut s, base_url, mac, &[("task", "register".into())]);
+            let mut args = vec![("task", "register".to_string())];
+            args.extend(token(None, &args.clone()));
+            agent_boot(&mut s, base_url, mac, &args);
         }
         None => return None,
     }
@@ -271,20 +281,26 @@ pub struct HttpState {
     pub files_root: PathBuf,
     pub dhcp: Option<Arc<Mutex<dhcp::Server>>>,
     pub tftp: Option<Arc<tftp::Stats>>,
+    /// The agent API and its image store.
+    pub api: Option<Arc<Api>>,
 }
 
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let api = state.api.clone();
+    let mut r = Router::new()
         .route("/boot/{file}", get(boot_script))
         .route("/ipxe/{*path}", get(ipxe_file))
         .route("/files/{*path}", get(boot_file))
         .route("/health", get(health))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
-        )
-        .with_state(state)
+        .with_state(state);
+    if let Some(api) = api {
+        r = r.merge(super::api::routes(api));
+    }
+    r.layer(
+        TraceLayer::new_for_http()
+            .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+            .on_response(DefaultOnResponse::new().level(Level::INFO)),
+    )
 }
 
 /// Serve on `listener` until `shutdown`; requests in flight finish first.
@@ -334,7 +350,7 @@ async fn boot_script(
         })
         .map(|h| format!("http://{h}"))
         .unwrap_or_else(|| st.base_url.clone());
-    match script(&st.table, mac, &base) {
+    match script(&st.table, mac, &base, st.api.as_deref()) {
         Some(s) => text(StatusCode::OK, s),
         None => text(
             StatusCode::NOT_FOUND,
@@ -421,9 +437,9 @@ mod tests {
     fn an_unknown_machine_is_registered_only_where_a_site_asks_for_it() {
         let mac: Mac = "52:54:00:aa:bb:cc".parse().expect("mac");
         let mut table = BootTable::default();
-        assert_eq!(script(&table, mac, "http://10.0.0.1"), None);
+        assert_eq!(script(&table, mac, "http://10.0.0.1", None), None);
         table.register_sites.push("lab".into());
-        let s = script(&table, mac, "http://10.0.0.1").expect("script");
+        let s = script(&table, mac, "http://10.0.0.1", None).expect("script");
         assert!(s.contains("fleetwave.task=register"), "{s}");
     }
 }

@@ -91,6 +91,7 @@ fn start() -> Http {
         files_root: files,
         dhcp: None,
         tftp: None,
+        api: None,
     };
     let stop = CancellationToken::new();
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -1,6 +1,7 @@
 //! One integration-test binary; each module is one part of the data flow.
 
 mod agent;
+mod api;
 mod cli_exit;
 mod dhcp;
 mod fixtures;

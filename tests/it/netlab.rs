@@ -286,5 +286,7 @@ pub fn serve_args(dir: &Path) -> Vec<String> {
         p("files"),
         "--http-port".into(),
         "8080".into(),
+        "--image-store".into(),
+        p("store"),
     ]
 }

@@ -1,0 +1,274 @@
+//! The agent API on loopback: the real `fleetwave agent` capturing into and deploying
+//! from a running server's store with the token its iPXE script carried.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use fleetwave::image::store::Store;
+use fleetwave::observed::Observed;
+use fleetwave::plan::{self, Params};
+use fleetwave::services::api::Api;
+use fleetwave::services::http::{BootTable, HttpState, run};
+use tokio_util::sync::CancellationToken;
+
+use crate::tool;
+
+const FLEET: &str = r#"version: 1
+sites:
+  lab:
+    interface: eth0
+    server: 172.28.0.1
+    subnet: 172.28.0.0/24
+    dhcp: {mode: authoritative, pool: 172.28.0.100-172.28.0.199, router: 172.28.0.1, lease: 1h}
+images:
+  win10:
+    os: windows
+    capture: {from: ref-win10, generation: 1}
+hosts:
+  ref-win10: {mac: "52:54:00:28:00:10", site: lab}
+  pc01: {mac: "52:54:00:28:00:11", site: lab, image: win10}
+"#;
+const REF: &str = "52:54:00:28:00:10";
+const PC01: &str = "52:54:00:28:00:11";
+
+struct Server {
+    url: String,
+    api: Arc<Api>,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn start(dir: &Path) -> Server {
+    let path = dir.join("fleet.yaml");
+    std::fs::write(&path, FLEET).expect("write");
+    let spec = match fleetwave::cli::load(&fleetwave::source::DirTree, &path).expect("load") {
+        Ok((spec, _)) => spec,
+        Err(_) => panic!("test fleet invalid"),
+    };
+    let plan = plan::diff(&spec, &Observed::default(), &Params::default());
+    let api = Arc::new(Api::new(
+        Store::open(&dir.join("server-store")).expect("store"),
+    ));
+    let state = HttpState {
+        table: Arc::new(BootTable::from_plan(&spec, &plan)),
+        base_url: "http://127.0.0.1".into(),
+        ipxe_root: dir.to_owned(),
+        files_root: dir.to_owned(),
+        dhcp: None,
+        tftp: None,
+        api: Some(api.clone()),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr: SocketAddr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let t = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let _ = rt.block_on(run(listener, state, t));
+    });
+    Server {
+        url: format!("http://{addr}"),
+        api,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+fn fleetwave(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The token on the kernel line of `mac`'s script.
+fn token_from_script(url: &str, mac: &str) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent
+        .get(format!("{url}/boot/{mac}.ipxe"))
+        .call()
+        .expect("GET script");
+    let text = r.body_mut().read_to_string().expect("body");
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("fleetwave.token="))
+        .unwrap_or_else(|| panic!("no token in the script:\n{text}"))
+        .to_string()
+}
+
+#[test]
+fn the_agent_captures_and_deploys_through_the_api_with_its_token_only() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    for i in 0..8u8 {
+        std::fs::write(src.join(format!("f{i}")), vec![i; 700_000]).expect("write");
+        std::fs::write(
+            src.join(format!("t{i}")),
+            format!("line {i}\n").repeat(90_000),
+        )
+        .expect("write");
+    }
+    let fs = d.join("fs.img");
+    std::fs::File::create(&fs)
+        .and_then(|f| f.set_len(48 << 20))
+        .expect("fs");
+    assert!(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&src)
+            .arg(&fs)
+            .status()
+            .is_ok_and(|s| s.success())
+    );
+    let fs = fs.to_str().expect("utf-8");
+    let server = start(d);
+    let url = server.url.as_str();
+
+    // The reference machine's script boots the agent to capture, with a token.
+    let token = token_from_script(url, REF);
+    assert_eq!(token.len(), 64);
+    let capture = |token: &str, mac: &str| {
+        fleetwave(&[
+            "agent", "capture", fs, "--image", "win10", "--server", url, "--token", token, "--mac",
+            mac, "--json",
+        ])
+    };
+    // A made-up token, and the right token from another machine, are refused.
+    let (code, out) = capture("0000", REF);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("HTTP 401"), "{out}");
+    let (code, out) = capture(&token, PC01);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("HTTP 403"), "{out}");
+    // The right one: every chunk goes up, the server re-hashes and commits.
+    let (code, out) = capture(&token, REF);
+    assert_eq!(code, 0, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(report["new_chunks"], report["chunks"]);
+    let digest = report["digest"].as_str().expect("digest").to_string();
+    let server_store = Store::open(&d.join("server-store")).expect("store");
+    assert_eq!(
+        server_store.resolve("win10").expect("recorded").to_string(),
+        digest
+    );
+    // Reporting the result spent the token: a replay is refused.
+    let (code, out) = capture(&token, REF);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("HTTP 401"), "{out}");
+
+    // A second capture of the same disk (a new task) sends nothing.
+    let again = server
+        .api
+        .mint(REF.parse().expect("mac"), Some("ref-win10"), &[])
+        .expect("token");
+    let (code, out) = capture(&again, REF);
+    assert_eq!(code, 0, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(report["new_chunks"], 0);
+
+    // pc01 deploys that version over HTTP and verifies it.
+    let deploy_token = server
+        .api
+        .mint(PC01.parse().expect("mac"), Some("pc01"), &[])
+        .expect("token");
+    let target = d.join("pc01.raw");
+    std::fs::File::create(&target).expect("create");
+    let (code, out) = fleetwave(&[
+        "agent",
+        "deploy",
+        &digest,
+        target.to_str().expect("utf-8"),
+        "--server",
+        url,
+        "--token",
+        &deploy_token,
+        "--mac",
+        PC01,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deployed and verified"), "{out}");
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&target)
+        .output()
+        .expect("e2fsck");
+    assert!(fsck.status.success());
+}
+
+#[test]
+fn an_upload_whose_content_does_not_match_its_name_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path());
+    let token = server
+        .api
+        .mint(REF.parse().expect("mac"), None, &[])
+        .expect("token");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let data = vec![7u8; 100_000];
+    let wrong_name = blake3::hash(b"something else").to_hex().to_string();
+    let body = zstd::bulk::compress(&data, 3).expect("zstd");
+    let r = agent
+        .put(format!("{}/api/v1/chunks/blake3:{wrong_name}", server.url))
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("X-Fleetwave-Mac", REF)
+        .send(&body[..])
+        .expect("PUT");
+    assert_eq!(r.status().as_u16(), 422);
+    // Not zstd at all.
+    let right_name = blake3::hash(&data).to_hex().to_string();
+    let r = agent
+        .put(format!("{}/api/v1/chunks/blake3:{right_name}", server.url))
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("X-Fleetwave-Mac", REF)
+        .send(&data[..])
+        .expect("PUT");
+    assert_eq!(r.status().as_u16(), 422);
+    // Too large for a chunk: 413, or the server hangs up before the body is sent.
+    let huge = vec![0u8; 17 << 20];
+    let r = agent
+        .put(format!("{}/api/v1/chunks/blake3:{right_name}", server.url))
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("X-Fleetwave-Mac", REF)
+        .send(&huge[..]);
+    if let Ok(r) = r {
+        assert_eq!(r.status().as_u16(), 413);
+    }
+    // Nothing was stored.
+    let store = Store::open(&dir.path().join("server-store")).expect("store");
+    assert!(!store.has_chunk(&format!("blake3:{right_name}").parse().expect("digest")));
+}
