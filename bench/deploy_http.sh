@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Benchmark: deploy over HTTP against curl fetching the same bytes from the same
+# server. A 2 GiB ext4 image (as bench/image.sh makes it, 1.2 GB of files) is captured
+# into the store `fleetwave serve` serves; the agent then deploys it over the agent API
+# with the token its iPXE script carries (fetch, decompress, check, write, read back
+# and check again), and curl downloads the same compressed bytes as one file from the
+# same server's /files/. Rate = compressed bytes / wall time. Loopback, same run.
+# Usage: bench/deploy_http.sh [RUNS=2]   Needs curl, e2fsprogs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-2}
+for t in curl mkfs.ext4 python3; do
+    command -v $t >/dev/null || { echo "bench/deploy_http.sh needs $t" >&2; exit 2; }
+done
+WORK=$(mktemp -d /var/tmp/fleetwave-http.XXXXXX)
+SERVER=""
+cleanup() { [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; rm -rf "$WORK"; }
+trap cleanup EXIT
+cargo build --release --quiet --bin fleetwave
+FW=$PWD/target/release/fleetwave
+
+mkdir -p "$WORK/src" "$WORK/files" "$WORK/state"
+for i in $(seq -w 0 74); do head -c $((8 << 20)) /dev/urandom > "$WORK/src/r$i.bin"; done
+for i in $(seq -w 0 74); do
+    base64 -w 76 /dev/urandom | tr 'A-Z0-9+/' 'a-z         ' | head -c $((8 << 20)) > "$WORK/src/t$i.txt" || true
+done
+truncate -s 2G "$WORK/fs.img"
+mkfs.ext4 -q -F -b 4096 -d "$WORK/src" "$WORK/fs.img"
+rm -rf "$WORK/src"
+"$FW" agent capture "$WORK/fs.img" --image bench --store "$WORK/store" --json > "$WORK/cap.json"
+DIGEST=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['digest'])" "$WORK/cap.json")
+# The same compressed bytes as one file, for curl.
+find "$WORK/store/chunks" -name '*.zst' -print0 | sort -z | xargs -0 cat > "$WORK/files/all.bin"
+BYTES=$(stat -c %s "$WORK/files/all.bin")
+
+cat > "$WORK/fleet.yaml" <<EOF
+version: 1
+sites:
+  bench: {interface: lo, server: 127.0.0.1, subnet: 127.0.0.0/8, dhcp: {mode: off}}
+images:
+  bench: {os: linux}
+hosts:
+  pc: {mac: "52:54:00:00:00:01", site: bench, image: bench}
+EOF
+cat > "$WORK/observed.json" <<EOF
+{"images": {"bench": {"versions": [{"digest": "$DIGEST", "generation": 1, "disk_bytes": 2147483648, "stored_bytes": $BYTES}]}}}
+EOF
+"$FW" serve --fleet "$WORK/fleet.yaml" --observed "$WORK/observed.json" --state-dir "$WORK/state" \
+    --ipxe-dir "$WORK/files" --files-dir "$WORK/files" --image-store "$WORK/store" \
+    --http-port 18081 --tftp-port 16970 --log warn 2>"$WORK/serve.log" &
+SERVER=$!
+sleep 1
+
+rate() { python3 -c "import sys; print(f'{int(sys.argv[1])/(float(sys.argv[3])-float(sys.argv[2]))/1e6:.0f}')" "$BYTES" "$1" "$2"; }
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $((BYTES / 1000000)) MB compressed over loopback"
+echo "| run | curl (MB/s) | fleetwave agent deploy over HTTP, verified (MB/s) | ratio |"
+echo "|---|---|---|---|"
+for run in $(seq "$RUNS"); do
+    rm -f "$WORK/curl.out" "$WORK/target.img"
+    t0=$(date +%s.%N)
+    curl -s -o "$WORK/curl.out" "http://127.0.0.1:18081/files/all.bin"
+    t1=$(date +%s.%N)
+    TOKEN=$(curl -s "http://127.0.0.1:18081/boot/52:54:00:00:00:01.ipxe" | tr ' ' '\n' | sed -n 's/^fleetwave.token=//p')
+    : > "$WORK/target.img"
+    t2=$(date +%s.%N)
+    "$FW" agent deploy "$DIGEST" "$WORK/target.img" --server http://127.0.0.1:18081 \
+        --token "$TOKEN" --mac 52:54:00:00:00:01 >/dev/null
+    t3=$(date +%s.%N)
+    c=$(rate "$t0" "$t1"); f=$(rate "$t2" "$t3")
+    echo "| $run | $c | $f | $(python3 -c "print(f'{$f/$c:.2f}')") |"
+done
