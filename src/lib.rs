@@ -11,7 +11,8 @@
 //!   and the comparison of two commits for review. Pure.
 //! - [`agent`]: the imaging agent's inventory and disk choice.
 //! - [`image`]: the content-addressed image store; capture, deploy and verify of disks.
-//! - [`services`]: the network services a site runs: DHCP, TFTP, HTTP boot.
+//! - [`services`]: the network services a site runs: DHCP, TFTP, HTTP boot and the
+//!   agent API.
 //! - [`state`]: the server's durable state (leases, observations) in SQLite.
 //! - [`diag`]: problems with their place, rendered with the source line and a hint.
 //! - [`cli`]: the `fleetwave` command's glue and output formats.
