@@ -4,14 +4,17 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 
 use super::exit;
+use crate::image::Meter;
 use crate::image::remote::Remote;
 use crate::image::store::{Repo, Store};
 use crate::image::{self, CaptureOptions};
-use crate::services::api::TaskResult;
+use crate::services::api::{Progress, TaskResult};
 use crate::spec::{Digest, Mac};
 
 fn open(store: &Path) -> Result<Store> {
@@ -46,6 +49,71 @@ impl Opened {
             eprintln!("fleetwave: could not report the result to the server: {e}");
         }
     }
+}
+
+/// Report `meter` every second while `f` runs: a progress bar on a terminal, and the
+/// server's progress endpoint when working against a server.
+fn metered<T>(o: &Opened, label: &str, f: impl FnOnce(&Arc<Meter>) -> T) -> T {
+    use std::io::IsTerminal;
+    let meter = Arc::new(Meter::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        ) {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b.set_message(label.to_string());
+        b
+    });
+    let remote = match o {
+        Opened::Remote(r) => Some(r),
+        Opened::Local(_) => None,
+    };
+    let started = std::time::Instant::now();
+    let post = |r: &Remote| {
+        let done = meter.done.load(Ordering::Relaxed);
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+        let p = Progress {
+            done_bytes: done,
+            total_bytes: meter.total.load(Ordering::Relaxed),
+            bytes_per_sec: rate as u64,
+        };
+        // Progress is advisory: a lost report changes nothing.
+        let _ = r.post_json("progress", &p);
+    };
+    let out = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut last_post = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let done = meter.done.load(Ordering::Relaxed);
+                let total = meter.total.load(Ordering::Relaxed);
+                if let Some(b) = &bar {
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+                if let Some(r) = remote
+                    && last_post.elapsed().as_secs() >= 1
+                {
+                    last_post = std::time::Instant::now();
+                    post(r);
+                }
+            }
+        });
+        let out = f(&meter);
+        stop.store(true, Ordering::Relaxed);
+        out
+    });
+    // The last word before the result.
+    if let Some(r) = remote {
+        post(r);
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    out
 }
 
 fn open_where(w: &Where) -> Result<Opened> {
@@ -85,11 +153,15 @@ pub fn capture(
     out: &mut dyn Write,
 ) -> Result<u8> {
     let o = open_where(w)?;
-    let opts = CaptureOptions {
-        level,
-        ..CaptureOptions::default()
-    };
-    let r = match image::capture(disk, o.repo(), Some((name, generation)), opts) {
+    let r = metered(&o, "capture", |meter| {
+        let opts = CaptureOptions {
+            level,
+            meter: Some(meter.clone()),
+            ..CaptureOptions::default()
+        };
+        image::capture(disk, o.repo(), Some((name, generation)), opts)
+    });
+    let r = match r {
         Ok(r) => r,
         Err(e) => {
             o.report(&TaskResult {
@@ -135,7 +207,9 @@ pub fn deploy(w: &Where, spec: &str, target: &Path, json: bool, out: &mut dyn Wr
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(4);
-    let result = image::deploy(o.repo(), &digest, target, threads);
+    let result = metered(&o, "deploy", |meter| {
+        image::deploy_metered(o.repo(), &digest, target, threads, Some(meter))
+    });
     o.report(&match &result {
         Ok(r) => TaskResult {
             ok: true,

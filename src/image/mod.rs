@@ -74,11 +74,28 @@ pub fn disk_size(f: &mut File) -> io::Result<u64> {
     Ok(n)
 }
 
-#[derive(Debug, Clone, Copy)]
+/// Progress of a capture or deploy, read by whoever reports it (a progress bar, the
+/// server's progress endpoint).
+#[derive(Debug, Default)]
+pub struct Meter {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+impl Meter {
+    fn add(m: Option<&Meter>, n: u64) {
+        if let Some(m) = m {
+            m.done.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct CaptureOptions {
     /// zstd level (1-19) for chunks that compress (docs/benchmarks.md compares 3 and 6).
     pub level: i32,
     pub threads: usize,
+    pub meter: Option<Arc<Meter>>,
 }
 
 impl Default for CaptureOptions {
@@ -86,6 +103,7 @@ impl Default for CaptureOptions {
         CaptureOptions {
             level: 3,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            meter: None,
         }
     }
 }
@@ -133,6 +151,7 @@ struct UsedData {
     buf_start: usize,
     buf_end: usize,
     extents: Arc<Mutex<Extents>>,
+    meter: Option<Arc<Meter>>,
 }
 
 const READ_SIZE: usize = 4 << 20;
@@ -170,6 +189,7 @@ impl UsedData {
                 }
             }
             self.pos += n as u64;
+            Meter::add(self.meter.as_deref(), n as u64);
         }
         Ok(())
     }
@@ -227,7 +247,11 @@ pub fn capture(
         buf_start: 0,
         buf_end: 0,
         extents: extents.clone(),
+        meter: opts.meter.clone(),
     };
+    if let Some(m) = &opts.meter {
+        m.total.store(used_bytes, Ordering::Relaxed);
+    }
     let chunker = Chunker::current();
     let cdc = fastcdc::v2020::StreamCDC::new(
         reader,
@@ -424,8 +448,22 @@ pub fn deploy(
     target: &Path,
     threads: usize,
 ) -> Result<DeployReport> {
+    deploy_metered(repo, digest, target, threads, None)
+}
+
+/// [`deploy`], counting bytes written and then read back in `meter`.
+pub fn deploy_metered(
+    repo: &dyn Repo,
+    digest: &Digest,
+    target: &Path,
+    threads: usize,
+    meter: Option<&Meter>,
+) -> Result<DeployReport> {
     let started = Instant::now();
     let m = repo.manifest(digest)?;
+    if let Some(mt) = meter {
+        mt.total.store(2 * m.data_bytes, Ordering::Relaxed);
+    }
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -488,6 +526,7 @@ pub fn deploy(
                         Ok(()) => {
                             written.fetch_add(1, Ordering::Relaxed);
                             bytes.fetch_add(u64::from(c.len), Ordering::Relaxed);
+                            Meter::add(meter, u64::from(c.len));
                         }
                         Err(e) => {
                             error
@@ -508,7 +547,7 @@ pub fn deploy(
     file.sync_all().map_err(io_err(target))?;
     // The read-back covers what the image holds; growing then changes the partition
     // table on purpose, and checks its own CRCs.
-    check(&file, &m, digest, target, threads)?;
+    check(&file, &m, digest, target, threads, meter)?;
     let mut grown = None;
     if target_bytes > m.disk_bytes && m.partition_table.kind == layout::TableKind::Gpt {
         grown = gpt::grow(&file, target_bytes).map_err(io_err(target))?;
@@ -563,8 +602,15 @@ fn zero_fill(file: &File, zeros: &[(u64, u64)]) -> io::Result<()> {
 
 /// Read every chunk of `m` back from `file` and compare hashes; zero extents must be
 /// zeros. Err unless all match.
-fn check(file: &File, m: &Manifest, digest: &Digest, path: &Path, threads: usize) -> Result<()> {
-    let report = compare(file, m, threads).map_err(io_err(path))?;
+fn check(
+    file: &File,
+    m: &Manifest,
+    digest: &Digest,
+    path: &Path,
+    threads: usize,
+    meter: Option<&Meter>,
+) -> Result<()> {
+    let report = compare(file, m, threads, meter).map_err(io_err(path))?;
     match report.first_bad {
         None => Ok(()),
         Some(first_offset) => Err(ImageError::Verify {
@@ -587,7 +633,12 @@ pub struct VerifyReport {
     pub first_bad: Option<u64>,
 }
 
-fn compare(file: &File, m: &Manifest, threads: usize) -> io::Result<VerifyReport> {
+fn compare(
+    file: &File,
+    m: &Manifest,
+    threads: usize,
+    meter: Option<&Meter>,
+) -> io::Result<VerifyReport> {
     let places = placements(m);
     let next = AtomicUsize::new(0);
     let bad: Mutex<Vec<u64>> = Mutex::default();
@@ -600,6 +651,7 @@ fn compare(file: &File, m: &Manifest, threads: usize) -> io::Result<VerifyReport
                     if i >= m.chunks.len() {
                         break;
                     }
+                    Meter::add(meter, u64::from(m.chunks[i].len));
                     match read_pieces(file, &places[i]) {
                         Ok(d) if hash(&d) == m.chunks[i].hash => {}
                         Ok(_) => bad
@@ -653,7 +705,7 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let m = repo.manifest(digest)?;
     let file = File::open(path).map_err(io_err(path))?;
-    let mut r = compare(&file, &m, threads).map_err(io_err(path))?;
+    let mut r = compare(&file, &m, threads, None).map_err(io_err(path))?;
     r.digest = *digest;
     Ok(r)
 }

@@ -140,6 +140,16 @@ impl Api {
         Ok((token.to_string(), grant.clone()))
     }
 
+    /// The latest progress any of `mac`'s tasks reported.
+    pub fn last_progress(&self, mac: Mac) -> Option<Progress> {
+        self.grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|g| g.mac == mac)
+            .find_map(|g| g.progress.clone())
+    }
+
     fn update(&self, token: &str, f: impl FnOnce(&mut Grant)) {
         if let Some(g) = self
             .grants

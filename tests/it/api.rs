@@ -219,6 +219,12 @@ fn the_agent_captures_and_deploys_through_the_api_with_its_token_only() {
     ]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("deployed and verified"), "{out}");
+    // It reported its progress: written and read back, all of it.
+    let p = server
+        .api
+        .last_progress(PC01.parse().expect("mac"))
+        .expect("progress");
+    assert!(p.total_bytes > 0 && p.done_bytes == p.total_bytes, "{p:?}");
     let fsck = Command::new("e2fsck")
         .arg("-fn")
         .arg(&target)
