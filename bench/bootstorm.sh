@@ -16,25 +16,9 @@ done
 [ -f /usr/lib/ipxe/undionly.kpxe ] || { echo "bench/bootstorm.sh needs the ipxe package" >&2; exit 2; }
 P=fws$$
 WORK=$(mktemp -d /var/tmp/fleetwave-storm.XXXXXX)
-cleanup() {
-    for ns in ${P}srv ${P}cli ${P}lan; do
-        for pid in $(ip netns pids $ns 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
-        ip netns del $ns 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-ip netns add ${P}lan; ip -n ${P}lan link set lo up
-ip -n ${P}lan link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
-ip -n ${P}lan link set br0 up
-for h in srv cli; do
-    ip netns add ${P}$h; ip -n ${P}$h link set lo up
-    ip -n ${P}lan link add ${h}p type veth peer name eth0 netns ${P}$h
-    ip -n ${P}lan link set ${h}p master br0 up
-done
-ip -n ${P}srv addr add 172.28.0.1/16 brd + dev eth0; ip -n ${P}srv link set eth0 up
-ip -n ${P}cli addr add 172.28.0.250/16 brd + dev eth0; ip -n ${P}cli link set eth0 up
+source bench/lab.sh
+lab_host srv 172.28.0.1/16
+lab_host cli 172.28.0.250/16
 
 cargo build --release --quiet --bin fleetwave --example bootstorm
 FW=$PWD/target/release/fleetwave

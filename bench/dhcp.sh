@@ -16,27 +16,11 @@ for t in perfdhcp kea-dhcp4 dnsmasq ip; do
 done
 P=fwb$$
 WORK=$(mktemp -d /var/tmp/fleetwave-dhcp.XXXXXX)
-cleanup() {
-    for ns in ${P}srv ${P}relay ${P}lan; do
-        for pid in $(ip netns pids $ns 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
-        ip netns del $ns 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-[ -n "${KEEP:-}" ] && trap - EXIT
-
 # lan: bridge; srv: 172.28.0.1; relay: perfdhcp as relay agent 10.77.1.1.
-ip netns add ${P}lan; ip -n ${P}lan link set lo up
-ip -n ${P}lan link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
-ip -n ${P}lan link set br0 up
-for h in srv relay; do
-    ip netns add ${P}$h; ip -n ${P}$h link set lo up
-    ip -n ${P}lan link add ${h}p type veth peer name eth0 netns ${P}$h
-    ip -n ${P}lan link set ${h}p master br0 up
-done
-ip -n ${P}srv addr add 172.28.0.1/24 brd + dev eth0; ip -n ${P}srv link set eth0 up
-ip -n ${P}relay addr add 10.77.1.1/24 brd + dev eth0; ip -n ${P}relay link set eth0 up
+source bench/lab.sh
+[ -n "${KEEP:-}" ] && trap - EXIT
+lab_host srv 172.28.0.1/24
+lab_host relay 10.77.1.1/24
 ip -n ${P}srv route add 10.77.1.0/24 dev eth0
 ip -n ${P}relay route add 172.28.0.0/24 dev eth0
 

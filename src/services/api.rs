@@ -211,16 +211,29 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response())
 }
 
+/// Run `f` with the request's token and grant, or answer the refusal.
+fn granted(api: &Api, headers: &HeaderMap, f: impl FnOnce(String, Grant) -> Response) -> Response {
+    match api.authorize(headers) {
+        Ok((token, g)) => f(token, g),
+        Err(r) => r.into_response(),
+    }
+}
+
+/// The digest a path names, once the request is authorized.
+fn authorized_digest(api: &Api, headers: &HeaderMap, name: &str) -> Result<Digest, Refusal> {
+    api.authorize(headers)?;
+    digest(name)
+}
+
 async fn task(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    match api.authorize(&headers) {
-        Ok((_, g)) => Json(serde_json::json!({
+    granted(&api, &headers, |_, g| {
+        Json(serde_json::json!({
             "mac": g.mac,
             "host": g.host,
             "task": g.task.iter().cloned().collect::<HashMap<_, _>>(),
         }))
-        .into_response(),
-        Err(r) => r.into_response(),
-    }
+        .into_response()
+    })
 }
 
 async fn register(
@@ -228,13 +241,10 @@ async fn register(
     headers: HeaderMap,
     Json(inventory): Json<serde_json::Value>,
 ) -> Response {
-    match api.authorize(&headers) {
-        Ok((_, g)) => {
-            info!(mac = %g.mac, inventory = %inventory, "inventory reported");
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(r) => r.into_response(),
-    }
+    granted(&api, &headers, |_, g| {
+        info!(mac = %g.mac, inventory = %inventory, "inventory reported");
+        StatusCode::NO_CONTENT.into_response()
+    })
 }
 
 async fn progress(
@@ -242,13 +252,10 @@ async fn progress(
     headers: HeaderMap,
     Json(p): Json<Progress>,
 ) -> Response {
-    match api.authorize(&headers) {
-        Ok((token, _)) => {
-            api.update(&token, |g| g.progress = Some(p));
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(r) => r.into_response(),
-    }
+    granted(&api, &headers, |token, _| {
+        api.update(&token, |g| g.progress = Some(p));
+        StatusCode::NO_CONTENT.into_response()
+    })
 }
 
 async fn result(
@@ -256,18 +263,15 @@ async fn result(
     headers: HeaderMap,
     Json(r): Json<TaskResult>,
 ) -> Response {
-    match api.authorize(&headers) {
-        Ok((token, g)) => {
-            if r.ok {
-                info!(mac = %g.mac, host = ?g.host, digest = ?r.digest, "task done: {}", r.message);
-            } else {
-                warn!(mac = %g.mac, host = ?g.host, "task FAILED: {}", r.message);
-            }
-            api.update(&token, |g| g.spent = true);
-            StatusCode::NO_CONTENT.into_response()
+    granted(&api, &headers, |token, g| {
+        if r.ok {
+            info!(mac = %g.mac, host = ?g.host, digest = ?r.digest, "task done: {}", r.message);
+        } else {
+            warn!(mac = %g.mac, host = ?g.host, "task FAILED: {}", r.message);
         }
-        Err(r) => r.into_response(),
-    }
+        api.update(&token, |g| g.spent = true);
+        StatusCode::NO_CONTENT.into_response()
+    })
 }
 
 fn digest(s: &str) -> Result<Digest, Refusal> {
@@ -303,10 +307,7 @@ async fn put_chunk(
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = api.authorize(&headers) {
-        return r.into_response();
-    }
-    let d = match digest(&name) {
+    let d = match authorized_digest(&api, &headers, &name) {
         Ok(d) => d,
         Err(r) => return r.into_response(),
     };
@@ -345,10 +346,7 @@ async fn get_chunk(
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
 ) -> Response {
-    if let Err(r) = api.authorize(&headers) {
-        return r.into_response();
-    }
-    let d = match digest(&name) {
+    let d = match authorized_digest(&api, &headers, &name) {
         Ok(d) => d,
         Err(r) => return r.into_response(),
     };
@@ -365,10 +363,7 @@ async fn get_manifest(
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
 ) -> Response {
-    if let Err(r) = api.authorize(&headers) {
-        return r.into_response();
-    }
-    let d = match digest(&name) {
+    let d = match authorized_digest(&api, &headers, &name) {
         Ok(d) => d,
         Err(r) => return r.into_response(),
     };

@@ -13,23 +13,22 @@ use fleetwave::services::api::Api;
 use fleetwave::services::http::{BootTable, HttpState, run};
 use tokio_util::sync::CancellationToken;
 
-use crate::tool;
+use crate::{fleetwave, tool};
 
-const FLEET: &str = r#"version: 1
-sites:
-  lab:
-    interface: eth0
-    server: 172.28.0.1
-    subnet: 172.28.0.0/24
-    dhcp: {mode: authoritative, pool: 172.28.0.100-172.28.0.199, router: 172.28.0.1, lease: 1h}
-images:
+fn fleet() -> String {
+    format!(
+        "{}{}",
+        crate::LAB_SITE,
+        r#"images:
   win10:
     os: windows
     capture: {from: ref-win10, generation: 1}
 hosts:
   ref-win10: {mac: "52:54:00:28:00:10", site: lab}
   pc01: {mac: "52:54:00:28:00:11", site: lab, image: win10}
-"#;
+"#
+    )
+}
 const REF: &str = "52:54:00:28:00:10";
 const PC01: &str = "52:54:00:28:00:11";
 
@@ -51,7 +50,7 @@ impl Drop for Server {
 
 fn start(dir: &Path) -> Server {
     let path = dir.join("fleet.yaml");
-    std::fs::write(&path, FLEET).expect("write");
+    std::fs::write(&path, fleet()).expect("write");
     let spec = match fleetwave::cli::load(&fleetwave::source::DirTree, &path).expect("load") {
         Ok((spec, _)) => spec,
         Err(_) => panic!("test fleet invalid"),
@@ -89,21 +88,6 @@ fn start(dir: &Path) -> Server {
         stop,
         thread: Some(thread),
     }
-}
-
-fn fleetwave(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
-        .args(args)
-        .output()
-        .expect("runs");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// The token on the kernel line of `mac`'s script.

@@ -14,7 +14,7 @@ use fleetwave::spec::DhcpMode;
 use fleetwave::state::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::netlab::{LAB_FLEET, Lab, serve_args, workdir};
+use crate::netlab::{Lab, lab_fleet, serve_args, workdir};
 use crate::tool;
 
 /// A client hook that records what the client was given (udhcpc calls it with
@@ -132,7 +132,7 @@ fn reservations_pool_addresses_and_boot_files_by_architecture() {
     lab.host("uefi", Some("52:54:00:99:00:02"), &[]);
     lab.host("ipxe", Some("52:54:00:99:00:03"), &[]);
     lab.host("os", Some(PC02), &[]);
-    let dir = workdir(LAB_FLEET);
+    let dir = workdir(&lab_fleet());
     let args = serve_args(dir.path());
     let server = lab.serve("srv", &args.iter().map(String::as_str).collect::<Vec<_>>());
 
@@ -230,7 +230,7 @@ fn release_frees_and_leases_survive_a_crash_and_a_restart() {
     for (i, name) in ["c1", "c2", "c3", "c4"].iter().enumerate() {
         lab.host(name, Some(&format!("52:54:00:77:00:0{}", i + 1)), &[]);
     }
-    let dir = workdir(LAB_FLEET);
+    let dir = workdir(&lab_fleet());
     let state = dir.path().join("state");
     let args = serve_args(dir.path());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -291,7 +291,7 @@ fn relayed_requests_are_answered_from_the_relays_subnet() {
     // On-link routes both ways over the bridge; nothing leaves the lab.
     lab.ip("srv", &["route", "add", "10.77.1.0/24", "dev", "eth0"]);
     lab.ip("relay", &["route", "add", "172.28.0.0/24", "dev", "eth0"]);
-    let fleet = LAB_FLEET.replace(
+    let fleet = lab_fleet().replace(
         "images:",
         "  remote:
     interface: eth1
@@ -339,7 +339,7 @@ struct Loop {
 
 impl Loop {
     fn start(mode: DhcpMode) -> Loop {
-        let spec = fleet_spec(LAB_FLEET);
+        let spec = fleet_spec(&lab_fleet());
         let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
         client
             .set_read_timeout(Some(Duration::from_secs(3)))

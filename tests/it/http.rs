@@ -12,14 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 const DIGEST: &str = "blake3:1111111111111111111111111111111111111111111111111111111111111111";
 
-const FLEET: &str = r#"version: 1
-sites:
-  lab:
-    interface: eth0
-    server: 172.28.0.1
-    subnet: 172.28.0.0/24
-    dhcp: {mode: authoritative, pool: 172.28.0.100-172.28.0.199, router: 172.28.0.1, lease: 1h}
-    unknown_hosts: register
+fn fleet() -> String {
+    format!(
+        "{}{}",
+        crate::LAB_SITE,
+        r#"    unknown_hosts: register
 images:
   win10:
     os: windows
@@ -35,7 +32,9 @@ hosts:
   pc05: {mac: "52:54:00:28:00:15", site: lab, image: linux}
 waves:
   pilot: {transport: unicast}
-"#;
+"#
+    )
+}
 
 fn observed() -> Observed {
     Observed::from_json(&format!(
@@ -71,7 +70,7 @@ impl Drop for Http {
 fn start() -> Http {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fleet.yaml");
-    std::fs::write(&path, FLEET).expect("write");
+    std::fs::write(&path, fleet()).expect("write");
     let spec = match fleetwave::cli::load(&fleetwave::source::DirTree, &path).expect("load") {
         Ok((spec, _)) => spec,
         Err(_) => panic!("test fleet invalid"),

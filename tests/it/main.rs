@@ -32,3 +32,29 @@ pub fn tool(name: &str, path: &str) -> bool {
     eprintln!("skipping: {name} is not installed ({path}); apt-get install {name}");
     false
 }
+
+/// Run the real binary; its exit code and everything it printed.
+pub fn fleetwave(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The lab's site, as every test fleet declares it.
+pub const LAB_SITE: &str = "version: 1
+sites:
+  lab:
+    interface: eth0
+    server: 172.28.0.1
+    subnet: 172.28.0.0/24
+    dhcp: {mode: authoritative, pool: 172.28.0.100-172.28.0.199, router: 172.28.0.1, lease: 1h}
+";

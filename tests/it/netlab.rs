@@ -238,14 +238,11 @@ impl Drop for Serve {
 }
 
 /// The lab's fleet: site `lab` on eth0, 172.28.0.0/24, pool .100-.199.
-pub const LAB_FLEET: &str = r#"version: 1
-sites:
-  lab:
-    interface: eth0
-    server: 172.28.0.1
-    subnet: 172.28.0.0/24
-    dhcp: {mode: authoritative, pool: 172.28.0.100-172.28.0.199, router: 172.28.0.1, lease: 1h}
-    unknown_hosts: register
+pub fn lab_fleet() -> String {
+    format!(
+        "{}{}",
+        crate::LAB_SITE,
+        r#"    unknown_hosts: register
 images:
   win10:
     os: windows
@@ -256,7 +253,9 @@ hosts:
   pc02: {mac: "52:54:00:28:00:12", site: lab, image: win10, wave: pilot}
 waves:
   pilot: {transport: unicast}
-"#;
+"#
+    )
+}
 
 /// A directory with `fleet.yaml`, `state/`, `files/`, and iPXE binaries in `ipxe/`.
 pub fn workdir(fleet: &str) -> tempfile::TempDir {
