@@ -241,10 +241,11 @@ pub fn deploy(w: &Where, spec: &str, target: &Path, json: bool, out: &mut dyn Wr
                 if let Some(g) = &r.grown {
                     writeln!(
                         out,
-                        "  partition {} grown from {} to {} for the larger disk",
+                        "  partition {} grown from {} to {} for the larger disk; {}",
                         g.partition,
                         mb(g.old_bytes),
-                        mb(g.new_bytes)
+                        mb(g.new_bytes),
+                        g.filesystem.as_deref().unwrap_or("filesystem left as is")
                     )?;
                 }
             }

@@ -12,8 +12,12 @@ use serde::Serialize;
 pub struct Grown {
     /// The partition's number (1-based entry index).
     pub partition: u32,
+    /// Its first byte.
+    pub start: u64,
     pub old_bytes: u64,
     pub new_bytes: u64,
+    /// What became of the filesystem inside: grown by its tool, or why not.
+    pub filesystem: Option<String>,
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {
@@ -99,8 +103,10 @@ pub fn grow(f: &File, disk_bytes: u64) -> io::Result<Option<Grown>> {
             put64(&mut entries[i * esize as usize..], 40, new_end);
             grown = Some(Grown {
                 partition: i as u32 + 1,
+                start: first * sector,
                 old_bytes: (end - first + 1) * sector,
                 new_bytes: (new_end - first + 1) * sector,
+                filesystem: None,
             });
         }
     }

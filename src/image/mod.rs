@@ -7,6 +7,7 @@
 //! recapture stores only what changed. The manifest maps the stream back onto the disk.
 
 pub mod gpt;
+pub mod growfs;
 pub mod layout;
 pub mod manifest;
 pub mod remote;
@@ -552,6 +553,18 @@ pub fn deploy_metered(
     if target_bytes > m.disk_bytes && m.partition_table.kind == layout::TableKind::Gpt {
         grown = gpt::grow(&file, target_bytes).map_err(io_err(target))?;
         file.sync_all().map_err(io_err(target))?;
+        if let Some(g) = grown.as_mut() {
+            let fs = m
+                .partition_table
+                .partitions
+                .iter()
+                .find(|p| p.number == g.partition)
+                .map_or(layout::Fs::Other, |p| p.fs);
+            g.filesystem = Some(
+                growfs::grow(target, g.start, g.new_bytes, fs)
+                    .unwrap_or_else(|why| format!("not grown: {why}")),
+            );
+        }
     }
     if is_file {
         let _ = std::fs::remove_file(&journal);

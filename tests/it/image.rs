@@ -180,7 +180,9 @@ fn check_filesystems(d: &Disk, disk: &Path) {
     extract(disk, d.p2.0, d.p2.1, &p2);
     sh(Command::new("ntfsfix").arg("-n").arg(&p2));
     for (name, data) in &d.ntfs_files {
+        // -f: ntfsresize leaves the volume flagged for a chkdsk at its next Windows boot.
         let got = Command::new("ntfscat")
+            .arg("-f")
             .arg(&p2)
             .arg(name)
             .output()
@@ -247,7 +249,32 @@ fn capture_then_deploy_to_the_same_size_and_to_a_larger_disk() {
     assert!(report.contains("No problems found"), "{report}");
     let table = sh(Command::new("sgdisk").arg("-i2").arg(&big));
     assert!(table.contains("Last sector: 653311"), "{table}");
-    check_filesystems(&d, &big);
+    // The NTFS inside grew with it (ntfsresize through a loop device, as root).
+    let fs_note = grown.filesystem.clone().unwrap_or_default();
+    let grown_fs = fs_note.starts_with("ntfsresize grew");
+    if !grown_fs && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("the filesystem was not grown under CI: {fs_note}");
+    }
+    let mut big_disk = Disk {
+        p2: (d.p2.0, grown.new_bytes / SECTOR),
+        ..d
+    };
+    if !grown_fs {
+        eprintln!("note: {fs_note}");
+        big_disk.p2 = (big_disk.p2.0, grown.old_bytes / SECTOR);
+    }
+    check_filesystems(&big_disk, &big);
+    if grown_fs {
+        // The NTFS boot sector's sector count (offset 0x28) now spans the new size.
+        let boot = std::fs::read(big_disk.dir.path().join("check-p2.img")).expect("read");
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&boot[0x28..0x30]);
+        let sectors = u64::from_le_bytes(n);
+        assert!(
+            sectors * SECTOR > grown.old_bytes,
+            "NTFS still {sectors} sectors"
+        );
+    }
 }
 
 #[test]
@@ -425,4 +452,72 @@ fn an_interrupted_deploy_resumes_and_ends_verified() {
         .expect("damage");
     let v = image::verify(&store, &r.digest, &target, threads()).expect("verify");
     assert!(v.bad >= 1);
+}
+
+#[test]
+fn an_ext4_last_partition_grows_with_the_disk() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let disk = d.join("d.raw");
+    sh(Command::new("truncate").args(["-s", "64M"]).arg(&disk));
+    sh(Command::new("sgdisk")
+        .args(["-o", "-n1:2048:0", "-t1:8300"])
+        .arg(&disk));
+    let info = sh(Command::new("sgdisk").args(["-i1"]).arg(&disk));
+    let last: u64 = info
+        .lines()
+        .find(|l| l.starts_with("Last sector"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .expect("last sector");
+    let part = d.join("p.img");
+    sh(Command::new("truncate")
+        .args(["-s", &((last - 2048 + 1) * SECTOR).to_string()])
+        .arg(&part));
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("a.txt"), "grow me\n".repeat(50_000)).expect("write");
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&part));
+    sh(Command::new("dd")
+        .arg(format!("if={}", part.display()))
+        .arg(format!("of={}", disk.display()))
+        .args(["bs=512", "seek=2048", "conv=notrunc", "status=none"]));
+    let store = Store::open(&d.join("store")).expect("store");
+    let r = image::capture(&disk, &store, None, CaptureOptions::default()).expect("capture");
+    let big = d.join("big.raw");
+    sh(Command::new("truncate").args(["-s", "128M"]).arg(&big));
+    let dep = image::deploy(&store, &r.digest, &big, threads()).expect("deploy");
+    let g = dep.grown.expect("grown");
+    let note = g.filesystem.clone().unwrap_or_default();
+    if !note.starts_with("resize2fs grew") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "not grown under CI: {note}"
+        );
+        eprintln!("skipping the filesystem check: {note}");
+        return;
+    }
+    let out = d.join("p1.img");
+    extract(&big, 2048, g.new_bytes / SECTOR, &out);
+    sh(Command::new("e2fsck").arg("-fn").arg(&out));
+    let head = sh(Command::new("dumpe2fs").arg("-h").arg(&out));
+    let blocks: u64 = head
+        .lines()
+        .find(|l| l.starts_with("Block count:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .expect("block count");
+    assert_eq!(blocks * 4096, g.new_bytes, "{head}");
+    let text = Command::new("debugfs")
+        .args(["-R", "cat a.txt"])
+        .arg(&out)
+        .output()
+        .expect("debugfs");
+    assert_eq!(text.stdout, "grow me\n".repeat(50_000).into_bytes());
 }

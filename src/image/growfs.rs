@@ -1,0 +1,87 @@
+//! Growing the filesystem of a partition that was just grown, with the filesystem's
+//! own tool (resize2fs, ntfsresize) through a loop device over the partition's bytes:
+//! the same path for a disk image file and for a block device.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use super::layout::Fs;
+
+fn run(cmd: &mut Command, input: Option<&str>) -> Result<(), String> {
+    let name = format!("{:?}", cmd.get_program());
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{name}: {e}"))?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        let _ = stdin.write_all(text.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{name}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let msg = String::from_utf8_lossy(&out.stdout);
+        Err(format!(
+            "{name} failed: {}",
+            err.trim()
+                .lines()
+                .chain(msg.trim().lines())
+                .last()
+                .unwrap_or("")
+        ))
+    }
+}
+
+/// Grow the `fs` filesystem in `[start, start+bytes)` of `target` to fill it. Says
+/// what was done, or why nothing was.
+pub fn grow(target: &Path, start: u64, bytes: u64, fs: Fs) -> Result<String, String> {
+    let tool = match fs {
+        Fs::Ext4 => "resize2fs",
+        Fs::Ntfs => "ntfsresize",
+        Fs::Other => return Err("no tool to grow this filesystem".into()),
+    };
+    let out = Command::new("losetup")
+        .args([
+            "--find",
+            "--show",
+            "--offset",
+            &start.to_string(),
+            "--sizelimit",
+            &bytes.to_string(),
+        ])
+        .arg(target)
+        .output()
+        .map_err(|e| format!("losetup: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "no loop device for the partition: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let result = match fs {
+        Fs::Ext4 => {
+            // resize2fs wants a freshly checked filesystem; -p: repair nothing silently.
+            let check = Command::new("e2fsck").args(["-f", "-p", &dev]).status();
+            match check {
+                Ok(s) if s.code().is_some_and(|c| c <= 1) => {
+                    run(Command::new("resize2fs").arg(&dev), None)
+                }
+                Ok(s) => Err(format!("e2fsck found problems ({s}); not resized")),
+                Err(e) => Err(format!("e2fsck: {e}")),
+            }
+        }
+        _ => run(
+            Command::new("ntfsresize").args(["-f", "-P", &dev]),
+            Some("y\n"),
+        ),
+    };
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    result.map(|()| format!("{tool} grew the filesystem to the partition's {bytes} bytes"))
+}
