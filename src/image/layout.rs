@@ -195,7 +195,11 @@ fn read_gpt(f: &File, disk_bytes: u64) -> io::Result<Option<(u64, Vec<RawPart>)>
         if !(128..=4096).contains(&size) {
             continue;
         }
-        let table = read_at(f, entries_lba * sector, (count * size) as usize)?;
+        let at = entries_lba.saturating_mul(sector);
+        if at.saturating_add(count * size) > disk_bytes {
+            continue;
+        }
+        let table = read_at(f, at, (count * size) as usize)?;
         let mut parts = Vec::new();
         for i in 0..count {
             let e = &table[(i * size) as usize..((i + 1) * size) as usize];
@@ -311,7 +315,12 @@ fn ext4_used(f: &File, start: u64, bytes: u64, sb: &[u8]) -> io::Result<Option<V
     let desc_size = if is64 { le16(sb, 254).max(32) } else { 32 };
     let reserved_gdt = le16(sb, 206);
     let sparse_super = le32(sb, 100) & 0x1 != 0;
-    if per_group == 0 || blocks == 0 || blocks * bs > bytes || per_group > bs * 8 {
+    if per_group == 0
+        || blocks == 0
+        || first_data >= blocks
+        || blocks.saturating_mul(bs) > bytes
+        || per_group > bs * 8
+    {
         return Ok(None);
     }
     let groups = (blocks - first_data).div_ceil(per_group);
@@ -388,28 +397,32 @@ fn ext4_used(f: &File, start: u64, bytes: u64, sb: &[u8]) -> io::Result<Option<V
 fn ntfs_used(f: &File, start: u64, bytes: u64, boot: &[u8]) -> io::Result<Option<Vec<(u64, u64)>>> {
     let bps = le16(boot, 0x0B);
     let spc_raw = boot[0x0D] as u64;
-    let spc = if spc_raw > 0x80 {
-        1 << (256 - spc_raw)
-    } else {
-        spc_raw
+    let spc = match spc_raw {
+        0x81..=0xFF if 256 - spc_raw <= 16 => 1 << (256 - spc_raw),
+        0x81..=0xFF => return Ok(None),
+        n => n,
     };
     if !(256..=4096).contains(&bps) || spc == 0 {
         return Ok(None);
     }
     let cluster = bps * spc;
     let total_sectors = le64(boot, 0x28);
-    let volume = total_sectors * bps;
+    let volume = total_sectors.saturating_mul(bps);
     let mft_lcn = le64(boot, 0x30);
     let cpr = boot[0x40] as i8;
-    let record = if cpr < 0 {
-        1u64 << (-cpr as u32)
-    } else {
-        cpr as u64 * cluster
+    let record = match cpr {
+        -16..=-1 => 1u64 << (-(cpr as i32)),
+        c if c < 0 => return Ok(None),
+        c => c as u64 * cluster,
     };
     if volume > bytes || !(512..=65536).contains(&record) {
         return Ok(None);
     }
-    let mut rec = read_at(f, start + mft_lcn * cluster + 6 * record, record as usize)?;
+    let mft = mft_lcn.saturating_mul(cluster).saturating_add(6 * record);
+    if mft.saturating_add(record) > volume {
+        return Ok(None);
+    }
+    let mut rec = read_at(f, start + mft, record as usize)?;
     if &rec[0..4] != b"FILE" {
         return Ok(None);
     }
@@ -442,6 +455,10 @@ fn ntfs_used(f: &File, start: u64, bytes: u64, boot: &[u8]) -> io::Result<Option
             return Ok(None);
         }
         if kind == 0x80 && rec[at + 8] == 1 && rec[at + 9] == 0 {
+            // A non-resident attribute header is 0x40 bytes.
+            if len < 0x40 {
+                return Ok(None);
+            }
             let runs_at = at + le16(&rec, at + 0x20) as usize;
             let size = le64(&rec, at + 0x30);
             break Some((decode_runs(&rec[runs_at.min(at + len)..at + len]), size));
@@ -462,7 +479,7 @@ fn ntfs_used(f: &File, start: u64, bytes: u64, boot: &[u8]) -> io::Result<Option
             bitmap.resize(bitmap.len() + (n * cluster) as usize, 0);
             continue;
         };
-        if (lcn + n) * cluster > volume {
+        if lcn.saturating_add(n).saturating_mul(cluster) > volume {
             return Ok(None);
         }
         bitmap.extend(read_at(f, start + lcn * cluster, (n * cluster) as usize)?);
@@ -546,6 +563,50 @@ fn decode_runs(b: &[u8]) -> Vec<(Option<u64>, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Disks are input too: garbage behind every magic number must not panic.
+    #[test]
+    fn garbage_disks_never_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d");
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for round in 0..200u64 {
+            let mut disk: Vec<u8> = (0..(256 << 10))
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            match round % 4 {
+                0 => disk[510..512].copy_from_slice(&[0x55, 0xAA]),
+                1 => disk[512..520].copy_from_slice(b"EFI PART"),
+                2 => disk[1024 + 56..1024 + 58].copy_from_slice(&[0x53, 0xEF]),
+                _ => disk[3..11].copy_from_slice(b"NTFS    "),
+            }
+            if round % 8 >= 4 {
+                // Plausible small numbers where the parsers read sizes.
+                for at in [
+                    0x0B,
+                    0x0D,
+                    0x28,
+                    0x30,
+                    0x40,
+                    1024 + 24,
+                    1024 + 32,
+                    512 + 80,
+                    512 + 84,
+                ] {
+                    disk[at] = (round % 7) as u8;
+                    disk[at + 1] = 0;
+                }
+            }
+            std::fs::write(&path, &disk).expect("write");
+            let f = File::open(&path).expect("open");
+            let _ = read(&f, disk.len() as u64);
+        }
+    }
 
     #[test]
     fn runs_are_merged_and_block_aligned() {
