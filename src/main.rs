@@ -163,6 +163,12 @@ enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Carry out the task the kernel command line's fleetwave.server, .mac and .token
+    /// name (what the netboot environment runs), and report to the server.
+    Run {
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+    },
     /// What this machine has: CPU, memory, disks, NICs, DMI identity.
     Inventory {
         #[arg(long)]
@@ -329,6 +335,7 @@ fn main() -> ExitCode {
                 cli::image::verify_disk(w, &image, &disk, json, &mut out)
             }),
             AgentCommand::Inventory { json } => cli::agent::inventory(json, &mut out),
+            AgentCommand::Run { cmdline } => cli::agent::run(&cmdline, &mut out),
             AgentCommand::Wipe {
                 disk,
                 mode,

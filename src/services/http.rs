@@ -29,7 +29,7 @@ use crate::plan::{Plan, Step, Version, Via};
 use crate::services::api::Api;
 use crate::services::dhcp;
 use crate::services::tftp;
-use crate::spec::{FleetSpec, Mac, UnknownHosts, WipeMode};
+use crate::spec::{DiskSelector, FleetSpec, Mac, UnknownHosts, WipeMode};
 
 /// What one known host boots now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,9 @@ pub enum HostBoot {
         site: String,
         /// The step's kind and parameters, for the agent's command line.
         task: Vec<(&'static str, String)>,
+        /// The host's disk selector (`disk.size`, ...): in the task the API gives, not
+        /// on the command line, where a model glob's spaces would not survive.
+        disk: Vec<(&'static str, String)>,
         summary: String,
     },
 }
@@ -124,6 +127,11 @@ impl BootTable {
                     host: hp.host.clone(),
                     site: hp.site.clone(),
                     task,
+                    disk: spec
+                        .hosts
+                        .get(&hp.host)
+                        .map(|h| disk_args(&h.disk))
+                        .unwrap_or_default(),
                     summary,
                 },
             );
@@ -139,6 +147,29 @@ impl BootTable {
             register_sites,
         }
     }
+}
+
+/// A disk selector as task arguments.
+fn disk_args(d: &DiskSelector) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(r) = d.size {
+        let text = if r.max == u64::MAX {
+            format!(">={}", r.min)
+        } else {
+            format!("{}-{}", r.min, r.max)
+        };
+        out.push(("disk.size", text));
+    }
+    for (k, v) in [
+        ("disk.serial", &d.serial),
+        ("disk.model", &d.model),
+        ("disk.path", &d.path),
+    ] {
+        if let Some(v) = v {
+            out.push((k, v.clone()));
+        }
+    }
+    out
 }
 
 fn describe(step: &Step) -> (Vec<(&'static str, String)>, String) {
@@ -226,12 +257,14 @@ pub fn script(table: &BootTable, mac: Mac, base_url: &str, api: Option<&Api>) ->
             host,
             site,
             task,
+            disk,
             summary,
         }) => {
             let _ = writeln!(s, "# fleetwave: {host}: {summary}");
             let mut args = vec![("host", host.clone()), ("site", site.clone())];
             args.extend(task.iter().cloned());
-            args.extend(token(Some(host), task));
+            let granted: Vec<_> = task.iter().chain(disk).cloned().collect();
+            args.extend(token(Some(host), &granted));
             agent_boot(&mut s, base_url, mac, &args);
         }
         None if !table.register_sites.is_empty() => {

@@ -49,13 +49,17 @@ impl Drop for Server {
 }
 
 fn start(dir: &Path) -> Server {
+    start_with(dir, &fleet(), Observed::default())
+}
+
+fn start_with(dir: &Path, fleet: &str, observed: Observed) -> Server {
     let path = dir.join("fleet.yaml");
-    std::fs::write(&path, fleet()).expect("write");
+    std::fs::write(&path, fleet).expect("write");
     let spec = match fleetwave::cli::load(&fleetwave::source::DirTree, &path).expect("load") {
         Ok((spec, _)) => spec,
         Err(_) => panic!("test fleet invalid"),
     };
-    let plan = plan::diff(&spec, &Observed::default(), &Params::default());
+    let plan = plan::diff(&spec, &observed, &Params::default());
     let api = Arc::new(Api::new(
         Store::open(&dir.join("server-store")).expect("store"),
     ));
@@ -261,4 +265,116 @@ fn an_upload_whose_content_does_not_match_its_name_is_refused() {
     // Nothing was stored.
     let store = Store::open(&dir.path().join("server-store")).expect("store");
     assert!(!store.has_chunk(&format!("blake3:{right_name}").parse().expect("digest")));
+}
+
+/// What the netboot environment does: iPXE fetches the script, boots the kernel line,
+/// and `fleetwave agent run` reads it, picks the disk by the host's selector, deploys
+/// and reports.
+#[test]
+fn agent_run_follows_the_script_to_a_verified_disk() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") || !tool("mount", "/usr/sbin/losetup") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // The version to deploy, already in the server's store.
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("os.txt"), "the golden image\n".repeat(40_000)).expect("write");
+    let fs = d.join("fs.img");
+    std::fs::File::create(&fs)
+        .and_then(|f| f.set_len(40 << 20))
+        .expect("fs");
+    assert!(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&src)
+            .arg(&fs)
+            .status()
+            .is_ok_and(|s| s.success())
+    );
+    let store = Store::open(&d.join("server-store")).expect("store");
+    let cap = fleetwave::image::capture(&fs, &store, Some(("linux", 1)), Default::default())
+        .expect("capture");
+    // The host's disk: a loop device its selector names.
+    let backing = d.join("disk");
+    std::fs::File::create(&backing)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("disk");
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .expect("losetup");
+    if !out.status.success() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "losetup failed under CI"
+        );
+        eprintln!("skipping: loop devices need root");
+        return;
+    }
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let fleet = format!(
+        "{}images:\n  linux: {{os: linux}}\nhosts:\n  pc01: {{mac: \"{PC01}\", site: lab, image: linux, disk: {{path: {dev}}}}}\n",
+        crate::LAB_SITE
+    );
+    let observed = Observed::from_json(&format!(
+        r#"{{"images": {{"linux": {{"versions": [{{"digest": "{}", "generation": 1, "disk_bytes": {}, "stored_bytes": {}}}]}}}}}}"#,
+        cap.digest, cap.disk_bytes, cap.stored_bytes
+    ))
+    .expect("observed");
+    let server = start_with(d, &fleet, observed);
+    // The kernel line of the script, with the server's address as the client saw it.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let script = agent
+        .get(format!("{}/boot/{PC01}.ipxe", server.url))
+        .call()
+        .expect("script")
+        .body_mut()
+        .read_to_string()
+        .expect("body");
+    let kernel = script
+        .lines()
+        .find(|l| l.starts_with("kernel "))
+        .unwrap_or_else(|| panic!("no kernel line:\n{script}"));
+    assert!(kernel.contains("fleetwave.task=deploy"), "{kernel}");
+    let cmdline = d.join("cmdline");
+    std::fs::write(&cmdline, kernel).expect("write");
+    let (code, out) = fleetwave(&[
+        "agent",
+        "run",
+        "--cmdline",
+        cmdline.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deployed and verified"), "{out}");
+    let fsck = Command::new("e2fsck")
+        .args(["-fn", &dev])
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    // The result spent the token.
+    let (code, out) = fleetwave(&[
+        "agent",
+        "run",
+        "--cmdline",
+        cmdline.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("401"), "{out}");
 }
