@@ -156,6 +156,8 @@ struct UsedData {
 }
 
 const READ_SIZE: usize = 4 << 20;
+/// Chunks a capture worker takes at once (one missing-chunk query for all).
+const BATCH: usize = 16;
 static ZERO: [u8; BLOCK as usize] = [0; BLOCK as usize];
 
 impl UsedData {
@@ -278,45 +280,54 @@ pub fn capture(
         for _ in 0..threads {
             s.spawn(|| {
                 loop {
-                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok((i, data)) = next else { break };
-                    let d = Digest(*blake3::hash(&data).as_bytes());
-                    let fresh = match repo.lacks(&d) {
-                        Ok(lacks) => {
-                            lacks && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(d)
-                        }
-                        Err(e) => {
-                            first_error
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                            false
-                        }
+                    // Up to BATCH chunks at once, so a remote repository is asked
+                    // about them in one round trip.
+                    let batch: Vec<(usize, Vec<u8>)> = {
+                        let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                        let Ok(first) = rx.recv() else { break };
+                        std::iter::once(first)
+                            .chain(std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH - 1))
+                            .collect()
                     };
-                    if fresh {
-                        let r = store::compress_chunk(&data, level)
-                            .map_err(|source| StoreError::Io {
-                                path: PathBuf::from(d.to_string()),
-                                source,
-                            })
-                            .and_then(|c| repo.put_chunk(&d, &c));
-                        match r {
-                            Ok(n) => {
-                                new_stored.fetch_add(n, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                first_error
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .get_or_insert(e);
+                    let digests: Vec<Digest> = batch
+                        .iter()
+                        .map(|(_, data)| Digest(*blake3::hash(data).as_bytes()))
+                        .collect();
+                    let lacking = repo.lacks_many(&digests).unwrap_or_else(|e| {
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        vec![false; digests.len()]
+                    });
+                    for (((i, data), d), lacks) in batch.into_iter().zip(digests).zip(lacking) {
+                        let fresh =
+                            lacks && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(d);
+                        if fresh {
+                            let r = store::compress_chunk(&data, level)
+                                .map_err(|source| StoreError::Io {
+                                    path: PathBuf::from(d.to_string()),
+                                    source,
+                                })
+                                .and_then(|c| repo.put_chunk(&d, &c));
+                            match r {
+                                Ok(n) => {
+                                    new_stored.fetch_add(n, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    first_error
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .get_or_insert(e);
+                                }
                             }
                         }
+                        let mut res = results.lock().unwrap_or_else(|p| p.into_inner());
+                        if res.len() <= i {
+                            res.resize(i + 1, None);
+                        }
+                        res[i] = Some((d, data.len() as u32, fresh));
                     }
-                    let mut res = results.lock().unwrap_or_else(|p| p.into_inner());
-                    if res.len() <= i {
-                        res.resize(i + 1, None);
-                    }
-                    res[i] = Some((d, data.len() as u32, fresh));
                 }
             });
         }

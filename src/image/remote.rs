@@ -113,9 +113,13 @@ impl Remote {
 
 impl Repo for Remote {
     fn lacks(&self, d: &Digest) -> Result<bool> {
-        let body = self.post_json("chunks/missing", &[d])?;
+        Ok(self.lacks_many(std::slice::from_ref(d))?[0])
+    }
+
+    fn lacks_many(&self, ds: &[Digest]) -> Result<Vec<bool>> {
+        let body = self.post_json("chunks/missing", &ds)?;
         let missing: Vec<Digest> = serde_json::from_slice(&body).map_err(|e| net("missing", e))?;
-        Ok(missing.contains(d))
+        Ok(ds.iter().map(|d| missing.contains(d)).collect())
     }
 
     fn put_chunk(&self, d: &Digest, compressed: &[u8]) -> Result<u64> {

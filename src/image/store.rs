@@ -398,6 +398,10 @@ impl Store {
 pub trait Repo: Sync {
     /// Whether the repository lacks this chunk (so a capture must send it).
     fn lacks(&self, d: &Digest) -> Result<bool>;
+    /// [`Repo::lacks`] for many chunks at once (one round trip for a remote one).
+    fn lacks_many(&self, ds: &[Digest]) -> Result<Vec<bool>> {
+        ds.iter().map(|d| self.lacks(d)).collect()
+    }
     /// Store a chunk's compressed bytes; returns the bytes stored.
     fn put_chunk(&self, d: &Digest, compressed: &[u8]) -> Result<u64>;
     /// A chunk's data, checked against its name.
