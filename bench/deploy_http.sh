@@ -4,7 +4,9 @@
 # into the store `fleetwave serve` serves; the agent then deploys it over the agent API
 # with the token its iPXE script carries (fetch, decompress, check, write, read back
 # and check again), and curl downloads the same compressed bytes as one file from the
-# same server's /files/. Rate = compressed bytes / wall time. Loopback, same run.
+# same server's /files/, and is timed until the file is on disk (`sync FILE`), as the
+# deploy is (it fsyncs before its read-back). Rate = compressed bytes / wall time.
+# Loopback, same run. The deploy writes the decompressed bytes (about 1.26 GB).
 # Usage: bench/deploy_http.sh [RUNS=2]   Needs curl, e2fsprogs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +16,7 @@ for t in curl mkfs.ext4 python3; do
 done
 WORK=$(mktemp -d /var/tmp/fleetwave-http.XXXXXX)
 SERVER=""
-cleanup() { [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; rm -rf "$WORK"; }
+cleanup() { [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$WORK"; }
 trap cleanup EXIT
 cargo build --release --quiet --bin fleetwave
 FW=$PWD/target/release/fleetwave
@@ -59,6 +61,7 @@ for run in $(seq "$RUNS"); do
     rm -f "$WORK/curl.out" "$WORK/target.img"
     t0=$(date +%s.%N)
     curl -s -o "$WORK/curl.out" "http://127.0.0.1:18081/files/all.bin"
+    sync "$WORK/curl.out"    # on disk, as a deploy must be before it reports
     t1=$(date +%s.%N)
     TOKEN=$(curl -s "http://127.0.0.1:18081/boot/52:54:00:00:00:01.ipxe" | tr ' ' '\n' | sed -n 's/^fleetwave.token=//p')
     : > "$WORK/target.img"

@@ -447,8 +447,23 @@ impl Repo for Store {
     }
 }
 
+/// Compress with a context kept per thread and level: a fresh context per chunk costs
+/// megabytes mapped and unmapped each time.
 pub fn compress(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
-    zstd::bulk::compress(data, level)
+    thread_local! {
+        static CCTX: std::cell::RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    CCTX.with(|cell| {
+        let mut ctxs = cell.borrow_mut();
+        if !ctxs.iter().any(|(l, _)| *l == level) {
+            ctxs.push((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match ctxs.iter_mut().find(|(l, _)| *l == level) {
+            Some((_, c)) => c.compress(data),
+            None => zstd::bulk::compress(data, level),
+        }
+    })
 }
 
 /// Compress a chunk, spending `level`'s effort only where it can pay: a chunk whose
@@ -457,17 +472,31 @@ pub fn compress(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
 pub fn compress_chunk(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     const PROBE: usize = 64 * 1024;
     if level > 1 && data.len() > PROBE {
-        let probe = zstd::bulk::compress(&data[..PROBE], 1)?;
+        let probe = compress(&data[..PROBE], 1)?;
         if probe.len() * 100 >= PROBE * 98 {
-            return zstd::bulk::compress(data, 1);
+            return compress(data, 1);
         }
     }
-    zstd::bulk::compress(data, level)
+    compress(data, level)
 }
 
 /// Decompress a chunk of known length; more or fewer bytes is an error.
 pub fn decompress(raw: &[u8], len: usize) -> io::Result<Vec<u8>> {
-    let out = zstd::bulk::decompress(raw, len)?;
+    // One decompression context per thread: creating one per chunk showed in profiles.
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let out = DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(raw, len),
+            None => zstd::bulk::decompress(raw, len),
+        }
+    })?;
     if out.len() != len {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
