@@ -378,3 +378,121 @@ fn agent_run_follows_the_script_to_a_verified_disk() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("401"), "{out}");
 }
+
+/// Chunk files in a store.
+fn chunk_files(store: &Path) -> usize {
+    std::fs::read_dir(store.join("chunks"))
+        .map(|dirs| {
+            dirs.flatten()
+                .map(|d| std::fs::read_dir(d.path()).map(|f| f.count()).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_interrupted_upload_resumes_with_what_the_server_lacks() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let mut x: u64 = 7;
+    for i in 0..40 {
+        let data: Vec<u8> = (0..(4 << 20))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(src.join(format!("f{i}")), data).expect("write");
+    }
+    let fs = d.join("fs.img");
+    std::fs::File::create(&fs)
+        .and_then(|f| f.set_len(200 << 20))
+        .expect("fs");
+    assert!(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-d"])
+            .arg(&src)
+            .arg(&fs)
+            .status()
+            .is_ok_and(|s| s.success())
+    );
+    let server = start(d);
+    let server_store = d.join("server-store");
+    let token = server
+        .api
+        .mint(REF.parse().expect("mac"), None, &[])
+        .expect("token");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+        .args(["agent", "capture"])
+        .arg(&fs)
+        .args([
+            "--image",
+            "win10",
+            "--server",
+            &server.url,
+            "--token",
+            &token,
+            "--mac",
+            REF,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while chunk_files(&server_store) < 40
+        && std::time::Instant::now() < deadline
+        && child.try_wait().ok().flatten().is_none()
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let killed = !child.wait().expect("wait").success();
+    let uploaded = chunk_files(&server_store);
+    // The next task (a new token) sends only what the server still lacks.
+    let again = server
+        .api
+        .mint(REF.parse().expect("mac"), None, &[])
+        .expect("token");
+    let (code, out) = fleetwave(&[
+        "agent",
+        "capture",
+        fs.to_str().expect("utf-8"),
+        "--image",
+        "win10",
+        "--server",
+        &server.url,
+        "--token",
+        &again,
+        "--mac",
+        REF,
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let (chunks, new) = (
+        r["chunks"].as_u64().expect("n") as usize,
+        r["new_chunks"].as_u64().expect("n") as usize,
+    );
+    if killed {
+        assert!(
+            uploaded > 0 && new <= chunks - uploaded,
+            "{new} of {chunks} sent again after {uploaded} arrived"
+        );
+    } else {
+        eprintln!("note: the first capture finished before it could be killed");
+    }
+    // Committed: the server only accepts a manifest whose chunks it all holds.
+    let store = Store::open(&server_store).expect("store");
+    assert_eq!(
+        store.resolve("win10").expect("committed").to_string(),
+        r["digest"].as_str().expect("digest")
+    );
+}
