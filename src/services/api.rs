@@ -140,6 +140,26 @@ impl Api {
         Ok((token.to_string(), grant.clone()))
     }
 
+    /// Tasks in flight (tokens not spent nor expired), for the health endpoint.
+    pub fn tasks(&self) -> Vec<serde_json::Value> {
+        let now = crate::state::now();
+        let g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<serde_json::Value> = g
+            .values()
+            .filter(|x| !x.spent && x.expires > now)
+            .map(|x| {
+                serde_json::json!({
+                    "mac": x.mac,
+                    "host": x.host,
+                    "task": x.task.iter().find(|(k, _)| k == "task").map(|(_, v)| v),
+                    "progress": x.progress,
+                })
+            })
+            .collect();
+        out.sort_by_key(|v| v["mac"].to_string());
+        out
+    }
+
     /// The latest progress any of `mac`'s tasks reported.
     pub fn last_progress(&self, mac: Mac) -> Option<Progress> {
         self.grants

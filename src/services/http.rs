@@ -458,6 +458,9 @@ async fn health(State(st): State<HttpState>) -> Response {
     if let Some(t) = &st.tftp {
         doc.insert("tftp", serde_json::json!(&**t));
     }
+    if let Some(a) = &st.api {
+        doc.insert("agent_tasks", serde_json::json!(a.tasks()));
+    }
     let body = serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into());
     ([(header::CONTENT_TYPE, "application/json")], body + "\n").into_response()
 }

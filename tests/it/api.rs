@@ -191,6 +191,20 @@ fn the_agent_captures_and_deploys_through_the_api_with_its_token_only() {
         .api
         .mint(PC01.parse().expect("mac"), Some("pc01"), &[])
         .expect("token");
+    // The health endpoint lists the task in flight.
+    let health: serde_json::Value = {
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        let body = agent
+            .get(format!("{url}/health"))
+            .call()
+            .expect("health")
+            .body_mut()
+            .read_to_string()
+            .expect("body");
+        serde_json::from_str(&body).expect("json")
+    };
+    let tasks = health["agent_tasks"].as_array().expect("tasks");
+    assert!(tasks.iter().any(|t| t["mac"] == PC01), "{health}");
     let target = d.join("pc01.raw");
     std::fs::File::create(&target).expect("create");
     let (code, out) = fleetwave(&[
