@@ -55,13 +55,14 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
-    /// The imaging agent's work on a disk (here against a local store; over HTTP from
-    /// the netboot environment in a later release).
+    /// The imaging agent's work on a disk, against a local image store or the server's
+    /// (through the agent API, with a task token).
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
     },
-    /// Run the boot services (DHCP, TFTP, HTTP) of the fleet's sites until SIGINT/SIGTERM.
+    /// Run the boot services (DHCP, TFTP, HTTP with the agent API) of the fleet's sites
+    /// until SIGINT/SIGTERM.
     Serve {
         /// The fleet file, or a directory holding fleet.yaml.
         #[arg(long, default_value = "fleet.yaml")]
