@@ -203,7 +203,7 @@ pub fn run(cmdline: &Path, out: &mut dyn Write) -> Result<u8> {
                 .map_err(|e| anyhow!("version: {e}"))?;
             let m = remote.manifest(&version)?;
             let disk = choose(m.disk_bytes)?;
-            super::image::deploy(&w, &version.to_string(), &disk, false, out)
+            super::image::deploy_version(&w, &version, &m, &disk, false, out)
         }
         "wipe" => {
             let disk = choose(0)?;

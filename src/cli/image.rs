@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 
 use super::exit;
 use crate::image::Meter;
+use crate::image::manifest::Manifest;
 use crate::image::remote::Remote;
 use crate::image::store::{Repo, Store};
 use crate::image::{self, CaptureOptions};
@@ -203,12 +204,36 @@ pub fn capture(
 pub fn deploy(w: &Where, spec: &str, target: &Path, json: bool, out: &mut dyn Write) -> Result<u8> {
     let o = open_where(w)?;
     let digest = resolve(&o, spec)?;
+    let m = o.repo().manifest(&digest)?;
+    deploy_opened(&o, &digest, &m, target, json, out)
+}
+
+/// Deploy version `digest`, whose manifest the caller already has.
+pub fn deploy_version(
+    w: &Where,
+    digest: &Digest,
+    m: &Manifest,
+    target: &Path,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    deploy_opened(&open_where(w)?, digest, m, target, json, out)
+}
+
+fn deploy_opened(
+    o: &Opened,
+    digest: &Digest,
+    m: &Manifest,
+    target: &Path,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u8> {
     // More threads than cores: over the network, fetches wait on round trips.
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(4);
-    let result = metered(&o, "deploy", |meter| {
-        image::deploy_metered(o.repo(), &digest, target, threads, Some(meter))
+    let result = metered(o, "deploy", |meter| {
+        image::deploy_metered(o.repo(), digest, m, target, threads, Some(meter))
     });
     o.report(&match &result {
         Ok(r) => TaskResult {

@@ -460,19 +460,21 @@ pub fn deploy(
     target: &Path,
     threads: usize,
 ) -> Result<DeployReport> {
-    deploy_metered(repo, digest, target, threads, None)
+    let m = repo.manifest(digest)?;
+    deploy_metered(repo, digest, &m, target, threads, None)
 }
 
-/// [`deploy`], counting bytes written and then read back in `meter`.
+/// [`deploy`] of the manifest `m` of version `digest` (as `repo.manifest` returned
+/// it), counting bytes written and then read back in `meter`.
 pub fn deploy_metered(
     repo: &dyn Repo,
     digest: &Digest,
+    m: &Manifest,
     target: &Path,
     threads: usize,
     meter: Option<&Meter>,
 ) -> Result<DeployReport> {
     let started = Instant::now();
-    let m = repo.manifest(digest)?;
     if let Some(mt) = meter {
         mt.total.store(2 * m.data_bytes, Ordering::Relaxed);
     }
@@ -505,7 +507,7 @@ pub fn deploy_metered(
         std::fs::write(&journal, digest.to_string()).map_err(io_err(&journal))?;
     }
 
-    let places = placements(&m);
+    let places = placements(m);
     let next = AtomicUsize::new(0);
     let written = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
@@ -559,7 +561,7 @@ pub fn deploy_metered(
     file.sync_all().map_err(io_err(target))?;
     // The read-back covers what the image holds; growing then changes the partition
     // table on purpose, and checks its own CRCs.
-    check(&file, &m, digest, target, threads, meter)?;
+    check(&file, m, digest, target, threads, meter)?;
     let mut grown = None;
     if target_bytes > m.disk_bytes && m.partition_table.kind == layout::TableKind::Gpt {
         grown = gpt::grow(&file, target_bytes).map_err(io_err(target))?;
