@@ -3,47 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{fleetwave, tool};
-
-/// A loop device over a sparse file; detached on drop.
-struct Loop {
-    dev: String,
-}
-
-impl Loop {
-    fn attach(file: &Path, bytes: u64) -> Option<Loop> {
-        std::fs::File::create(file)
-            .and_then(|f| f.set_len(bytes))
-            .expect("backing file");
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!(
-                    "losetup failed under CI: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            eprintln!(
-                "skipping: loop devices need root ({})",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return None;
-        }
-        Some(Loop {
-            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
+use crate::{Loop, fleetwave, mkfs_ext4, tool};
 
 #[test]
 fn two_candidate_disks_without_a_selector_are_refused_and_a_selector_picks_one() {
@@ -91,15 +51,7 @@ fn deploy_onto_a_block_device_and_verify_it() {
     )
     .expect("write");
     let fs: PathBuf = dir.path().join("fs.img");
-    std::fs::File::create(&fs)
-        .and_then(|f| f.set_len(48 << 20))
-        .expect("fs file");
-    let ok = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&src)
-        .arg(&fs)
-        .status();
-    assert!(ok.is_ok_and(|s| s.success()));
+    mkfs_ext4(&src, &fs, 48 << 20, &[]);
     let Some(target) = Loop::attach(&dir.path().join("disk"), 64 << 20) else {
         return;
     };

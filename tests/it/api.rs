@@ -13,7 +13,7 @@ use fleetwave::services::api::Api;
 use fleetwave::services::http::{BootTable, HttpState, run};
 use tokio_util::sync::CancellationToken;
 
-use crate::{fleetwave, tool};
+use crate::{Loop, bytes, fleetwave, mkfs_ext4, spec_of, tool};
 
 fn fleet() -> String {
     format!(
@@ -53,12 +53,7 @@ fn start(dir: &Path) -> Server {
 }
 
 fn start_with(dir: &Path, fleet: &str, observed: Observed) -> Server {
-    let path = dir.join("fleet.yaml");
-    std::fs::write(&path, fleet).expect("write");
-    let spec = match fleetwave::cli::load(&fleetwave::source::DirTree, &path).expect("load") {
-        Ok((spec, _)) => spec,
-        Err(_) => panic!("test fleet invalid"),
-    };
+    let spec = spec_of(fleet);
     let plan = plan::diff(&spec, &observed, &Params::default());
     let api = Arc::new(Api::new(
         Store::open(&dir.join("server-store")).expect("store"),
@@ -129,17 +124,7 @@ fn the_agent_captures_and_deploys_through_the_api_with_its_token_only() {
         .expect("write");
     }
     let fs = d.join("fs.img");
-    std::fs::File::create(&fs)
-        .and_then(|f| f.set_len(48 << 20))
-        .expect("fs");
-    assert!(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(&src)
-            .arg(&fs)
-            .status()
-            .is_ok_and(|s| s.success())
-    );
+    mkfs_ext4(&src, &fs, 48 << 20, &[]);
     let fs = fs.to_str().expect("utf-8");
     let server = start(d);
     let url = server.url.as_str();
@@ -296,46 +281,15 @@ fn agent_run_follows_the_script_to_a_verified_disk() {
     std::fs::create_dir_all(&src).expect("mkdir");
     std::fs::write(src.join("os.txt"), "the golden image\n".repeat(40_000)).expect("write");
     let fs = d.join("fs.img");
-    std::fs::File::create(&fs)
-        .and_then(|f| f.set_len(40 << 20))
-        .expect("fs");
-    assert!(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(&src)
-            .arg(&fs)
-            .status()
-            .is_ok_and(|s| s.success())
-    );
+    mkfs_ext4(&src, &fs, 40 << 20, &[]);
     let store = Store::open(&d.join("server-store")).expect("store");
     let cap = fleetwave::image::capture(&fs, &store, Some(("linux", 1)), Default::default())
         .expect("capture");
     // The host's disk: a loop device its selector names.
-    let backing = d.join("disk");
-    std::fs::File::create(&backing)
-        .and_then(|f| f.set_len(64 << 20))
-        .expect("disk");
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&backing)
-        .output()
-        .expect("losetup");
-    if !out.status.success() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "losetup failed under CI"
-        );
-        eprintln!("skipping: loop devices need root");
+    let Some(disk) = Loop::attach(&d.join("disk"), 64 << 20) else {
         return;
-    }
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = Command::new("losetup").args(["-d", &self.0]).status();
-        }
-    }
-    let _detach = Detach(dev.clone());
+    };
+    let dev = disk.dev.clone();
     let fleet = format!(
         "{}images:\n  linux: {{os: linux}}\nhosts:\n  pc01: {{mac: \"{PC01}\", site: lab, image: linux, disk: {{path: {dev}}}}}\n",
         crate::LAB_SITE
@@ -413,30 +367,12 @@ fn an_interrupted_upload_resumes_with_what_the_server_lacks() {
     let d = dir.path();
     let src = d.join("src");
     std::fs::create_dir_all(&src).expect("mkdir");
-    let mut x: u64 = 7;
     for i in 0..40 {
-        let data: Vec<u8> = (0..(4 << 20))
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = bytes(4 << 20, 7 + i);
         std::fs::write(src.join(format!("f{i}")), data).expect("write");
     }
     let fs = d.join("fs.img");
-    std::fs::File::create(&fs)
-        .and_then(|f| f.set_len(200 << 20))
-        .expect("fs");
-    assert!(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-b", "4096", "-d"])
-            .arg(&src)
-            .arg(&fs)
-            .status()
-            .is_ok_and(|s| s.success())
-    );
+    mkfs_ext4(&src, &fs, 200 << 20, &["-b", "4096"]);
     let server = start(d);
     let server_store = d.join("server-store");
     let token = server

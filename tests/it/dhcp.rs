@@ -339,7 +339,7 @@ struct Loop {
 
 impl Loop {
     fn start(mode: DhcpMode) -> Loop {
-        let spec = fleet_spec(&lab_fleet());
+        let spec = crate::spec_of(&lab_fleet());
         let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
         client
             .set_read_timeout(Some(Duration::from_secs(3)))
@@ -418,16 +418,6 @@ fn local(s: &UdpSocket) -> SocketAddrV4 {
     match s.local_addr().expect("addr") {
         std::net::SocketAddr::V4(a) => a,
         _ => unreachable!("bound to IPv4"),
-    }
-}
-
-fn fleet_spec(text: &str) -> fleetwave::spec::FleetSpec {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("fleet.yaml");
-    std::fs::write(&path, text).expect("write");
-    match fleetwave::cli::load(&fleetwave::source::DirTree, &path).expect("load") {
-        Ok((spec, _)) => spec,
-        Err(_) => panic!("the test fleet is invalid"),
     }
 }
 

@@ -69,12 +69,7 @@ impl Drop for Http {
 
 fn start() -> Http {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("fleet.yaml");
-    std::fs::write(&path, fleet()).expect("write");
-    let spec = match fleetwave::cli::load(&fleetwave::source::DirTree, &path).expect("load") {
-        Ok((spec, _)) => spec,
-        Err(_) => panic!("test fleet invalid"),
-    };
+    let spec = crate::spec_of(&fleet());
     let plan = plan::diff(&spec, &observed(), &Params::default());
     let ipxe = dir.path().join("ipxe");
     let files = dir.path().join("files");

@@ -58,3 +58,86 @@ sites:
     subnet: 172.28.0.0/24
     dhcp: {mode: authoritative, pool: 172.28.0.100-172.28.0.199, router: 172.28.0.1, lease: 1h}
 ";
+
+/// The validated spec of a fleet text (the test's own, so it must be valid).
+pub fn spec_of(text: &str) -> fleetwave::spec::FleetSpec {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fleet.yaml");
+    std::fs::write(&path, text).expect("write");
+    match fleetwave::cli::load(&fleetwave::source::DirTree, &path).expect("load") {
+        Ok((spec, _)) => spec,
+        Err(_) => panic!("the test fleet is invalid"),
+    }
+}
+
+/// An ext4 filesystem image of `bytes` at `img`, filled from `src`, made by mkfs.ext4
+/// with `args` (e.g. `-b 4096`).
+pub fn mkfs_ext4(src: &Path, img: &Path, bytes: u64, args: &[&str]) {
+    std::fs::File::create(img)
+        .and_then(|f| f.set_len(bytes))
+        .expect("image file");
+    let ok = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .args(args)
+        .arg("-d")
+        .arg(src)
+        .arg(img)
+        .status();
+    assert!(ok.is_ok_and(|s| s.success()), "mkfs.ext4 failed");
+}
+
+/// Deterministic pseudo-random bytes, so a failure reproduces.
+pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A loop device over a sparse file of `bytes`; detached on drop. `None` (a skip)
+/// without root, which under CI=true is a failure instead.
+pub struct Loop {
+    pub dev: String,
+}
+
+impl Loop {
+    pub fn attach(file: &Path, bytes: u64) -> Option<Loop> {
+        std::fs::File::create(file)
+            .and_then(|f| f.set_len(bytes))
+            .expect("backing file");
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!(
+                    "losetup failed under CI: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            eprintln!(
+                "skipping: loop devices need root ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(Loop {
+            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::tool;
+use crate::{bytes, tool};
 use fleetwave::services::tftp::{self, Config, Stats};
 use tokio_util::sync::CancellationToken;
 
@@ -68,19 +68,6 @@ fn settle(counter: &std::sync::atomic::AtomicU64, want: u64) {
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("client runs")
-}
-
-/// Deterministic pseudo-random bytes, so a failure reproduces.
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 struct Files {
