@@ -14,8 +14,7 @@ use crate::spec::{Digest, DiskSelector, Mac};
 pub fn inventory(json: bool, out: &mut dyn Write) -> Result<u8> {
     let inv = agent::collect(Path::new("/"));
     if json {
-        serde_json::to_writer_pretty(&mut *out, &inv)?;
-        writeln!(out)?;
+        super::print_json(out, &inv)?;
         return Ok(exit::OK);
     }
     writeln!(
@@ -89,8 +88,7 @@ pub fn wipe(disk: &Path, mode: &str, yes: bool, json: bool, out: &mut dyn Write)
     }
     let r = agent::wipe::wipe(disk, mode)?;
     if json {
-        serde_json::to_writer_pretty(&mut *out, &r)?;
-        writeln!(out)?;
+        super::print_json(out, &r)?;
         return Ok(exit::OK);
     }
     for p in &r.passes {

@@ -179,8 +179,7 @@ pub fn capture(
         message: format!("captured {} chunks, {} new", r.chunks, r.new_chunks),
     });
     if json {
-        serde_json::to_writer_pretty(&mut *out, &r)?;
-        writeln!(out)?;
+        super::print_json(out, &r)?;
     } else {
         writeln!(
             out,
@@ -250,8 +249,7 @@ fn deploy_opened(
     match result {
         Ok(r) => {
             if json {
-                serde_json::to_writer_pretty(&mut *out, &r)?;
-                writeln!(out)?;
+                super::print_json(out, &r)?;
             } else {
                 writeln!(
                     out,
@@ -303,8 +301,7 @@ pub fn verify_disk(
         message: format!("{} of {} regions differ", r.bad, r.checked),
     });
     if json {
-        serde_json::to_writer_pretty(&mut *out, &r)?;
-        writeln!(out)?;
+        super::print_json(out, &r)?;
     } else if r.bad == 0 {
         writeln!(
             out,

@@ -86,11 +86,7 @@ pub(crate) fn print_problems(
                 .iter()
                 .map(|d| JsonDiagnostic::from(d, &invalid.sources))
                 .collect();
-            serde_json::to_writer_pretty(
-                &mut *out,
-                &serde_json::json!({"valid": false, "problems": list}),
-            )?;
-            writeln!(out)?;
+            print_json(out, &serde_json::json!({"valid": false, "problems": list}))?;
         }
         _ => {
             for d in &invalid.problems {
@@ -109,6 +105,13 @@ pub(crate) fn print_problems(
     Ok(())
 }
 
+/// A report as pretty JSON on its own lines (`--json`).
+pub(crate) fn print_json(out: &mut dyn Write, value: &impl serde::Serialize) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
 /// `fleetwave validate [PATH]`.
 pub fn validate(path: &Path, format: Format, out: &mut dyn Write, p: Palette) -> Result<u8> {
     let entry = entry_file(path);
@@ -116,11 +119,7 @@ pub fn validate(path: &Path, format: Format, out: &mut dyn Write, p: Palette) ->
         Ok((spec, sources)) => {
             match format {
                 Format::Json => {
-                    serde_json::to_writer_pretty(
-                        &mut *out,
-                        &serde_json::json!({"valid": true, "problems": []}),
-                    )?;
-                    writeln!(out)?;
+                    print_json(out, &serde_json::json!({"valid": true, "problems": []}))?;
                 }
                 _ => writeln!(
                     out,
@@ -213,8 +212,7 @@ pub fn plan(
         Format::Text => out.write_all(render::plan_text(&plan, p).as_bytes())?,
         Format::Markdown => out.write_all(render::plan_markdown(&plan).as_bytes())?,
         Format::Json => {
-            serde_json::to_writer_pretty(&mut *out, &plan)?;
-            writeln!(out)?;
+            print_json(out, &plan)?;
         }
     }
     timing("output", started);
@@ -281,8 +279,7 @@ pub fn plan_git(
             out.write_all(render::review(&review, true, Palette::PLAIN).as_bytes())?
         }
         Format::Json => {
-            serde_json::to_writer_pretty(&mut *out, &review)?;
-            writeln!(out)?;
+            print_json(out, &review)?;
         }
     }
     Ok(if review.has_changes() {
