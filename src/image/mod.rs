@@ -406,7 +406,7 @@ pub fn capture(
 }
 
 /// Where each chunk's bytes go: (disk offset, length) pieces.
-fn placements(m: &Manifest) -> Vec<Vec<(u64, u64)>> {
+pub fn placements(m: &Manifest) -> Vec<Vec<(u64, u64)>> {
     let mut out = Vec::with_capacity(m.chunks.len());
     let mut ext = m.extents.iter().copied();
     let mut cur = ext.next();
@@ -474,124 +474,226 @@ pub fn deploy_metered(
     threads: usize,
     meter: Option<&Meter>,
 ) -> Result<DeployReport> {
-    let started = Instant::now();
-    if let Some(mt) = meter {
-        mt.total.store(2 * m.data_bytes, Ordering::Relaxed);
-    }
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(target)
-        .map_err(io_err(target))?;
-    let mut target_bytes = disk_size(&mut file).map_err(io_err(target))?;
-    let is_file = file.metadata().map(|x| x.is_file()).unwrap_or(false);
-    if is_file && target_bytes == 0 {
-        file.set_len(m.disk_bytes).map_err(io_err(target))?;
-        target_bytes = m.disk_bytes;
-    }
-    if target_bytes < m.disk_bytes {
-        return Err(ImageError::TooSmall {
-            path: target.to_owned(),
-            have: target_bytes,
-            need: m.disk_bytes,
-        });
-    }
-    // A journal naming this version means an earlier run was interrupted: chunks
-    // already on the disk (checked by hash) are not written again.
-    let journal = journal_path(target);
-    let resume = is_file
-        && std::fs::read_to_string(&journal)
-            .map(|s| s.trim() == digest.to_string())
-            .unwrap_or(false);
-    if is_file {
-        std::fs::write(&journal, digest.to_string()).map_err(io_err(&journal))?;
-    }
+    let t = Target::open(digest, m, target)?;
+    let have = t.present(m, threads);
+    t.finish(repo, digest, m, &have, threads, meter)
+}
 
-    let places = placements(m);
-    let next = AtomicUsize::new(0);
-    let written = AtomicUsize::new(0);
-    let bytes = AtomicU64::new(0);
-    let error: Mutex<Option<ImageError>> = Mutex::default();
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= m.chunks.len() || error.lock().map(|e| e.is_some()).unwrap_or(true) {
-                        break;
-                    }
-                    let c = m.chunks[i];
-                    if resume && read_pieces(&file, &places[i]).is_ok_and(|d| hash(&d) == c.hash) {
-                        continue;
-                    }
-                    let r = repo
-                        .chunk(&c.hash, c.len as usize)
-                        .map_err(ImageError::from)
-                        .and_then(|data| {
-                            let mut at = 0usize;
-                            for &(off, len) in &places[i] {
-                                file.write_all_at(&data[at..at + len as usize], off)
-                                    .map_err(io_err(target))?;
-                                at += len as usize;
-                            }
-                            Ok(())
-                        });
-                    match r {
-                        Ok(()) => {
-                            written.fetch_add(1, Ordering::Relaxed);
-                            bytes.fetch_add(u64::from(c.len), Ordering::Relaxed);
-                            Meter::add(meter, u64::from(c.len));
-                        }
-                        Err(e) => {
-                            error
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                        }
-                    }
-                }
+/// A deploy's target, opened and checked against the manifest: the unicast deploy
+/// writes all of it, a multicast receiver first writes what the session brings.
+pub struct Target {
+    pub file: File,
+    pub path: PathBuf,
+    /// The target's size (at least the image's).
+    pub bytes: u64,
+    is_file: bool,
+    /// An earlier deploy of this version was interrupted: chunks may be there already.
+    resume: bool,
+    started: Instant,
+}
+
+impl Target {
+    /// Open `target` for version `digest`: a file of size 0 is sized to the image, a
+    /// smaller disk is refused, and a journal beside a file target records the
+    /// version so an interrupted deploy resumes.
+    pub fn open(digest: &Digest, m: &Manifest, target: &Path) -> Result<Target> {
+        let started = Instant::now();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(target)
+            .map_err(io_err(target))?;
+        let mut bytes = disk_size(&mut file).map_err(io_err(target))?;
+        let is_file = file.metadata().map(|x| x.is_file()).unwrap_or(false);
+        if is_file && bytes == 0 {
+            file.set_len(m.disk_bytes).map_err(io_err(target))?;
+            bytes = m.disk_bytes;
+        }
+        if bytes < m.disk_bytes {
+            return Err(ImageError::TooSmall {
+                path: target.to_owned(),
+                have: bytes,
+                need: m.disk_bytes,
             });
         }
-    });
-    if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
-    // Zeros the image holds: holes in a sparse file stay holes; anything else is zeroed.
-    zero_fill(&file, &m.zero_extents).map_err(io_err(target))?;
-    file.sync_all().map_err(io_err(target))?;
-    // The read-back covers what the image holds; growing then changes the partition
-    // table on purpose, and checks its own CRCs.
-    check(&file, m, digest, target, threads, meter)?;
-    let mut grown = None;
-    if target_bytes > m.disk_bytes && m.partition_table.kind == layout::TableKind::Gpt {
-        grown = gpt::grow(&file, target_bytes).map_err(io_err(target))?;
-        file.sync_all().map_err(io_err(target))?;
-        if let Some(g) = grown.as_mut() {
-            let fs = m
-                .partition_table
-                .partitions
-                .iter()
-                .find(|p| p.number == g.partition)
-                .map_or(layout::Fs::Other, |p| p.fs);
-            g.filesystem = Some(
-                growfs::grow(target, g.start, g.new_bytes, fs)
-                    .unwrap_or_else(|why| format!("not grown: {why}")),
-            );
+        let journal = journal_path(target);
+        let resume = is_file
+            && std::fs::read_to_string(&journal)
+                .map(|s| s.trim() == digest.to_string())
+                .unwrap_or(false);
+        if is_file {
+            std::fs::write(&journal, digest.to_string()).map_err(io_err(&journal))?;
         }
+        Ok(Target {
+            file,
+            path: target.to_owned(),
+            bytes,
+            is_file,
+            resume,
+            started,
+        })
     }
-    if is_file {
-        let _ = std::fs::remove_file(&journal);
+
+    /// Which of `m`'s chunks the target holds already, checked by hash; all false
+    /// unless an earlier deploy of this version was interrupted.
+    pub fn present(&self, m: &Manifest, threads: usize) -> Vec<bool> {
+        if !self.resume {
+            return vec![false; m.chunks.len()];
+        }
+        let places = placements(m);
+        let next = AtomicUsize::new(0);
+        let found: Vec<std::sync::atomic::AtomicBool> = (0..m.chunks.len())
+            .map(|_| std::sync::atomic::AtomicBool::new(false))
+            .collect();
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= m.chunks.len() {
+                            break;
+                        }
+                        if read_pieces(&self.file, &places[i])
+                            .is_ok_and(|d| hash(&d) == m.chunks[i].hash)
+                        {
+                            found[i].store(true, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        found.into_iter().map(|b| b.into_inner()).collect()
     }
-    Ok(DeployReport {
-        verified: *digest,
-        disk_bytes: m.disk_bytes,
-        target_bytes,
-        chunks: m.chunks.len(),
-        chunks_written: written.into_inner(),
-        bytes_written: bytes.into_inner(),
-        grown,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+
+    /// Write a chunk's (checked) data at each of its places.
+    pub fn place(&self, pieces: &[(u64, u64)], data: &[u8]) -> Result<()> {
+        let mut at = 0usize;
+        for &(off, len) in pieces {
+            let end = at + len as usize;
+            let part = data.get(at..end).ok_or_else(|| ImageError::Io {
+                path: self.path.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidData, "chunk shorter than its places"),
+            })?;
+            self.file
+                .write_all_at(part, off)
+                .map_err(io_err(&self.path))?;
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Fetch from `repo` and write every chunk not marked in `have`, zero what the
+    /// image holds as zeros, read everything back and check it, then fix the
+    /// partition table for a larger disk. Only a disk that passed the read-back is
+    /// reported; anything else is an error.
+    pub fn finish(
+        self,
+        repo: &dyn Repo,
+        digest: &Digest,
+        m: &Manifest,
+        have: &[bool],
+        threads: usize,
+        meter: Option<&Meter>,
+    ) -> Result<DeployReport> {
+        if let Some(mt) = meter {
+            let already: u64 = m
+                .chunks
+                .iter()
+                .zip(have)
+                .filter(|(_, h)| **h)
+                .map(|(c, _)| u64::from(c.len))
+                .sum();
+            mt.total.store(2 * m.data_bytes, Ordering::Relaxed);
+            mt.done.store(already, Ordering::Relaxed);
+        }
+        let places = placements(m);
+        let next = AtomicUsize::new(0);
+        let written = AtomicUsize::new(0);
+        let bytes = AtomicU64::new(0);
+        let error: Mutex<Option<ImageError>> = Mutex::default();
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= m.chunks.len() || error.lock().map(|e| e.is_some()).unwrap_or(true)
+                        {
+                            break;
+                        }
+                        if have.get(i).copied().unwrap_or(false) {
+                            continue;
+                        }
+                        let c = m.chunks[i];
+                        let r = repo
+                            .chunk(&c.hash, c.len as usize)
+                            .map_err(ImageError::from)
+                            .and_then(|data| self.place(&places[i], &data));
+                        match r {
+                            Ok(()) => {
+                                written.fetch_add(1, Ordering::Relaxed);
+                                bytes.fetch_add(u64::from(c.len), Ordering::Relaxed);
+                                Meter::add(meter, u64::from(c.len));
+                            }
+                            Err(e) => {
+                                error
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get_or_insert(e);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        let Target {
+            file,
+            path,
+            bytes: target_bytes,
+            is_file,
+            started,
+            ..
+        } = self;
+        let target = path.as_path();
+        // Zeros the image holds: holes in a sparse file stay holes; anything else is zeroed.
+        zero_fill(&file, &m.zero_extents).map_err(io_err(target))?;
+        file.sync_all().map_err(io_err(target))?;
+        // The read-back covers what the image holds; growing then changes the partition
+        // table on purpose, and checks its own CRCs.
+        check(&file, m, digest, target, threads, meter)?;
+        let mut grown = None;
+        if target_bytes > m.disk_bytes && m.partition_table.kind == layout::TableKind::Gpt {
+            grown = gpt::grow(&file, target_bytes).map_err(io_err(target))?;
+            file.sync_all().map_err(io_err(target))?;
+            if let Some(g) = grown.as_mut() {
+                let fs = m
+                    .partition_table
+                    .partitions
+                    .iter()
+                    .find(|p| p.number == g.partition)
+                    .map_or(layout::Fs::Other, |p| p.fs);
+                g.filesystem = Some(
+                    growfs::grow(target, g.start, g.new_bytes, fs)
+                        .unwrap_or_else(|why| format!("not grown: {why}")),
+                );
+            }
+        }
+        if is_file {
+            let _ = std::fs::remove_file(journal_path(target));
+        }
+        Ok(DeployReport {
+            verified: *digest,
+            disk_bytes: m.disk_bytes,
+            target_bytes,
+            chunks: m.chunks.len(),
+            chunks_written: written.into_inner(),
+            bytes_written: bytes.into_inner(),
+            grown,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 fn hash(data: &[u8]) -> Digest {
