@@ -11,6 +11,8 @@
 //!   and the comparison of two commits for review. Pure.
 //! - [`agent`]: the imaging agent's inventory and disk choice.
 //! - [`image`]: the content-addressed image store; capture, deploy and verify of disks.
+//! - [`multicast`]: multicast sessions: the sender and the receiver of a deploy to
+//!   many machines at once.
 //! - [`services`]: the network services a site runs: DHCP, TFTP, HTTP boot and the
 //!   agent API.
 //! - [`state`]: the server's durable state (leases, observations) in SQLite.
@@ -21,6 +23,7 @@ pub mod agent;
 pub mod cli;
 pub mod diag;
 pub mod image;
+pub mod multicast;
 pub mod observed;
 pub mod par;
 pub mod plan;

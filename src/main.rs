@@ -61,6 +61,11 @@ enum Command {
         #[command(subcommand)]
         command: AgentCommand,
     },
+    /// Multicast sessions: send an image version to many machines at once.
+    Multicast {
+        #[command(subcommand)]
+        command: MulticastCommand,
+    },
     /// Run the boot services (DHCP, TFTP, HTTP with the agent API) of the fleet's sites
     /// until SIGINT/SIGTERM.
     Serve {
@@ -123,6 +128,35 @@ enum ImageCommand {
 }
 
 #[derive(Subcommand)]
+enum MulticastCommand {
+    /// Send one image version (NAME, NAME@blake3:... or a digest) to the receivers
+    /// that join GROUP (`fleetwave agent deploy --multicast GROUP`); exit 0 when every
+    /// receiver that stayed completed.
+    Send {
+        image: String,
+        #[arg(long, default_value = "/images")]
+        store: PathBuf,
+        /// The multicast group and port, e.g. 239.28.0.1:9000.
+        #[arg(long)]
+        group: String,
+        /// This server's address on the receivers' network (multicast leaves there).
+        #[arg(long)]
+        bind: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 1)]
+        min_receivers: u32,
+        /// Start anyway this long after the session opened, e.g. 30s or 10m.
+        #[arg(long, default_value = "10m")]
+        max_wait: String,
+        /// Never faster than this on the wire, e.g. 900Mbit; 0: as fast as the
+        /// receivers keep up.
+        #[arg(long, default_value = "900Mbit")]
+        max_rate: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum AgentCommand {
     /// Capture a disk or disk image file into the store as a new version of IMAGE.
     Capture {
@@ -148,6 +182,13 @@ enum AgentCommand {
         target: PathBuf,
         #[command(flatten)]
         repo: RepoArgs,
+        /// Receive from a multicast session first, then fetch what is missing over
+        /// HTTP: the session the server names for this task, or GROUP:PORT.
+        #[arg(long, num_args = 0..=1, default_missing_value = "server", value_name = "GROUP:PORT")]
+        multicast: Option<String>,
+        /// The interface to join the multicast group on.
+        #[arg(long, requires = "multicast")]
+        interface: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -323,10 +364,21 @@ fn main() -> ExitCode {
                 image,
                 target,
                 repo,
+                multicast,
+                interface,
                 json,
-            } => with_where(&repo, |w| {
-                cli::image::deploy(w, &image, &target, json, &mut out)
-            }),
+            } => match multicast.as_deref().map(parse_group).transpose() {
+                Ok(multicast) => {
+                    let via = cli::image::Transport {
+                        multicast,
+                        interface,
+                    };
+                    with_where(&repo, |w| {
+                        cli::image::deploy(w, &image, &target, &via, json, &mut out)
+                    })
+                }
+                Err(e) => Err(e),
+            },
             AgentCommand::Verify {
                 image,
                 disk,
@@ -362,6 +414,29 @@ fn main() -> ExitCode {
                 Err(e) => Err(anyhow::anyhow!("--size: {e}")),
             },
         },
+        Command::Multicast {
+            command:
+                MulticastCommand::Send {
+                    image,
+                    store,
+                    group,
+                    bind,
+                    min_receivers,
+                    max_wait,
+                    max_rate,
+                    json,
+                },
+        } => multicast_send(
+            &image,
+            &store,
+            &group,
+            bind,
+            min_receivers,
+            &max_wait,
+            &max_rate,
+            json,
+            &mut out,
+        ),
         Command::Schema => {
             use std::io::Write;
             out.write_all(cli::schema().as_bytes())
@@ -372,11 +447,69 @@ fn main() -> ExitCode {
     finish(result)
 }
 
+#[allow(clippy::too_many_arguments)]
+fn multicast_send(
+    image: &str,
+    store: &std::path::Path,
+    group: &str,
+    bind: std::net::Ipv4Addr,
+    min_receivers: u32,
+    max_wait: &str,
+    max_rate: &str,
+    json: bool,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<u8> {
+    use fleetwave::spec::{parse_duration, parse_rate};
+    let group =
+        parse_group(group)?.ok_or_else(|| anyhow::anyhow!("--group: write it as ADDRESS:PORT"))?;
+    let max_wait = parse_duration(max_wait).map_err(|e| anyhow::anyhow!("--max-wait: {e}"))?;
+    let max_rate_bps = match max_rate {
+        "0" => 0,
+        r => parse_rate(r).map_err(|e| anyhow::anyhow!("--max-rate: {e}"))?,
+    };
+    let a = cli::multicast::SendArgs {
+        store,
+        image,
+        group,
+        bind,
+        min_receivers,
+        max_wait: std::time::Duration::from_secs(max_wait),
+        max_rate_bps,
+        json,
+    };
+    cli::multicast::send(&a, out)
+}
+
+/// `--multicast`'s value: `server` (the flag alone) or GROUP:PORT.
+fn parse_group(s: &str) -> anyhow::Result<Option<std::net::SocketAddrV4>> {
+    if s == "server" {
+        return Ok(None);
+    }
+    let g: std::net::SocketAddrV4 = s.parse().map_err(|_| {
+        anyhow::anyhow!("--multicast {s:?}: write the group as ADDRESS:PORT, e.g. 239.28.0.1:9000")
+    })?;
+    if !g.ip().is_multicast() {
+        anyhow::bail!(
+            "--multicast {s}: {} is not a multicast address (224.0.0.0/4)",
+            g.ip()
+        );
+    }
+    Ok(Some(g))
+}
+
 fn finish(result: anyhow::Result<u8>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("fleetwave: error: {e:#}");
+            // The chain, without causes an outer message already quotes.
+            let mut text = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !text.contains(&c) {
+                    text = format!("{text}: {c}");
+                }
+            }
+            eprintln!("fleetwave: error: {text}");
             ExitCode::from(exit::ERROR)
         }
     }

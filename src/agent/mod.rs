@@ -59,6 +59,20 @@ fn number(p: impl AsRef<Path>) -> Option<u64> {
     text(p)?.parse().ok()
 }
 
+/// The network interface with this MAC, if any (virtual ones included).
+pub fn nic_with_mac(mac: crate::spec::Mac) -> Option<String> {
+    let mut names: Vec<String> = fs::read_dir("/sys/class/net")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names.into_iter().find(|n| {
+        text(Path::new("/sys/class/net").join(n).join("address"))
+            .and_then(|a| a.parse::<crate::spec::Mac>().ok())
+            == Some(mac)
+    })
+}
+
 /// Read the machine's inventory; `root` is `/` (tests may point elsewhere).
 pub fn collect(root: &Path) -> Inventory {
     let cpuinfo = fs::read_to_string(root.join("proc/cpuinfo")).unwrap_or_default();

@@ -201,7 +201,13 @@ pub fn run(cmdline: &Path, out: &mut dyn Write) -> Result<u8> {
                 .map_err(|e| anyhow!("version: {e}"))?;
             let m = remote.manifest(&version)?;
             let disk = choose(m.disk_bytes)?;
-            super::image::deploy_version(&w, &version, &m, &disk, false, out)
+            let via = super::image::Transport {
+                multicast: get("via")
+                    .is_some_and(|v| v.starts_with("multicast:"))
+                    .then_some(None),
+                interface: None,
+            };
+            super::image::deploy_version(&w, &version, &m, &disk, &via, false, out)
         }
         "wipe" => {
             let disk = choose(0)?;

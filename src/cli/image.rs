@@ -15,6 +15,7 @@ use crate::image::manifest::Manifest;
 use crate::image::remote::Remote;
 use crate::image::store::{Repo, Store};
 use crate::image::{self, CaptureOptions};
+use crate::multicast;
 use crate::services::api::{Progress, TaskResult};
 use crate::spec::{Digest, Mac};
 
@@ -199,12 +200,31 @@ pub fn capture(
     Ok(exit::OK)
 }
 
+/// How a deploy gets its chunks: over HTTP (or from the local store) only, or from a
+/// multicast session first.
+#[derive(Debug, Clone, Default)]
+pub struct Transport {
+    /// `None`: unicast. `Some(None)`: the session the server names for this task.
+    /// `Some(Some(group))`: that group (a session started by `fleetwave multicast send`).
+    pub multicast: Option<Option<std::net::SocketAddrV4>>,
+    /// The interface to join on (default: the one with this machine's MAC, else the
+    /// first that is up).
+    pub interface: Option<String>,
+}
+
 /// `fleetwave agent deploy IMAGE TARGET`.
-pub fn deploy(w: &Where, spec: &str, target: &Path, json: bool, out: &mut dyn Write) -> Result<u8> {
+pub fn deploy(
+    w: &Where,
+    spec: &str,
+    target: &Path,
+    via: &Transport,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u8> {
     let o = open_where(w)?;
     let digest = resolve(&o, spec)?;
     let m = o.repo().manifest(&digest)?;
-    deploy_opened(&o, &digest, &m, target, json, out)
+    deploy_opened(&o, &digest, &m, target, via, json, out)
 }
 
 /// Deploy version `digest`, whose manifest the caller already has.
@@ -213,10 +233,67 @@ pub fn deploy_version(
     digest: &Digest,
     m: &Manifest,
     target: &Path,
+    via: &Transport,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    deploy_opened(&open_where(w)?, digest, m, target, json, out)
+    deploy_opened(&open_where(w)?, digest, m, target, via, json, out)
+}
+
+/// The group and interface a multicast deploy joins; `None` (and a note) when the
+/// server has no session for it, so the deploy goes on by unicast.
+fn join_of(
+    o: &Opened,
+    digest: &Digest,
+    via: &Transport,
+    out: &mut dyn Write,
+) -> Result<Option<multicast::ReceiveConfig>> {
+    let Some(group) = via.multicast else {
+        return Ok(None);
+    };
+    let (group, mac) = match (group, o) {
+        (Some(g), Opened::Remote(r)) => (g, Some(r.mac())),
+        (Some(g), Opened::Local(_)) => (g, None),
+        (None, Opened::Local(_)) => {
+            anyhow::bail!(
+                "--multicast without a group needs --server: name the group, e.g. --multicast 239.28.0.1:9000"
+            )
+        }
+        (None, Opened::Remote(r)) => match r.post_json("multicast", &serde_json::json!({})) {
+            Ok(body) => {
+                #[derive(serde::Deserialize)]
+                struct Joined {
+                    group: std::net::SocketAddrV4,
+                    digest: Digest,
+                }
+                let j: Joined = serde_json::from_slice(&body)
+                    .context("the server's answer to the multicast request")?;
+                if j.digest != *digest {
+                    anyhow::bail!(
+                        "the server's session on {} sends {}, but this deploy is of {digest}",
+                        j.group,
+                        j.digest
+                    );
+                }
+                (j.group, Some(r.mac()))
+            }
+            Err(e) => {
+                writeln!(out, "no multicast session ({e}); deploying by unicast")?;
+                return Ok(None);
+            }
+        },
+    };
+    let interface = via
+        .interface
+        .clone()
+        .or_else(|| mac.and_then(crate::agent::nic_with_mac))
+        .or_else(multicast::default_interface)
+        .context(
+            "no network interface is up to join the multicast group on: name one with --interface",
+        )?;
+    Ok(Some(multicast::ReceiveConfig::new(
+        group, interface, *digest,
+    )))
 }
 
 fn deploy_opened(
@@ -224,6 +301,7 @@ fn deploy_opened(
     digest: &Digest,
     m: &Manifest,
     target: &Path,
+    via: &Transport,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
@@ -231,25 +309,57 @@ fn deploy_opened(
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(4);
-    let result = metered(o, "deploy", |meter| {
-        image::deploy_metered(o.repo(), digest, m, target, threads, Some(meter))
+    let join = join_of(o, digest, via, out)?;
+    let mut received = None;
+    let result = metered(o, "deploy", |meter| -> Result<image::DeployReport> {
+        let t = image::Target::open(digest, m, target)?;
+        let mut have = t.present(m, threads);
+        if let Some(cfg) = &join {
+            let r = multicast::receive(cfg, m, &t, &mut have, Some(meter), &|| false)?;
+            received = Some(r);
+        }
+        Ok(t.finish(o.repo(), digest, m, &have, threads, Some(meter))?)
     });
     o.report(&match &result {
         Ok(r) => TaskResult {
             ok: true,
             digest: Some(r.verified),
-            message: format!("deployed and verified {} chunks", r.chunks),
+            message: match &received {
+                Some(x) => format!(
+                    "deployed and verified {} chunks ({} by multicast, {} over HTTP)",
+                    r.chunks, x.chunks_received, r.chunks_written
+                ),
+                None => format!("deployed and verified {} chunks", r.chunks),
+            },
         },
         Err(e) => TaskResult {
             ok: false,
             digest: None,
-            message: e.to_string(),
+            message: format!("{e:#}"),
         },
     });
+    if let (Some(x), false) = (&received, json) {
+        writeln!(
+            out,
+            "multicast session {} from {}: {} of {} chunks received ({} datagrams, {} lost, \
+             {} already on the disk), {}",
+            x.session,
+            x.sender,
+            x.chunks_received,
+            x.chunks,
+            x.datagrams,
+            x.lost,
+            x.chunks_already,
+            x.ended
+        )?;
+    }
     match result {
         Ok(r) => {
             if json {
-                super::print_json(out, &r)?;
+                super::print_json(
+                    out,
+                    &serde_json::json!({"deploy": r, "multicast": received}),
+                )?;
             } else {
                 writeln!(
                     out,
@@ -274,11 +384,14 @@ fn deploy_opened(
             }
             Ok(exit::OK)
         }
-        Err(e @ image::ImageError::Verify { .. }) => {
+        Err(e)
+            if e.downcast_ref::<image::ImageError>()
+                .is_some_and(|x| matches!(x, image::ImageError::Verify { .. })) =>
+        {
             writeln!(out, "FAILED: {e}")?;
             Ok(exit::CHANGES)
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod image;
+pub mod multicast;
 pub mod serve;
 
 use std::io::Write;
@@ -18,6 +19,24 @@ use crate::source::{self, DirTree, Sources, Tree};
 use crate::spec::{self, FleetSpec};
 
 /// Exit codes shared by the subcommands.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A flag SIGINT and SIGTERM set, for long one-shot commands that must end cleanly
+/// (a multicast sender tells its receivers the session is over).
+pub fn stop_flag() -> &'static std::sync::atomic::AtomicBool {
+    let handler: extern "C" fn(libc::c_int) = on_stop_signal;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+    &STOP
+}
+
 pub mod exit {
     /// validate: valid; plan: nothing to do.
     pub const OK: u8 = 0;

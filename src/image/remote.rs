@@ -43,6 +43,11 @@ impl Remote {
         }
     }
 
+    /// The MAC the token is bound to.
+    pub fn mac(&self) -> Mac {
+        self.mac
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}/api/v1/{path}", self.base)
     }

@@ -15,7 +15,7 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 
 pub use build::{ReadDocument, build, read_file};
-pub use types::{Digest, IpRange, Mac, SizeRange, Window};
+pub use types::{Digest, IpRange, Mac, SizeRange, Window, parse_duration, parse_rate};
 pub use wire::{DhcpMode, Os, Transport, UnknownHosts, WipeMode};
 
 /// The name of the wave that holds hosts no wave claims.
