@@ -217,6 +217,14 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         .unwrap_or_else(|| PathBuf::from("/images"));
     let store = crate::image::store::Store::open(&image_store)?;
     info!(store = %image_store.display(), "agent API serving the image store");
+    let sessions = Arc::new(crate::multicast::sessions::Sessions::from_plan(
+        &spec,
+        &plan,
+        image_store.clone(),
+        shutdown.clone(),
+    ));
+    let mut api = crate::services::api::Api::new(store);
+    api.sessions = Some(sessions.clone());
     let state = http::HttpState {
         table: Arc::new(http::BootTable::from_plan(&spec, &plan)),
         base_url,
@@ -224,7 +232,7 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         files_root: args.files_dir.clone(),
         dhcp: Some(server.clone()),
         tftp: Some(tftp_stats),
-        api: Some(Arc::new(crate::services::api::Api::new(store))),
+        api: Some(Arc::new(api)),
     };
     info!("HTTP listening on {http_addr}");
     tasks.spawn(http::run(listener, state, shutdown.clone()));
@@ -242,6 +250,8 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         shutdown.cancel();
     }
     drop(server);
+    // Senders see the cancelled token, tell their receivers the session is over, and end.
+    tokio::task::spawn_blocking(move || sessions.join()).await?;
     // Commit what is queued before exiting.
     tokio::task::spawn_blocking(move || writer.close()).await?;
     info!("stopped");

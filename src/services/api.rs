@@ -62,6 +62,8 @@ pub struct TaskResult {
 pub struct Api {
     pub store: Store,
     grants: Mutex<HashMap<String, Grant>>,
+    /// The multicast sessions agents may ask to join.
+    pub sessions: Option<Arc<crate::multicast::sessions::Sessions>>,
 }
 
 fn random_token() -> String {
@@ -80,6 +82,7 @@ impl Api {
         Api {
             store,
             grants: Mutex::default(),
+            sessions: None,
         }
     }
 
@@ -189,6 +192,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(api: Arc<Api>) -> Router<S> {
         .route("/api/v1/progress", post(progress))
         .route("/api/v1/result", post(result))
         .route("/api/v1/chunks/missing", post(missing))
+        .route("/api/v1/multicast", post(multicast))
         .route(
             "/api/v1/chunks/{digest}",
             get(get_chunk)
@@ -253,6 +257,33 @@ async fn task(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
             "task": g.task.iter().cloned().collect::<HashMap<_, _>>(),
         }))
         .into_response()
+    })
+}
+
+/// Start (or find) the multicast session the task names: `{group, digest}`. 404 when
+/// the task is not a multicast deploy, 409 when the session cannot run now (the agent
+/// then deploys by unicast).
+async fn multicast(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    granted(&api, &headers, |_, g| {
+        let session = g
+            .task
+            .iter()
+            .find(|(k, _)| k == "via")
+            .and_then(|(_, v)| v.strip_prefix("multicast:"));
+        let (Some(id), Some(sessions)) = (session, &api.sessions) else {
+            return (
+                StatusCode::NOT_FOUND,
+                "this task is not a multicast deploy\n",
+            )
+                .into_response();
+        };
+        match sessions.ensure(id) {
+            Ok(r) => {
+                info!(mac = %g.mac, session = %r.id, "agent joins a multicast session");
+                Json(serde_json::json!({"group": r.group, "digest": r.digest})).into_response()
+            }
+            Err(why) => (StatusCode::CONFLICT, format!("{why}\n")).into_response(),
+        }
     })
 }
 

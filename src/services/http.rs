@@ -460,6 +460,9 @@ async fn health(State(st): State<HttpState>) -> Response {
     }
     if let Some(a) = &st.api {
         doc.insert("agent_tasks", serde_json::json!(a.tasks()));
+        if let Some(s) = &a.sessions {
+            doc.insert("multicast_sessions", serde_json::json!(s.running()));
+        }
     }
     let body = serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into());
     ([(header::CONTENT_TYPE, "application/json")], body + "\n").into_response()
