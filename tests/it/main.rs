@@ -8,6 +8,7 @@ mod fixtures;
 mod git_review;
 mod http;
 mod image;
+mod multicast;
 mod netlab;
 mod plan_props;
 mod schema;

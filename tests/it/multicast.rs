@@ -1,0 +1,384 @@
+//! Multicast deploys across a namespace bridge: a server and three receivers, the real
+//! `fleetwave serve` / `fleetwave multicast send` and `fleetwave agent deploy
+//! --multicast` processes, loss injected by the kernel (nftables).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fleetwave::image::store::Store;
+
+use crate::netlab::{Lab, serve_args, workdir};
+use crate::{bytes, mkfs_ext4, tool};
+
+const SERVER: &str = "172.28.0.1";
+const MACS: [&str; 3] = [
+    "52:54:00:28:00:21",
+    "52:54:00:28:00:22",
+    "52:54:00:28:00:23",
+];
+
+/// The lab: `srv` at 172.28.0.1, `r1`..`r3` at .21-.23 with the MACs above.
+fn lab() -> Option<Lab> {
+    let mut lab = Lab::new()?;
+    lab.host("srv", None, &["172.28.0.1/24"]);
+    for (i, mac) in MACS.iter().enumerate() {
+        let addr = format!("172.28.0.2{}/24", i + 1);
+        lab.host(&format!("r{}", i + 1), Some(mac), &[&addr]);
+    }
+    Some(lab)
+}
+
+fn tools() -> bool {
+    tool("e2fsprogs", "/usr/sbin/mkfs.ext4")
+        && tool("nftables", "/usr/sbin/nft")
+        && tool("busybox-static", "/bin/busybox")
+}
+
+/// An ext4 disk image of 24 MiB with `seed`'s files (random and text), captured into
+/// `store` as `name`; the image file and the version's digest.
+fn image(dir: &Path, store: &Path, name: &str, seed: u64) -> (PathBuf, String) {
+    let src = dir.join(format!("src-{name}"));
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("random.bin"), bytes(6 << 20, seed)).expect("write");
+    let text: String = (0..150_000)
+        .map(|i| format!("{name} line {i} {}\n", i * seed as usize % 9973))
+        .collect();
+    std::fs::write(src.join("text.txt"), text).expect("write");
+    let img = dir.join(format!("{name}.img"));
+    mkfs_ext4(&src, &img, 24 << 20, &[]);
+    let store = Store::open(store).expect("store");
+    let cap = fleetwave::image::capture(&img, &store, Some((name, 1)), Default::default())
+        .expect("capture");
+    (img, cap.digest.to_string())
+}
+
+/// Block drops of `percent`% of the session's datagrams reaching `host` (the kernel's
+/// nftables; the machine's kernel has no netem).
+fn lose(lab: &Lab, host: &str, percent: u32) {
+    let nft = |args: &[&str]| {
+        let ok = lab.cmd(host, "nft").args(args).status();
+        assert!(ok.is_ok_and(|s| s.success()), "nft {args:?}");
+    };
+    nft(&["add", "table", "inet", "fwloss"]);
+    nft(&[
+        "add",
+        "chain",
+        "inet",
+        "fwloss",
+        "in",
+        "{ type filter hook prerouting priority -300; }",
+    ]);
+    nft(&[
+        "add",
+        "rule",
+        "inet",
+        "fwloss",
+        "in",
+        "udp",
+        "dport",
+        "9000",
+        "numgen",
+        "random",
+        "mod",
+        "100",
+        "<",
+        &percent.to_string(),
+        "drop",
+    ]);
+}
+
+/// A started command whose output goes to `log`.
+fn spawn(mut c: Command, log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("log");
+    let err = out.try_clone().expect("log");
+    c.stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .expect("starts")
+}
+
+/// Wait for `child`, killing it after `limit`; exit code and log.
+fn finish(mut child: Child, log: &Path, limit: Duration) -> (i32, String) {
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "still running after {limit:?}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status.code().unwrap_or(-1),
+        std::fs::read_to_string(log).unwrap_or_default(),
+    )
+}
+
+/// The task token in `mac`'s iPXE script, fetched inside `host` (as its firmware would).
+fn token(lab: &Lab, host: &str, mac: &str) -> String {
+    let out = lab
+        .cmd(host, "busybox")
+        .args([
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{SERVER}:8080/boot/{mac}.ipxe"),
+        ])
+        .output()
+        .expect("wget");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("fleetwave.token="))
+        .unwrap_or_else(|| panic!("no token in the script of {mac}:\n{text}"))
+        .to_string()
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).expect("read") == std::fs::read(b).expect("read")
+}
+
+/// The multicast figures a `--json` deploy printed.
+fn report(log: &str) -> serde_json::Value {
+    let start = log.find('{').unwrap_or_else(|| panic!("no JSON:\n{log}"));
+    let mut de = serde_json::Deserializer::from_str(&log[start..]).into_iter();
+    match de.next() {
+        Some(Ok(v)) => v,
+        _ => panic!("no JSON report:\n{log}"),
+    }
+}
+
+#[test]
+fn a_wave_converges_by_multicast_with_a_late_a_restarted_and_a_lossy_receiver() {
+    if !tools() {
+        return;
+    }
+    let Some(lab) = lab() else {
+        return;
+    };
+    let fleet_head = format!("{}images:\n  win10: {{os: windows}}\n", crate::LAB_SITE);
+    let dir = workdir(&fleet_head);
+    let d = dir.path();
+    let (img, digest) = image(d, &d.join("store"), "win10", 11);
+    // A slow group (8 Mbit/s): the session lasts long enough to join late and to
+    // kill a receiver in the middle of it.
+    let fleet = format!(
+        "{fleet_head}multicast:\n  room-a: {{address: 239.28.0.1, port: 9000, min_receivers: 2, max_wait: 30s, max_rate: 8Mbit}}\n\
+         hosts:\n{}waves:\n  room-a: {{transport: multicast, multicast: room-a}}\n",
+        MACS.iter()
+            .enumerate()
+            .map(|(i, m)| format!(
+                "  pc0{}: {{mac: \"{m}\", site: lab, image: win10, wave: room-a}}\n",
+                i + 1
+            ))
+            .collect::<String>()
+    );
+    std::fs::write(d.join("fleet.yaml"), &fleet).expect("write");
+    let observed = d.join("observed.json");
+    let size = std::fs::metadata(&img).expect("img").len();
+    std::fs::write(
+        &observed,
+        format!(
+            r#"{{"images": {{"win10": {{"versions": [{{"digest": "{digest}", "generation": 1, "disk_bytes": {size}, "stored_bytes": 1}}]}}}}}}"#
+        ),
+    )
+    .expect("write");
+    let mut args = serve_args(d);
+    args.extend(["--observed".into(), observed.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut serve = lab.serve("srv", &args);
+    lose(&lab, "r1", 5);
+
+    let deploy = |i: usize, token: &str| {
+        let host = format!("r{}", i + 1);
+        let target = d.join(format!("disk{i}.img"));
+        if !target.exists() {
+            std::fs::File::create(&target).expect("target");
+        }
+        let mut c = lab.cmd(&host, env!("CARGO_BIN_EXE_fleetwave"));
+        c.args(["agent", "deploy", &digest])
+            .arg(&target)
+            .args([
+                "--server",
+                &format!("http://{SERVER}:8080"),
+                "--token",
+                token,
+            ])
+            .args(["--mac", MACS[i], "--multicast", "--json"]);
+        spawn(c, &d.join(format!("r{i}.log")))
+    };
+    let tokens: Vec<String> = (0..3)
+        .map(|i| token(&lab, &format!("r{}", i + 1), MACS[i]))
+        .collect();
+    let r0 = deploy(0, &tokens[0]);
+    let r1 = deploy(1, &tokens[1]);
+    serve.wait_for("receiver joined", Duration::from_secs(30));
+    // The session runs; receiver 2 is killed in the middle of it and started again
+    // (same task, same token), and receiver 3 joins late.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut r1 = r1;
+    let _ = r1.kill();
+    let _ = r1.wait();
+    let partial = std::fs::read_to_string(d.join("r1.log")).unwrap_or_default();
+    assert!(
+        !partial.contains("deployed and verified"),
+        "receiver 2 finished before it could be killed; slow the group down:\n{partial}"
+    );
+    let r1 = deploy(1, &tokens[1]);
+    let r2 = deploy(2, &tokens[2]);
+
+    let limit = Duration::from_secs(180);
+    let results: Vec<(i32, String)> = [(0, r0), (1, r1), (2, r2)]
+        .into_iter()
+        .map(|(i, c)| finish(c, &d.join(format!("r{i}.log")), limit))
+        .collect();
+    for (i, (code, out)) in results.iter().enumerate() {
+        assert_eq!(
+            *code,
+            0,
+            "receiver {}: {out}\nserver:\n{}",
+            i + 1,
+            serve.log()
+        );
+        let r = report(out);
+        assert_eq!(r["deploy"]["verified"], digest.as_str(), "{out}");
+        assert!(
+            r["multicast"]["chunks_received"].as_u64().unwrap_or(0) > 0,
+            "receiver {} got nothing by multicast: {out}",
+            i + 1
+        );
+        assert!(
+            same(&img, &d.join(format!("disk{i}.img"))),
+            "receiver {}'s disk differs from the image",
+            i + 1
+        );
+    }
+    // The lossy receiver lost datagrams and still converged; the restarted one kept
+    // what its first run had written.
+    assert!(
+        report(&results[0].1)["multicast"]["lost"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    );
+    assert!(
+        report(&results[1].1)["multicast"]["chunks_already"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{}",
+        results[1].1
+    );
+    // The session ended by itself and freed its sender.
+    serve.wait_for("multicast session ended", Duration::from_secs(30));
+    let health = lab
+        .cmd("srv", "busybox")
+        .args(["wget", "-q", "-O", "-", "http://127.0.0.1:8080/health"])
+        .output()
+        .expect("health");
+    let health: serde_json::Value = serde_json::from_slice(&health.stdout).expect("health is JSON");
+    assert_eq!(
+        health["multicast_sessions"],
+        serde_json::json!([]),
+        "{health}"
+    );
+    let (status, log) = serve.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn sessions_on_one_port_do_not_mix_a_wrong_session_is_refused_and_shutdown_ends_them() {
+    if !tools() {
+        return;
+    }
+    let Some(lab) = lab() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let store = d.join("store");
+    let (img_a, a) = image(d, &store, "alpha", 3);
+    let (img_b, b) = image(d, &store, "beta", 5);
+    let fw = env!("CARGO_BIN_EXE_fleetwave");
+    let send = |image: &str, group: &str, min: &str, log: &str| {
+        let mut c = lab.cmd("srv", fw);
+        c.args(["multicast", "send", image, "--store"])
+            .arg(&store)
+            .args(["--group", group, "--bind", SERVER, "--min-receivers", min])
+            .args(["--max-wait", "60s", "--max-rate", "0"]);
+        spawn(c, &d.join(log))
+    };
+    let receive = |host: &str, image: &str, group: &str, target: &str| {
+        let t = d.join(target);
+        std::fs::File::create(&t).expect("target");
+        let mut c = lab.cmd(host, fw);
+        c.args(["agent", "deploy", image])
+            .arg(&t)
+            .arg("--store")
+            .arg(&store)
+            .args(["--multicast", group, "--json"]);
+        spawn(c, &d.join(format!("{target}.log")))
+    };
+    // Two sessions on the same port, different groups; r1 receives both at once.
+    let sa = send("alpha", "239.28.0.1:9000", "2", "send-a.log");
+    let sb = send("beta", "239.28.0.2:9000", "1", "send-b.log");
+    let ra1 = receive("r1", &a, "239.28.0.1:9000", "a1.img");
+    let rb1 = receive("r1", &b, "239.28.0.2:9000", "b1.img");
+    let ra2 = receive("r2", &a, "239.28.0.1:9000", "a2.img");
+    // A receiver pointed at the wrong session refuses it and writes nothing.
+    let wrong = receive("r3", &b, "239.28.0.1:9000", "wrong.img");
+    let limit = Duration::from_secs(120);
+    let (code, out) = finish(wrong, &d.join("wrong.img.log"), limit);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("refused"), "{out}");
+    assert!(
+        std::fs::read(d.join("wrong.img"))
+            .expect("target")
+            .iter()
+            .all(|&b| b == 0),
+        "the refused deploy wrote to its target"
+    );
+    for (child, target, img) in [
+        (ra1, "a1.img", &img_a),
+        (rb1, "b1.img", &img_b),
+        (ra2, "a2.img", &img_a),
+    ] {
+        let (code, out) = finish(child, &d.join(format!("{target}.log")), limit);
+        assert_eq!(code, 0, "{target}: {out}");
+        let r = report(&out);
+        assert_eq!(
+            r["multicast"]["chunks_received"], r["multicast"]["chunks"],
+            "{target}: everything should come by multicast: {out}"
+        );
+        assert!(
+            same(img, &d.join(target)),
+            "{target} differs from its image"
+        );
+    }
+    for (child, log) in [(sa, "send-a.log"), (sb, "send-b.log")] {
+        let (code, out) = finish(child, &d.join(log), limit);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("complete"), "{out}");
+    }
+
+    // A session that never fills up: SIGTERM ends it, and its waiting receiver falls
+    // back to the store and still converges.
+    let waiting = send("alpha", "239.28.0.3:9000", "3", "send-c.log");
+    let r = receive("r2", &a, "239.28.0.3:9000", "c.img");
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = Command::new("kill")
+        .args(["-TERM", &waiting.id().to_string()])
+        .status();
+    let (_, out) = finish(waiting, &d.join("send-c.log"), Duration::from_secs(10));
+    assert!(out.contains("shutdown"), "{out}");
+    let (code, out) = finish(r, &d.join("c.img.log"), limit);
+    assert_eq!(code, 0, "{out}");
+    assert!(same(&img_a, &d.join("c.img")));
+}
