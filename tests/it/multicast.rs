@@ -32,7 +32,7 @@ fn lab() -> Option<Lab> {
 fn tools() -> bool {
     tool("e2fsprogs", "/usr/sbin/mkfs.ext4")
         && tool("nftables", "/usr/sbin/nft")
-        && tool("busybox-static", "/bin/busybox")
+        && tool("busybox-static", "/usr/bin/busybox")
 }
 
 /// An ext4 disk image of 24 MiB with `seed`'s files (random and text), captured into
