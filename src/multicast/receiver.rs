@@ -225,6 +225,8 @@ fn open(cfg: &ReceiveConfig) -> Result<(UdpSocket, UdpSocket), McastError> {
     s.join_multicast_v4_n(cfg.group.ip(), &InterfaceIndexOrAddress::Index(ifindex))
         .map_err(io(what()))?;
     set_rcvbuf(&s, 64 << 20);
+    // Datagrams a sender batched stay together up to this socket: one read, not 44.
+    super::set_int_option(&s, libc::SOL_UDP, libc::UDP_GRO, 1);
     s.set_read_timeout(Some(Duration::from_millis(20)))
         .map_err(io(what()))?;
     let c = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).map_err(io(what()))?;
@@ -238,6 +240,54 @@ fn set_rcvbuf(s: &Socket, bytes: usize) {
     if !super::set_int_option(s, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes as i32) {
         let _ = s.set_recv_buffer_size(bytes);
     }
+}
+
+/// One read from `sock`: bytes, the segment size when the kernel delivered several
+/// datagrams at once (0 for one), and the sender.
+fn recv_segments(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, usize, SocketAddr)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain C structs, zero-initialised as recvmsg(2) expects.
+    let mut name: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut name as *mut libc::sockaddr_in).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: every pointer in msg points at a live buffer of the stated size.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut segment = 0usize;
+    // SAFETY: the kernel filled msg_control; the CMSG macros walk it within its length.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let mut v: libc::c_int = 0;
+                std::ptr::copy_nonoverlapping(
+                    libc::CMSG_DATA(c),
+                    (&mut v as *mut libc::c_int).cast::<u8>(),
+                    std::mem::size_of::<libc::c_int>(),
+                );
+                segment = usize::try_from(v).unwrap_or(0);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let from = SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(name.sin_addr.s_addr)),
+        u16::from_be(name.sin_port),
+    );
+    Ok((n as usize, segment, SocketAddr::V4(from)))
 }
 
 struct Rx<'a> {
@@ -284,17 +334,30 @@ impl Rx<'_> {
             if *remaining == 0 {
                 break;
             }
-            match self.data.recv_from(&mut buf) {
-                Ok((n, from)) => match wire::decode(&buf[..n]) {
-                    Ok((session, msg)) => {
-                        if let Some(end) =
-                            self.datagram(session, msg, from, done, uniq, jobs, &mut repairing)?
-                        {
-                            return Ok(end);
+            match recv_segments(self.data, &mut buf) {
+                Ok((n, segment, from)) => {
+                    // Datagrams the kernel kept together (UDP GRO) come in one read,
+                    // each `segment` bytes but the last.
+                    let step = if segment > 0 { segment } else { n.max(1) };
+                    for one in buf[..n].chunks(step) {
+                        match wire::decode(one) {
+                            Ok((session, msg)) => {
+                                if let Some(end) = self.datagram(
+                                    session,
+                                    msg,
+                                    from,
+                                    done,
+                                    uniq,
+                                    jobs,
+                                    &mut repairing,
+                                )? {
+                                    return Ok(end);
+                                }
+                            }
+                            Err(why) => debug!(%from, why, "dropped a datagram"),
                         }
                     }
-                    Err(why) => debug!(%from, why, "dropped a datagram"),
-                },
+                }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) => return Err(io("receiving multicast datagrams")(e)),
             }
