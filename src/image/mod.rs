@@ -541,26 +541,14 @@ impl Target {
             return vec![false; m.chunks.len()];
         }
         let places = placements(m);
-        let next = AtomicUsize::new(0);
         let found: Vec<std::sync::atomic::AtomicBool> = (0..m.chunks.len())
             .map(|_| std::sync::atomic::AtomicBool::new(false))
             .collect();
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= m.chunks.len() {
-                            break;
-                        }
-                        if read_pieces(&self.file, &places[i])
-                            .is_ok_and(|d| hash(&d) == m.chunks[i].hash)
-                        {
-                            found[i].store(true, Ordering::Relaxed);
-                        }
-                    }
-                });
+        each_chunk(m.chunks.len(), threads, |i| {
+            if read_pieces(&self.file, &places[i]).is_ok_and(|d| hash(&d) == m.chunks[i].hash) {
+                found[i].store(true, Ordering::Relaxed);
             }
+            true
         });
         found.into_iter().map(|b| b.into_inner()).collect()
     }
@@ -607,43 +595,35 @@ impl Target {
             mt.done.store(already, Ordering::Relaxed);
         }
         let places = placements(m);
-        let next = AtomicUsize::new(0);
         let written = AtomicUsize::new(0);
         let bytes = AtomicU64::new(0);
         let error: Mutex<Option<ImageError>> = Mutex::default();
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= m.chunks.len() || error.lock().map(|e| e.is_some()).unwrap_or(true)
-                        {
-                            break;
-                        }
-                        if have.get(i).copied().unwrap_or(false) {
-                            continue;
-                        }
-                        let c = m.chunks[i];
-                        let r = repo
-                            .chunk(&c.hash, c.len as usize)
-                            .map_err(ImageError::from)
-                            .and_then(|data| self.place(&places[i], &data));
-                        match r {
-                            Ok(()) => {
-                                written.fetch_add(1, Ordering::Relaxed);
-                                bytes.fetch_add(u64::from(c.len), Ordering::Relaxed);
-                                Meter::add(meter, u64::from(c.len));
-                            }
-                            Err(e) => {
-                                error
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .get_or_insert(e);
-                            }
-                        }
-                    }
-                });
+        each_chunk(m.chunks.len(), threads, |i| {
+            if error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                return false;
             }
+            if have.get(i).copied().unwrap_or(false) {
+                return true;
+            }
+            let c = m.chunks[i];
+            let r = repo
+                .chunk(&c.hash, c.len as usize)
+                .map_err(ImageError::from)
+                .and_then(|data| self.place(&places[i], &data));
+            match r {
+                Ok(()) => {
+                    written.fetch_add(1, Ordering::Relaxed);
+                    bytes.fetch_add(u64::from(c.len), Ordering::Relaxed);
+                    Meter::add(meter, u64::from(c.len));
+                }
+                Err(e) => {
+                    error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                }
+            }
+            true
         });
         if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
@@ -694,6 +674,24 @@ impl Target {
             seconds: started.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// `work(i)` for every chunk index below `count`, on `threads` threads that each take
+/// the next index; a thread stops early when `work` returns false.
+fn each_chunk(count: usize, threads: usize, work: impl Fn(usize) -> bool + Sync) {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count || !work(i) {
+                        break;
+                    }
+                }
+            });
+        }
+    });
 }
 
 fn hash(data: &[u8]) -> Digest {
@@ -768,34 +766,25 @@ fn compare(
     meter: Option<&Meter>,
 ) -> io::Result<VerifyReport> {
     let places = placements(m);
-    let next = AtomicUsize::new(0);
     let bad: Mutex<Vec<u64>> = Mutex::default();
     let failed: Mutex<Option<io::Error>> = Mutex::default();
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= m.chunks.len() {
-                        break;
-                    }
-                    Meter::add(meter, u64::from(m.chunks[i].len));
-                    match read_pieces(file, &places[i]) {
-                        Ok(d) if hash(&d) == m.chunks[i].hash => {}
-                        Ok(_) => bad
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(places[i].first().map_or(0, |p| p.0)),
-                        Err(e) => {
-                            failed
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                            break;
-                        }
-                    }
-                }
-            });
+    each_chunk(m.chunks.len(), threads, |i| {
+        Meter::add(meter, u64::from(m.chunks[i].len));
+        match read_pieces(file, &places[i]) {
+            Ok(d) if hash(&d) == m.chunks[i].hash => true,
+            Ok(_) => {
+                bad.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(places[i].first().map_or(0, |p| p.0));
+                true
+            }
+            Err(e) => {
+                failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+                false
+            }
         }
     });
     if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
