@@ -321,10 +321,9 @@ impl Rx<'_> {
     ) -> Result<&'static str, McastError> {
         let opened = Instant::now();
         let mut tick = Instant::now();
-        let mut joined = false;
         let mut buf = vec![0u8; 65_536];
         let mut repairing = false;
-        while *remaining > 0 || !self.partial.is_empty() {
+        while *remaining > 0 {
             if stop() {
                 return Ok("stopped");
             }
@@ -365,7 +364,8 @@ impl Rx<'_> {
             if tick.elapsed() >= TICK {
                 tick = Instant::now();
                 if let Some((_, sender)) = self.session {
-                    if !joined || self.report.datagrams == 0 {
+                    // Until data flows, the join may have been lost: repeat it.
+                    if self.report.datagrams == 0 {
                         self.send_to(
                             sender,
                             &Msg::Join {
@@ -374,7 +374,6 @@ impl Rx<'_> {
                             },
                         )?;
                     }
-                    joined = true;
                     let wants = self.wants(done, repairing);
                     self.status(sender, wants, false)?;
                     if self.last_datagram.elapsed() >= self.cfg.idle_timeout {
@@ -519,8 +518,8 @@ impl Rx<'_> {
                     }
                 }
             }
-            Msg::Welcome { .. } | Msg::Refuse { .. } | Msg::End | Msg::Data(_) => {}
-            Msg::Join { .. } | Msg::Status(_) => {}
+            // Another session's, or meant for the sender.
+            _ => {}
         }
         Ok(None)
     }

@@ -338,12 +338,11 @@ impl Tx<'_> {
             }
             // The pass is over and nothing is queued: finish, or start a repair round.
             self.flush()?;
-            let active: Vec<&Receiver> = self
+            let waiting = self
                 .receivers
                 .values()
-                .filter(|r| !r.complete && r.heard.elapsed() < GONE)
-                .collect();
-            if active.is_empty() {
+                .any(|r| !r.complete && r.heard.elapsed() < GONE);
+            if !waiting {
                 self.report.send_secs = started.elapsed().as_secs_f64();
                 return Ok("complete");
             }
