@@ -16,6 +16,7 @@ pub mod store;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -490,7 +491,13 @@ pub struct Target {
     /// An earlier deploy of this version was interrupted: chunks may be there already.
     resume: bool,
     started: Instant,
+    /// Bytes written since writeback was last started.
+    unflushed: AtomicU64,
 }
+
+/// Dirty data a target may gather before its writeback is started. Without it the
+/// kernel holds gigabytes until the final fsync, which then pays for all of it at once.
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 impl Target {
     /// Open `target` for version `digest`: a file of size 0 is sized to the image, a
@@ -531,6 +538,7 @@ impl Target {
             is_file,
             resume,
             started,
+            unflushed: AtomicU64::new(0),
         })
     }
 
@@ -566,6 +574,19 @@ impl Target {
                 .write_all_at(part, off)
                 .map_err(io_err(&self.path))?;
             at = end;
+        }
+        let before = self.unflushed.fetch_add(at as u64, Ordering::Relaxed);
+        if before + at as u64 >= WRITEBACK_EVERY
+            && self
+                .unflushed
+                .compare_exchange(before + at as u64, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            // Start writing back what is dirty so far; fsync at the end still waits for all.
+            // SAFETY: a valid descriptor owned by `self.file`; the call takes no pointers.
+            unsafe {
+                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
         }
         Ok(())
     }
@@ -713,17 +734,54 @@ fn zero_fill(file: &File, zeros: &[(u64, u64)]) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let zero = vec![0u8; 1 << 20];
     for &(off, len) in zeros {
-        let mut done = 0;
-        while done < len {
-            let n = ((len - done) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], off + done)?;
-            if buf[..n] != zero[..n] {
-                file.write_all_at(&zero[..n], off + done)?;
+        for (off, len) in allocated(file, off, len) {
+            let mut done = 0;
+            while done < len {
+                let n = ((len - done) as usize).min(buf.len());
+                file.read_exact_at(&mut buf[..n], off + done)?;
+                if buf[..n] != zero[..n] {
+                    file.write_all_at(&zero[..n], off + done)?;
+                }
+                done += n as u64;
             }
-            done += n as u64;
         }
     }
     Ok(())
+}
+
+/// The parts of `off..off + len` that may hold data: holes of a sparse file read as
+/// zeros and need not be read. Where the file cannot tell (a block device), all of it.
+fn allocated(file: &File, off: u64, len: u64) -> Vec<(u64, u64)> {
+    let fd = file.as_raw_fd();
+    let end = off + len;
+    let mut out = Vec::new();
+    let mut at = off;
+    while at < end {
+        // SAFETY: lseek on a descriptor `file` owns; no pointers are passed.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let gone = io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+            if !gone {
+                // No hole support here: treat the rest as data.
+                out.push((at, end - at));
+            }
+            break;
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        out.push((data, hole - data));
+        at = hole;
+    }
+    out
 }
 
 /// Read every chunk of `m` back from `file` and compare hashes; zero extents must be
@@ -793,15 +851,17 @@ fn compare(
     let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut buf = vec![0u8; 1 << 20];
     for &(off, len) in &m.zero_extents {
-        let mut done = 0;
-        while done < len {
-            let n = ((len - done) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], off + done)?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                bad.push(off + done);
-                break;
+        'extent: for (off, len) in allocated(file, off, len) {
+            let mut done = 0;
+            while done < len {
+                let n = ((len - done) as usize).min(buf.len());
+                file.read_exact_at(&mut buf[..n], off + done)?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    bad.push(off + done);
+                    break 'extent;
+                }
+                done += n as u64;
             }
-            done += n as u64;
         }
     }
     bad.sort_unstable();

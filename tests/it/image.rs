@@ -235,6 +235,39 @@ fn capture_then_deploy_to_the_same_size_and_to_a_larger_disk() {
     let v = image::verify(&store, &r.digest, &same, threads()).expect("verify");
     assert_eq!(v.bad, 0);
 
+    // A disk full of an earlier install: what the image holds as zeros is zeroed (free
+    // filesystem blocks the capture skipped are left as they are, as partclone does).
+    let m = store.manifest(&r.digest).expect("manifest");
+    let used = d.dir.path().join("used.raw");
+    std::fs::write(&used, vec![0xa5u8; (DISK_MIB << 20) as usize]).expect("write used disk");
+    let dep = image::deploy(&store, &r.digest, &used, threads()).expect("deploy over old data");
+    assert_eq!(dep.verified, r.digest);
+    let (old, blank) = (
+        std::fs::read(&used).expect("read"),
+        std::fs::read(&same).expect("read"),
+    );
+    let places = image::placements(&m);
+    for (off, len) in m.zero_extents.iter().chain(places.iter().flatten()) {
+        let r = *off as usize..(off + len) as usize;
+        assert!(old[r.clone()] == blank[r], "differs at {off}+{len}");
+    }
+    // Drift inside a zero extent of the sparse target (data where a hole was) is seen.
+    let &(zoff, zlen) = m
+        .zero_extents
+        .iter()
+        .max_by_key(|z| z.1)
+        .expect("a zero extent");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&same)
+            .expect("open");
+        f.write_all_at(b"drift", zoff + zlen / 2).expect("write");
+    }
+    let v = image::verify(&store, &r.digest, &same, threads()).expect("verify");
+    assert_eq!(v.bad, 1, "drift inside a zero extent went unseen");
+
     // Larger: the GPT moves its backup to the new end and partition 2 grows.
     let big = d.dir.path().join("big.raw");
     sh(Command::new("truncate").args(["-s", "320M"]).arg(&big));
