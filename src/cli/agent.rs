@@ -209,6 +209,14 @@ pub fn run(cmdline: &Path, out: &mut dyn Write) -> Result<u8> {
             };
             super::image::deploy_version(&w, &version, &m, &disk, &via, false, out)
         }
+        "verify" => {
+            let version = get("version")
+                .context("the verify task names no version")?
+                .to_string();
+            let m = remote.manifest(&version.parse().map_err(|e| anyhow!("version: {e}"))?)?;
+            let disk = choose(m.disk_bytes)?;
+            super::image::verify_disk(&w, &version, &disk, false, out)
+        }
         "wipe" => {
             let disk = choose(0)?;
             let mode = get("mode").unwrap_or("fast");

@@ -100,6 +100,7 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         .with_context(|| format!("cannot create state directory {}", args.state_dir.display()))?;
     let store = Store::open(&args.state_dir.join("state.db"))?;
     let rows = store.leases()?;
+    let tokens = store.tokens()?;
     let writer = store.into_writer();
 
     let mut config = dhcp::Config::from_spec(&spec, &args.sites);
@@ -223,7 +224,8 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         image_store.clone(),
         shutdown.clone(),
     ));
-    let mut api = crate::services::api::Api::new(store);
+    info!(tokens = tokens.len(), "task tokens still valid from before");
+    let mut api = crate::services::api::Api::new(store).with_state(writer.handle(), tokens);
     api.sessions = Some(sessions.clone());
     let state = http::HttpState {
         table: Arc::new(http::BootTable::from_plan(&spec, &plan)),

@@ -108,8 +108,11 @@ pub enum Step {
         bytes: Option<u64>,
         via: Via,
     },
+    /// Check that the disk holds `digest`: the version deployed earlier in this plan,
+    /// or else the one the host last reported.
     Verify {
         generation: u64,
+        digest: Digest,
     },
 }
 
@@ -292,7 +295,22 @@ fn host_steps(
     if let Some(g) = a.verify
         && g > done.verify
     {
-        steps.push(Step::Verify { generation: g });
+        let planned = steps.iter().rev().find_map(|s| match s {
+            Step::Deploy {
+                version: Version::Digest { digest },
+                ..
+            } => Some(*digest),
+            _ => None,
+        });
+        match planned.or_else(|| seen.and_then(|s| s.deployed)) {
+            Some(digest) => steps.push(Step::Verify { generation: g, digest }),
+            None => stalled.push(Stalled {
+                host: host.name.clone(),
+                reason: format!(
+                    "verify (generation {g}): no version is known to be on its disk; deploy one first"
+                ),
+            }),
+        }
     }
     (capture, steps)
 }

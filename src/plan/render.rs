@@ -78,7 +78,9 @@ pub fn step(s: &Step) -> String {
             };
             format!("deploy {image}@{} ({how})", version(v))
         }
-        Step::Verify { generation } => format!("verify (generation {generation})"),
+        Step::Verify { generation, digest } => {
+            format!("verify {} (generation {generation})", digest.short())
+        }
     }
 }
 

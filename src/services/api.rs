@@ -4,7 +4,8 @@
 //! its MAC (`X-Fleetwave-Mac`). Tokens are random, minted when a host's iPXE script
 //! boots the agent, bound to that MAC, and expire; reporting the task's result spends
 //! the token. Unknown, expired or spent tokens get 401; a token used from another MAC
-//! gets 403. Uploads are size-limited and re-hashed before they are stored.
+//! gets 403. `serve` keeps tokens in its state database, so a restarted server still
+//! honours the agents at work. Uploads are size-limited and re-hashed before they are stored.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -23,6 +24,7 @@ use tracing::{info, warn};
 use crate::image::manifest::Manifest;
 use crate::image::store::{Repo, Store, StoreError};
 use crate::spec::{Digest, Mac};
+use crate::state::{Op, TokenRow};
 
 /// The largest chunk accepted (the chunker's maximum is 2 MiB).
 pub const MAX_CHUNK: usize = 16 << 20;
@@ -64,6 +66,8 @@ pub struct Api {
     grants: Mutex<HashMap<String, Grant>>,
     /// The multicast sessions agents may ask to join.
     pub sessions: Option<Arc<crate::multicast::sessions::Sessions>>,
+    /// Where tokens are kept across restarts.
+    journal: Option<crate::state::WriteHandle>,
 }
 
 fn random_token() -> String {
@@ -83,7 +87,29 @@ impl Api {
             store,
             grants: Mutex::default(),
             sessions: None,
+            journal: None,
         }
+    }
+
+    /// Keep tokens in the state database, starting from the ones it holds (minted
+    /// before a restart, for agents that are still at work).
+    pub fn with_state(mut self, journal: crate::state::WriteHandle, rows: Vec<TokenRow>) -> Api {
+        let g = self.grants.get_mut().unwrap_or_else(|p| p.into_inner());
+        for r in rows {
+            g.insert(
+                r.token,
+                Grant {
+                    mac: r.mac,
+                    host: r.host,
+                    task: r.task,
+                    expires: r.expires,
+                    spent: false,
+                    progress: None,
+                },
+            );
+        }
+        self.journal = Some(journal);
+        self
     }
 
     /// A fresh token for `mac` to carry out `task`; `None` if no randomness is
@@ -104,6 +130,18 @@ impl Api {
             spent: false,
             progress: None,
         };
+        if let Some(j) = &self.journal {
+            j.write(
+                vec![Op::PutToken(TokenRow {
+                    token: token.clone(),
+                    mac,
+                    host: grant.host.clone(),
+                    task: grant.task.clone(),
+                    expires: grant.expires,
+                })],
+                None,
+            );
+        }
         let mut g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
         let now = crate::state::now();
         g.retain(|_, x| x.expires > now && !x.spent);
@@ -321,6 +359,9 @@ async fn result(
             warn!(mac = %g.mac, host = ?g.host, "task FAILED: {}", r.message);
         }
         api.update(&token, |g| g.spent = true);
+        if let Some(j) = &api.journal {
+            j.write(vec![Op::SpendToken(token)], None);
+        }
         StatusCode::NO_CONTENT.into_response()
     })
 }

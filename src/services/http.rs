@@ -228,12 +228,13 @@ fn describe(step: &Step) -> (Vec<(&'static str, String)>, String) {
                 format!("deploy {image}@{version} by {via}"),
             )
         }
-        Step::Verify { generation } => (
+        Step::Verify { generation, digest } => (
             vec![
                 ("task", "verify".into()),
+                ("version", digest.to_string()),
                 ("generation", generation.to_string()),
             ],
-            "verify".into(),
+            format!("verify {digest}"),
         ),
     }
 }

@@ -1,4 +1,5 @@
-//! The server's own durable state: DHCP leases and observations of hosts, in SQLite.
+//! The server's own durable state: DHCP leases, observations of hosts and the agents'
+//! task tokens, in SQLite.
 //!
 //! SQLite in WAL mode with `synchronous=FULL`: a committed write survives a crash of
 //! the process or the machine. One writer thread owns the connection and commits
@@ -84,12 +85,27 @@ pub struct Observation {
     pub known: bool,
 }
 
+/// A task token as stored: a restarted server still honours the tokens of agents
+/// that booted before it went down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub token: String,
+    pub mac: Mac,
+    pub host: Option<String>,
+    pub task: Vec<(String, String)>,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
 /// A write for the writer thread.
 #[derive(Debug, Clone)]
 pub enum Op {
     PutLease(Lease),
     DeleteLease(Ipv4Addr),
     Observe(Observation),
+    PutToken(TokenRow),
+    /// A token whose result came back: never honoured again.
+    SpendToken(String),
 }
 
 /// Runs after the batch holding a write has committed.
@@ -124,6 +140,13 @@ CREATE TABLE IF NOT EXISTS observations (
     known   INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS observations_mac ON observations (mac, at);
+CREATE TABLE IF NOT EXISTS tokens (
+    token   TEXT    PRIMARY KEY,
+    mac     BLOB    NOT NULL,
+    host    TEXT,
+    task    TEXT    NOT NULL,
+    expires INTEGER NOT NULL
+);
 ";
 
 impl Store {
@@ -231,6 +254,52 @@ impl Store {
                 arch,
                 message,
                 known,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Task tokens neither spent nor expired; expired rows are dropped on the way.
+    pub fn tokens(&self) -> Result<Vec<TokenRow>, StateError> {
+        let now = now() as i64;
+        self.conn
+            .execute("DELETE FROM tokens WHERE expires <= ?1", [now])
+            .map_err(self.query_err())?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT token, mac, host, task, expires FROM tokens")
+            .map_err(self.query_err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })
+            .map_err(self.query_err())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (token, mac, host, task, expires) = row.map_err(self.query_err())?;
+            // A damaged row costs one agent a reboot, not the server its start.
+            let (Ok(mac), Ok(task)) = (
+                <[u8; 6]>::try_from(mac.as_slice()),
+                serde_json::from_str::<Vec<(String, String)>>(&task),
+            ) else {
+                warn!(
+                    "state database {}: a task token row is damaged; skipped",
+                    self.path.display()
+                );
+                continue;
+            };
+            out.push(TokenRow {
+                token,
+                mac: Mac(mac),
+                host,
+                task,
+                expires: expires.max(0) as u64,
             });
         }
         Ok(out)
@@ -346,6 +415,10 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
         let mut obs = tx.prepare_cached(
             "INSERT INTO observations (at, mac, ip, arch, message, known) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
+        let mut put_token = tx.prepare_cached(
+            "INSERT OR REPLACE INTO tokens (token, mac, host, task, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut spend = tx.prepare_cached("DELETE FROM tokens WHERE token = ?1")?;
         for op in batches.iter().flat_map(|b| &b.ops) {
             match op {
                 Op::PutLease(l) => {
@@ -369,6 +442,20 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
                         o.message,
                         o.known
                     ])?;
+                }
+                Op::PutToken(t) => {
+                    let task = serde_json::to_string(&t.task)
+                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                    put_token.execute(params![
+                        t.token,
+                        &t.mac.0[..],
+                        t.host,
+                        task,
+                        t.expires as i64
+                    ])?;
+                }
+                Op::SpendToken(token) => {
+                    spend.execute([token])?;
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use fleetwave::image::store::Store;
+use fleetwave::image::{self, store::Store};
 use fleetwave::observed::Observed;
 use fleetwave::plan::{self, Params};
 use fleetwave::services::api::Api;
@@ -53,11 +53,14 @@ fn start(dir: &Path) -> Server {
 }
 
 fn start_with(dir: &Path, fleet: &str, observed: Observed) -> Server {
+    let api = Api::new(Store::open(&dir.join("server-store")).expect("store"));
+    start_api(dir, fleet, observed, api)
+}
+
+fn start_api(dir: &Path, fleet: &str, observed: Observed, api: Api) -> Server {
     let spec = spec_of(fleet);
     let plan = plan::diff(&spec, &observed, &Params::default());
-    let api = Arc::new(Api::new(
-        Store::open(&dir.join("server-store")).expect("store"),
-    ));
+    let api = Arc::new(api);
     let state = HttpState {
         table: Arc::new(BootTable::from_plan(&spec, &plan)),
         base_url: "http://127.0.0.1".into(),
@@ -345,6 +348,63 @@ fn agent_run_follows_the_script_to_a_verified_disk() {
     ]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("401"), "{out}");
+    drop(server);
+
+    // A verify action: the task names the version the host reported, and the agent
+    // says whether the disk still holds it.
+    let fleet = fleet.replace("disk: {", "actions: {verify: {generation: 1}}, disk: {");
+    let observed_json = format!(
+        r#"{{"images": {{"linux": {{"versions": [{{"digest": "{d}", "generation": 1, "disk_bytes": {}, "stored_bytes": {}}}]}}}}, "hosts": [{{"mac": "{PC01}", "deployed": "{d}"}}]}}"#,
+        cap.disk_bytes,
+        cap.stored_bytes,
+        d = cap.digest
+    );
+    let verify = |expect: i32, says: &str| {
+        let observed = Observed::from_json(&observed_json).expect("observed");
+        let server = start_with(d, &fleet, observed);
+        let script = agent
+            .get(format!("{}/boot/{PC01}.ipxe", server.url))
+            .call()
+            .expect("script")
+            .body_mut()
+            .read_to_string()
+            .expect("body");
+        let kernel = script
+            .lines()
+            .find(|l| l.starts_with("kernel "))
+            .unwrap_or_else(|| panic!("no kernel line:\n{script}"));
+        assert!(kernel.contains("fleetwave.task=verify"), "{kernel}");
+        assert!(
+            kernel.contains(&format!("fleetwave.version={}", cap.digest)),
+            "{kernel}"
+        );
+        std::fs::write(&cmdline, kernel).expect("write");
+        let (code, out) = fleetwave(&[
+            "agent",
+            "run",
+            "--cmdline",
+            cmdline.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(code, expect, "{out}");
+        assert!(out.contains(says), "{out}");
+    };
+    verify(0, "holds");
+    // Change one byte the image holds: drift, reported as such.
+    let m = store.manifest(&cap.digest).expect("manifest");
+    let at = image::placements(&m)[0][0].0 + 100;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .expect("open disk");
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).expect("read");
+        f.write_all_at(&[!b[0]], at).expect("write");
+        f.sync_all().expect("sync");
+    }
+    verify(1, "drifted");
 }
 
 /// Chunk files in a store.
@@ -445,4 +505,72 @@ fn an_interrupted_upload_resumes_with_what_the_server_lacks() {
         store.resolve("win10").expect("committed").to_string(),
         r["digest"].as_str().expect("digest")
     );
+}
+
+#[test]
+fn tokens_outlive_a_server_restart_until_their_result_spends_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let db = d.join("state.db");
+    let api = |writer: &fleetwave::state::Writer, rows| {
+        Api::new(Store::open(&d.join("server-store")).expect("store"))
+            .with_state(writer.handle(), rows)
+    };
+    let get_task = |url: &str, token: &str| -> u16 {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        agent
+            .get(format!("{url}/api/v1/task"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .header("X-Fleetwave-Mac", REF)
+            .call()
+            .expect("GET task")
+            .status()
+            .as_u16()
+    };
+    // First life: the reference host's script (a capture) mints a token.
+    let state = fleetwave::state::Store::open(&db).expect("state");
+    assert!(state.tokens().expect("tokens").is_empty());
+    let writer = state.into_writer();
+    let server = start_api(d, &fleet(), Observed::default(), api(&writer, vec![]));
+    let token = token_from_script(&server.url, REF);
+    assert_eq!(get_task(&server.url, &token), 200);
+    drop(server);
+    writer.close();
+
+    // Second life, from the same database: the agent carries on with its token.
+    let state = fleetwave::state::Store::open(&db).expect("state");
+    let rows = state.tokens().expect("tokens");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].mac.to_string(), REF);
+    let writer = state.into_writer();
+    let server = start_api(d, &fleet(), Observed::default(), api(&writer, rows));
+    assert_eq!(
+        get_task(&server.url, &token),
+        200,
+        "the restart forgot the token"
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let status = agent
+        .post(format!("{}/api/v1/result", server.url))
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("X-Fleetwave-Mac", REF)
+        .header("Content-Type", "application/json")
+        .send(r#"{"ok": true, "digest": null, "message": "done"}"#)
+        .expect("POST result")
+        .status()
+        .as_u16();
+    assert_eq!(status, 204);
+    assert_eq!(get_task(&server.url, &token), 401);
+    drop(server);
+    writer.close();
+
+    // Third life: a spent token stays spent.
+    let state = fleetwave::state::Store::open(&db).expect("state");
+    assert!(state.tokens().expect("tokens").is_empty());
 }
