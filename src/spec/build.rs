@@ -189,7 +189,9 @@ fn valid_name(name: &str) -> bool {
 /// One named entry of a section, with the position of its name.
 struct Entry<T> {
     loc: Loc,
-    value: T,
+    /// Boxed: a host's wire form is about a kilobyte, and moving 100,000 of them from
+    /// list to list (and doubling those lists as they grow) set the peak memory.
+    value: Box<T>,
 }
 
 /// Entries of one section: the ones that read well, and the names of the ones that did not.
@@ -358,7 +360,10 @@ impl EarlyEntries {
             key: Node,
             value: &Node,
         ) {
-            list.push((section, (key, from_node::<T>(value), value.loc)));
+            list.push((
+                section,
+                (key, from_node::<T>(value).map(Box::new), value.loc),
+            ));
         }
         let at = section.loc;
         if key.scalar_str() == Some("<<") {
@@ -389,10 +394,50 @@ fn under<T>(list: &mut Vec<(Loc, Early<T>)>, at: Loc) -> Vec<Early<T>> {
 /// this overlaps with parsing, and the tree of a host never outlives its reading), then
 /// the rest of the tree. Runs on the loader's threads, one file each.
 pub fn read_file(text: &str, file: u32) -> Result<ReadFile<ReadDocument>, SyntaxError> {
-    let mut early = EarlyEntries::default();
-    let root = crate::source::yaml::parse_with(text, file, &mut |section, key, value| {
-        early.take(section, key, value)
-    })?;
+    read_file_split(text, file, SPLIT_HOSTS_BYTES)
+}
+
+/// A `hosts:` section larger than this is parsed in two halves, one per core.
+const SPLIT_HOSTS_BYTES: usize = 1 << 20;
+
+fn read_file_split(
+    text: &str,
+    file: u32,
+    split_over: usize,
+) -> Result<ReadFile<ReadDocument>, SyntaxError> {
+    let halves = split_hosts(text, split_over).and_then(|(a, b)| {
+        let parse = |t: &str| -> Result<(Node, EarlyEntries), SyntaxError> {
+            let mut early = EarlyEntries::default();
+            let root = crate::source::yaml::parse_with(t, file, &mut |section, key, value| {
+                early.take(section, key, value)
+            })?;
+            Ok((root, early))
+        };
+        let (ra, rb) = std::thread::scope(|s| {
+            let hb = s.spawn(|| parse(&b));
+            let ra = parse(&a);
+            (ra, hb.join())
+        });
+        // Any error: parse the whole file as one, which reports it as it is.
+        let (root, mut early) = ra.ok()?;
+        let (_, mut late) = rb.ok()?.ok()?;
+        // The second half's hosts belong to the first half's `hosts:` key, after its own.
+        let at = early.hosts.first().map(|h| h.0)?;
+        early
+            .hosts
+            .extend(late.hosts.drain(..).map(|(_, e)| (at, e)));
+        Some((root, early))
+    });
+    let (root, early) = match halves {
+        Some(h) => h,
+        None => {
+            let mut early = EarlyEntries::default();
+            let root = crate::source::yaml::parse_with(text, file, &mut |section, key, value| {
+                early.take(section, key, value)
+            })?;
+            (root, early)
+        }
+    };
     let mut cx = Cx {
         problems: Vec::new(),
     };
@@ -408,6 +453,79 @@ pub fn read_file(text: &str, file: u32) -> Result<ReadFile<ReadDocument>, Syntax
         includes,
         Vec::new(),
     ))
+}
+
+/// Two texts that parse to what `text` does, when its `hosts:` section is a block
+/// mapping of more than `over` bytes: the file with the second half of the hosts
+/// blanked out, and those hosts alone under a `hosts:` key. Blank lines stand in for
+/// what each leaves out, so every position stays the file's. `None` when the section
+/// cannot be cut safely: anchors, aliases, merge keys or tabs in it, or no line where an
+/// entry starts at the section's indentation (by YAML's rules, nothing else can be
+/// there: flow and multi-line values are indented deeper).
+fn split_hosts(text: &str, over: usize) -> Option<(String, String)> {
+    let mut at = 0usize;
+    let mut body = None;
+    for line in text.split_inclusive('\n') {
+        at += line.len();
+        let rest = line.strip_prefix("hosts:").map(str::trim_start);
+        if rest.is_some_and(|r| r.is_empty() || r.starts_with('#')) {
+            body = Some(at);
+            break;
+        }
+    }
+    let body = body?;
+    // The section ends at the next line that starts in column 0 (a comment does not).
+    let mut end = text.len();
+    let mut pos = body;
+    for line in text[body..].split_inclusive('\n') {
+        let first = line.as_bytes().first().copied();
+        if !matches!(first, None | Some(b' ' | b'#' | b'\n' | b'\r')) {
+            end = pos;
+            break;
+        }
+        pos += line.len();
+    }
+    let section = &text[body..end];
+    if section.len() <= over || section.contains(['&', '*', '\t']) || section.contains("<<") {
+        return None;
+    }
+    let entry_line = |line: &str, indent: usize| {
+        line.len() > indent
+            && line.as_bytes()[..indent].iter().all(|&b| b == b' ')
+            && !matches!(
+                line.as_bytes()[indent],
+                b' ' | b'#' | b'-' | b'\r' | b'\n' | b'{' | b'['
+            )
+    };
+    let first = section
+        .split_inclusive('\n')
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))?;
+    let indent = first.len() - first.trim_start_matches(' ').len();
+    if indent == 0 || !entry_line(first, indent) {
+        return None;
+    }
+    let mut cut = None;
+    let mut pos = body;
+    for line in section.split_inclusive('\n') {
+        if pos >= body + section.len() / 2 && entry_line(line, indent) {
+            cut = Some(pos);
+            break;
+        }
+        pos += line.len();
+    }
+    let cut = cut?;
+    let newlines = |t: &str| t.bytes().filter(|&b| b == b'\n').count();
+    let before = newlines(&text[..cut]);
+    let mut a = String::with_capacity(cut + (end - cut) / 8 + text.len() - end);
+    a.push_str(&text[..cut]);
+    a.extend(std::iter::repeat_n('\n', newlines(&text[cut..end])));
+    a.push_str(&text[end..]);
+    // The `hosts:` key of the second text sits on the line before its first entry.
+    let mut b = String::with_capacity(before + 8 + end - cut);
+    b.extend(std::iter::repeat_n('\n', before.checked_sub(1)?));
+    b.push_str("hosts:\n");
+    b.push_str(&text[cut..end]);
+    Some((a, b))
 }
 
 fn collect(doc: &Document, mut early: EarlyEntries, cx: &mut Cx) -> Raw {
@@ -498,7 +616,7 @@ fn collect(doc: &Document, mut early: EarlyEntries, cx: &mut Cx) -> Raw {
 
 /// A section entry read while its file was still being parsed: its name, the result
 /// of reading it, and where its value starts.
-type Early<T> = (Node, Result<T, DeError>, Loc);
+type Early<T> = (Node, Result<Box<T>, DeError>, Loc);
 
 fn read_section<T>(node: &Node, early: Vec<Early<T>>, section: &mut Section<T>, cx: &mut Cx)
 where
@@ -525,7 +643,10 @@ where
     };
     // Deserializing entries is the costly part, and each stands alone: all cores.
     let results = crate::par::map_chunks(entries, |chunk| {
-        chunk.iter().map(|(_, v)| from_node::<T>(v)).collect()
+        chunk
+            .iter()
+            .map(|(_, v)| from_node::<T>(v).map(Box::new))
+            .collect()
     });
     section.ok.reserve(early.len() + entries.len());
     let late = entries
@@ -996,7 +1117,7 @@ fn disk_selector(d: &wire::DiskSelector, cx: &mut Cx) -> DiskSelector {
     }
 }
 
-fn selects(selector: &IndexMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+fn selects(selector: &IndexMap<String, String>, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -1030,9 +1151,9 @@ impl<'a> SelectorIndex<'a> {
         index
     }
 
-    fn matching(&self, labels: &BTreeMap<String, String>) -> Vec<&'a str> {
+    fn matching(&self, labels: &Labels) -> Vec<&'a str> {
         let mut out = self.everyone.clone();
-        for (k, v) in labels {
+        for (k, v) in labels.iter() {
             if let Some(candidates) = self.by_label.get(&(k.as_str(), v.as_str())) {
                 out.extend(
                     candidates
@@ -1154,11 +1275,8 @@ fn resolve_host(
         }
     };
     // Groups: named by the host, or selecting it by its own labels.
-    let own_labels: BTreeMap<String, String> = h
-        .labels
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    // Own labels first: a group's label never replaces one the host has.
+    let own_labels: Labels = h.labels.iter().collect();
     let mut groups: Vec<&str> = Vec::new();
     for g in &h.groups {
         if raw.groups.check_ref(cx, g, || format!("host `{name}`"))
@@ -1175,7 +1293,7 @@ fn resolve_host(
     groups.sort_unstable();
     let group_entries: Vec<(&str, &wire::Group)> = groups
         .iter()
-        .map(|g| (*g, &raw.groups.ok[*g].value))
+        .map(|g| (*g, &*raw.groups.ok[*g].value))
         .collect();
 
     let site = pick(
@@ -1231,7 +1349,7 @@ fn resolve_host(
     let mut labels = own_labels;
     for (_, g) in &group_entries {
         for (k, v) in &g.labels {
-            labels.entry(k.clone()).or_insert_with(|| v.clone());
+            labels.add_missing(k, v);
         }
     }
 
@@ -1833,5 +1951,96 @@ fn check_multicast_sites(
                 "multicast stays inside one network: use one multicast group (and wave) per site",
             ),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::SourceFile;
+
+    /// A fleet of `n` hosts, each written in block or flow style, with `extra` lines
+    /// appended to the hosts section.
+    fn fleet(n: usize, extra: &str) -> String {
+        let mut s = String::from(
+            "version: 1\nsites:\n  lab: {interface: eth0, server: 10.0.0.1, subnet: 10.0.0.0/16}\n\
+             images:\n  win: {os: windows}\nhosts:\n  # the lab's machines\n",
+        );
+        for i in 0..n {
+            if i % 3 == 0 {
+                s.push_str(&format!(
+                    "  pc{i:04}:\n    mac: \"52:54:00:00:{:02x}:{:02x}\"\n    site: lab\n    image: win\n    labels: {{room: r{}}}\n\n",
+                    i / 256,
+                    i % 256,
+                    i % 7
+                ));
+            } else {
+                s.push_str(&format!(
+                    "  pc{i:04}: {{mac: \"52:54:00:00:{:02x}:{:02x}\", site: lab, image: win, wave: w}}\n",
+                    i / 256,
+                    i % 256
+                ));
+            }
+        }
+        s.push_str(extra);
+        s.push_str("# the waves\nwaves:\n  w: {transport: unicast}\n");
+        s
+    }
+
+    fn built(text: &str, split_over: usize) -> Result<FleetSpec, Vec<Diagnostic>> {
+        let (doc, _, problems) = read_file_split(text, 0, split_over).expect("parses");
+        let loaded = Loaded {
+            sources: Sources {
+                files: vec![SourceFile {
+                    display: "fleet.yaml".into(),
+                    text: text.into(),
+                }],
+            },
+            documents: vec![doc],
+            problems,
+        };
+        build(loaded).1
+    }
+
+    #[test]
+    fn a_hosts_section_parsed_in_halves_reads_as_it_does_whole() {
+        let valid = fleet(400, "");
+        assert!(
+            split_hosts(&valid, 1000).is_some(),
+            "the section was not cut"
+        );
+        let (whole, halves) = (built(&valid, usize::MAX), built(&valid, 1000));
+        assert!(whole.is_ok());
+        assert_eq!(format!("{whole:?}"), format!("{halves:?}"));
+
+        // Problems on both sides of the cut, and a name defined on both sides.
+        let mut bad = fleet(
+            400,
+            "  pc0001: {mac: \"52:54:00:00:09:09\", site: lab}\n  pc9999: {mac: \"52:54:00:00:09:0a\", site: lab, colour: red}\n",
+        );
+        bad = bad.replacen("52:54:00:00:00:05", "52:54:00:00:00:zz", 1);
+        assert!(split_hosts(&bad, 1000).is_some(), "the section was not cut");
+        let (whole, halves) = (built(&bad, usize::MAX), built(&bad, 1000));
+        let problems = whole.as_ref().expect_err("invalid");
+        assert!(problems.len() >= 3, "{problems:?}");
+        assert_eq!(format!("{whole:?}"), format!("{halves:?}"));
+    }
+
+    #[test]
+    fn a_hosts_section_with_anchors_or_a_syntax_error_is_read_whole() {
+        let anchored = fleet(
+            400,
+            "  pc9998: &x {mac: \"52:54:00:00:09:09\", site: lab}\n",
+        );
+        assert!(split_hosts(&anchored, 1000).is_none());
+        // A syntax error in the second half: reported where it is, as without the cut.
+        let broken = fleet(400, "  pc9999: {mac: \"52:54:00:00:09:0a\", site: lab\n");
+        assert!(split_hosts(&broken, 1000).is_some());
+        let (a, b) = (
+            read_file_split(&broken, 0, usize::MAX).map(|_| ()),
+            read_file_split(&broken, 0, 1000).map(|_| ()),
+        );
+        assert!(a.is_err());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
     }
 }

@@ -73,6 +73,48 @@ pub struct CaptureSource {
     pub generation: u64,
 }
 
+/// A host's labels, sorted by key. Hosts have a handful: a sorted list takes a tenth
+/// of the memory of a `BTreeMap`'s first node, which at 100,000 hosts was 54 MB.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(Vec<(String, String)>);
+
+impl Labels {
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// Add `key` unless it is there already (a host's own label beats a group's).
+    pub fn add_missing(&mut self, key: &str, value: &str) {
+        if let Err(i) = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)) {
+            self.0.insert(i, (key.to_string(), value.to_string()));
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl<'a> FromIterator<(&'a String, &'a String)> for Labels {
+    fn from_iter<I: IntoIterator<Item = (&'a String, &'a String)>>(it: I) -> Self {
+        let mut l = Labels::default();
+        for (k, v) in it {
+            l.add_missing(k, v);
+        }
+        l.0.shrink_to_fit();
+        l
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Host {
     pub name: String,
@@ -80,7 +122,7 @@ pub struct Host {
     pub site: String,
     pub ip: Option<Ipv4Addr>,
     /// Own labels plus those added by groups.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// Groups the host is in (named or selected), sorted.
     pub groups: Vec<String>,
     pub image: Option<String>,
