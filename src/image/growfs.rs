@@ -44,7 +44,7 @@ pub fn grow(target: &Path, start: u64, bytes: u64, fs: Fs) -> Result<String, Str
     let tool = match fs {
         Fs::Ext4 => "resize2fs",
         Fs::Ntfs => "ntfsresize",
-        Fs::Other => return Err("no tool to grow this filesystem".into()),
+        _ => return Err("no tool to grow this filesystem".into()),
     };
     let out = Command::new("losetup")
         .args([

@@ -29,6 +29,11 @@ pub enum TableKind {
 pub enum Fs {
     Ext4,
     Ntfs,
+    /// Read through partclone's used-block map when partclone is installed, else whole.
+    Fat,
+    Exfat,
+    Xfs,
+    Btrfs,
     /// Anything else: kept whole.
     Other,
 }
@@ -291,7 +296,107 @@ fn fs_used(f: &File, start: u64, bytes: u64) -> io::Result<(Fs, Vec<(u64, u64)>)
             None => (Fs::Ntfs, whole),
         });
     }
-    Ok((Fs::Other, whole))
+    let boot = head[510] == 0x55 && head[511] == 0xAA;
+    let fs = if &head[3..11] == b"EXFAT   " {
+        Fs::Exfat
+    } else if boot
+        && (&head[0x52..0x57] == b"FAT32" || matches!(&head[0x36..0x3B], b"FAT12" | b"FAT16"))
+    {
+        Fs::Fat
+    } else if &head[..4] == b"XFSB" {
+        Fs::Xfs
+    } else if bytes > 0x10048 && read_at(f, start + 0x10040, 8)? == b"_BHRfS_M" {
+        Fs::Btrfs
+    } else {
+        return Ok((Fs::Other, whole));
+    };
+    Ok(match partclone_used(f, start, bytes, fs) {
+        Some(runs) => (fs, runs),
+        None => (fs, whole),
+    })
+}
+
+/// The used byte ranges (absolute) partclone maps for the `fs` filesystem in
+/// `[start, start+bytes)`: `partclone.FS -D` writes a ddrescue domain file of the used
+/// blocks without reading them. Through a read-only loop device over the partition, so
+/// a disk image file and a block device go the same way. `None` when partclone, the
+/// loop device (root) or the map is not to be had: the partition is then kept whole.
+fn partclone_used(f: &File, start: u64, bytes: u64, fs: Fs) -> Option<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    use std::process::Command;
+    let tool = match fs {
+        Fs::Fat => "partclone.fat",
+        Fs::Exfat => "partclone.exfat",
+        Fs::Xfs => "partclone.xfs",
+        Fs::Btrfs => "partclone.btrfs",
+        _ => return None,
+    };
+    let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| std::path::Path::new(d).join(tool))
+        .find(|p| p.exists())?;
+    // The disk as this process opened it (a file or a block device), named for losetup.
+    let source = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only", "--offset"])
+        .arg(start.to_string())
+        .arg("--sizelimit")
+        .arg(bytes.to_string())
+        .arg(&source)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let map = std::env::temp_dir().join(format!("fleetwave-{}-{start}.domain", std::process::id()));
+    // Created here, exclusively: partclone then writes into our file, never through a
+    // link someone left at that name.
+    if std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&map)
+        .is_err()
+    {
+        let _ = Command::new("losetup").args(["-d", &dev]).status();
+        return None;
+    }
+    let ran = Command::new(&found)
+        .args(["-D", "-L", "/dev/null", "-s", &dev, "-O"])
+        .arg(&map)
+        .output();
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    let text = std::fs::read_to_string(&map).ok();
+    let _ = std::fs::remove_file(&map);
+    if !ran.ok()?.status.success() {
+        return None;
+    }
+    let runs = parse_domain(&text?, bytes)?;
+    Some(runs.into_iter().map(|(o, l)| (start + o, l)).collect())
+}
+
+/// The `+` (used) ranges of a ddrescue domain file, relative to the partition; `None`
+/// if a line does not parse or a range leaves the partition.
+fn parse_domain(text: &str, bytes: u64) -> Option<Vec<(u64, u64)>> {
+    let hex = |s: &str| u64::from_str_radix(s.strip_prefix("0x")?, 16).ok();
+    let mut runs = Vec::new();
+    // The first line that is not a comment is the current position and status.
+    let lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .skip(1);
+    for line in lines {
+        let mut w = line.split_whitespace();
+        let (pos, size, status) = (hex(w.next()?)?, hex(w.next()?)?, w.next()?);
+        if pos.checked_add(size)? > bytes {
+            return None;
+        }
+        if status == "+" && size > 0 {
+            runs.push((pos, size));
+        }
+    }
+    Some(runs)
 }
 
 /// Blocks marked in ext2/3/4 block bitmaps, plus every group's metadata. `None` when
@@ -563,6 +668,22 @@ fn decode_runs(b: &[u8]) -> Vec<(Option<u64>, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partclone_domain_files_are_read_strictly() {
+        let good = "# Domain logfile\n# current_pos  current_status\n0x04000000     ?\n#      pos        size  status\n0x00000000  0x00100600  +\n0x00100600  0x00001000  ?\n0x00101600  0x00002000  +\n";
+        assert_eq!(
+            parse_domain(good, 0x0400_0000),
+            Some(vec![(0, 0x0010_0600), (0x0010_1600, 0x2000)])
+        );
+        // A range past the partition, or a line that is not one: the map is not used.
+        assert_eq!(parse_domain(good, 0x0010_0000), None);
+        assert_eq!(parse_domain("0x0 ?\n0x0 zz +\n", 1 << 20), None);
+        assert_eq!(
+            parse_domain("0x0 ?\n0xffffffffffffffff 0x10 +\n", 1 << 20),
+            None
+        );
+    }
 
     /// Disks are input too: garbage behind every magic number must not panic.
     #[test]
