@@ -419,6 +419,7 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
             "INSERT OR REPLACE INTO tokens (token, mac, host, task, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         let mut spend = tx.prepare_cached("DELETE FROM tokens WHERE token = ?1")?;
+
         for op in batches.iter().flat_map(|b| &b.ops) {
             match op {
                 Op::PutLease(l) => {
@@ -459,6 +460,15 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
                 }
             }
         }
+        // Tokens of hosts that never reported go when they expire, not at the next
+        // restart: a server up for months would otherwise keep every one.
+        if batches
+            .iter()
+            .flat_map(|b| &b.ops)
+            .any(|o| matches!(o, Op::PutToken(_)))
+        {
+            tx.execute("DELETE FROM tokens WHERE expires <= ?1", [now() as i64])?;
+        }
     }
     tx.commit()
 }
@@ -483,6 +493,44 @@ mod tests {
             expires: 100,
             state: LeaseState::Bound,
         }
+    }
+
+    #[test]
+    fn tokens_are_kept_until_spent_and_expired_ones_are_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let token = |name: &str, expires: u64| TokenRow {
+            token: name.into(),
+            mac: Mac([0x52, 0x54, 0, 0, 0, 1]),
+            host: Some("pc01".into()),
+            task: vec![("task".into(), "deploy".into())],
+            expires,
+        };
+        let later = now() + 3600;
+        let writer = Store::open(&path).expect("open").into_writer();
+        writer.handle().write(
+            vec![
+                Op::PutToken(token("old", 1)),
+                Op::PutToken(token("spent", later)),
+            ],
+            None,
+        );
+        writer
+            .handle()
+            .write(vec![Op::SpendToken("spent".into())], None);
+        // The next token written prunes the expired one.
+        writer
+            .handle()
+            .write(vec![Op::PutToken(token("live", later))], None);
+        writer.close();
+        let count: i64 = Store::open(&path)
+            .expect("open")
+            .conn
+            .query_row("SELECT count(*) FROM tokens", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(count, 1);
+        let rows = Store::open(&path).expect("open").tokens().expect("tokens");
+        assert_eq!(rows, vec![token("live", later)]);
     }
 
     #[test]
