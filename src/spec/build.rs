@@ -463,6 +463,14 @@ fn read_file_split(
 /// entry starts at the section's indentation (by YAML's rules, nothing else can be
 /// there: flow and multi-line values are indented deeper).
 fn split_hosts(text: &str, over: usize) -> Option<(String, String)> {
+    // A document written as one flow mapping has no block sections to cut.
+    let root = text
+        .lines()
+        .map(str::trim_start)
+        .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("---"));
+    if root.is_some_and(|l| l.starts_with(['{', '['])) {
+        return None;
+    }
     let mut at = 0usize;
     let mut body = None;
     for line in text.split_inclusive('\n') {
@@ -2033,6 +2041,9 @@ mod tests {
             "  pc9998: &x {mac: \"52:54:00:00:09:09\", site: lab}\n",
         );
         assert!(split_hosts(&anchored, 1000).is_none());
+        // One flow mapping for the whole document: not cut (it is no block section).
+        let flow = format!("# a fleet\n{{\n{}}}\n", fleet(400, ""));
+        assert!(split_hosts(&flow, 1000).is_none());
         // A syntax error in the second half: reported where it is, as without the cut.
         let broken = fleet(400, "  pc9999: {mac: \"52:54:00:00:09:0a\", site: lab\n");
         assert!(split_hosts(&broken, 1000).is_some());
