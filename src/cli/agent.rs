@@ -182,6 +182,17 @@ pub fn run(cmdline: &Path, out: &mut dyn Write) -> Result<u8> {
         store: Path::new("/images"),
         server: Some((server, token, mac)),
     };
+    // The version a deploy or verify task names, its manifest, and the disk it goes to.
+    let versioned =
+        |task: &str| -> Result<(Digest, crate::image::manifest::Manifest, std::path::PathBuf)> {
+            let version: Digest = get("version")
+                .with_context(|| format!("the {task} task names no version"))?
+                .parse()
+                .map_err(|e| anyhow!("version: {e}"))?;
+            let m = remote.manifest(&version)?;
+            let disk = choose(m.disk_bytes)?;
+            Ok((version, m, disk))
+        };
     writeln!(out, "task: {}", get("task").unwrap_or("?"))?;
     match get("task").unwrap_or_default() {
         "register" | "inventory" => {
@@ -195,12 +206,7 @@ pub fn run(cmdline: &Path, out: &mut dyn Write) -> Result<u8> {
             super::image::capture(&w, &disk, image, generation, 3, false, out)
         }
         "deploy" => {
-            let version: Digest = get("version")
-                .context("the deploy task names no version")?
-                .parse()
-                .map_err(|e| anyhow!("version: {e}"))?;
-            let m = remote.manifest(&version)?;
-            let disk = choose(m.disk_bytes)?;
+            let (version, m, disk) = versioned("deploy")?;
             let via = super::image::Transport {
                 multicast: get("via")
                     .is_some_and(|v| v.starts_with("multicast:"))
@@ -210,12 +216,8 @@ pub fn run(cmdline: &Path, out: &mut dyn Write) -> Result<u8> {
             super::image::deploy_version(&w, &version, &m, &disk, &via, false, out)
         }
         "verify" => {
-            let version = get("version")
-                .context("the verify task names no version")?
-                .to_string();
-            let m = remote.manifest(&version.parse().map_err(|e| anyhow!("version: {e}"))?)?;
-            let disk = choose(m.disk_bytes)?;
-            super::image::verify_disk(&w, &version, &disk, false, out)
+            let (version, m, disk) = versioned("verify")?;
+            super::image::verify_version(&w, &version, &m, &disk, false, out)
         }
         "wipe" => {
             let disk = choose(0)?;

@@ -406,8 +406,33 @@ pub fn verify_disk(
 ) -> Result<u8> {
     let o = open_where(w)?;
     let digest = resolve(&o, spec)?;
+    let m = o.repo().manifest(&digest)?;
+    verify_opened(&o, &digest, &m, disk, json, out)
+}
+
+/// Verify `disk` against version `digest`, whose manifest the caller already has.
+pub fn verify_version(
+    w: &Where,
+    digest: &Digest,
+    m: &Manifest,
+    disk: &Path,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    verify_opened(&open_where(w)?, digest, m, disk, json, out)
+}
+
+fn verify_opened(
+    o: &Opened,
+    digest: &Digest,
+    m: &Manifest,
+    disk: &Path,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let digest = *digest;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let r = image::verify(o.repo(), &digest, disk, threads)?;
+    let r = image::verify_manifest(m, &digest, disk, threads)?;
     o.report(&TaskResult {
         ok: r.bad == 0,
         digest: (r.bad == 0).then_some(digest),

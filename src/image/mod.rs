@@ -880,9 +880,18 @@ pub fn verify(
     path: &Path,
     threads: usize,
 ) -> Result<VerifyReport> {
-    let m = repo.manifest(digest)?;
+    verify_manifest(&repo.manifest(digest)?, digest, path, threads)
+}
+
+/// [`verify`] against a manifest the caller already has.
+pub fn verify_manifest(
+    m: &Manifest,
+    digest: &Digest,
+    path: &Path,
+    threads: usize,
+) -> Result<VerifyReport> {
     let file = File::open(path).map_err(io_err(path))?;
-    let mut r = compare(&file, &m, threads, None).map_err(io_err(path))?;
+    let mut r = compare(&file, m, threads, None).map_err(io_err(path))?;
     r.digest = *digest;
     Ok(r)
 }
