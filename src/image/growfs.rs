@@ -8,6 +8,50 @@ use std::process::{Command, Stdio};
 
 use super::layout::Fs;
 
+/// A loop device over one partition's bytes of a disk image file or block device,
+/// detached when dropped. Needs root.
+pub struct PartitionLoop {
+    pub dev: String,
+}
+
+impl PartitionLoop {
+    pub fn attach(
+        disk: &Path,
+        start: u64,
+        bytes: u64,
+        read_only: bool,
+    ) -> Result<PartitionLoop, String> {
+        let mut cmd = Command::new("losetup");
+        cmd.args(["--find", "--show"]);
+        if read_only {
+            cmd.arg("--read-only");
+        }
+        let out = cmd
+            .arg("--offset")
+            .arg(start.to_string())
+            .arg("--sizelimit")
+            .arg(bytes.to_string())
+            .arg(disk)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "no loop device for the partition: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(PartitionLoop {
+            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        })
+    }
+}
+
+impl Drop for PartitionLoop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
 fn run(cmd: &mut Command, input: Option<&str>) -> Result<(), String> {
     let name = format!("{:?}", cmd.get_program());
     let mut child = cmd
@@ -46,42 +90,25 @@ pub fn grow(target: &Path, start: u64, bytes: u64, fs: Fs) -> Result<String, Str
         Fs::Ntfs => "ntfsresize",
         _ => return Err("no tool to grow this filesystem".into()),
     };
-    let out = Command::new("losetup")
-        .args([
-            "--find",
-            "--show",
-            "--offset",
-            &start.to_string(),
-            "--sizelimit",
-            &bytes.to_string(),
-        ])
-        .arg(target)
-        .output()
-        .map_err(|e| format!("losetup: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "no loop device for the partition: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let lo = PartitionLoop::attach(target, start, bytes, false)?;
+    let dev = lo.dev.as_str();
     let result = match fs {
         Fs::Ext4 => {
             // resize2fs wants a freshly checked filesystem; -p: repair nothing silently.
-            let check = Command::new("e2fsck").args(["-f", "-p", &dev]).status();
+            let check = Command::new("e2fsck").args(["-f", "-p", dev]).status();
             match check {
                 Ok(s) if s.code().is_some_and(|c| c <= 1) => {
-                    run(Command::new("resize2fs").arg(&dev), None)
+                    run(Command::new("resize2fs").arg(dev), None)
                 }
                 Ok(s) => Err(format!("e2fsck found problems ({s}); not resized")),
                 Err(e) => Err(format!("e2fsck: {e}")),
             }
         }
         _ => run(
-            Command::new("ntfsresize").args(["-f", "-P", &dev]),
+            Command::new("ntfsresize").args(["-f", "-P", dev]),
             Some("y\n"),
         ),
     };
-    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    drop(lo);
     result.map(|()| format!("{tool} grew the filesystem to the partition's {bytes} bytes"))
 }

@@ -337,18 +337,9 @@ fn partclone_used(f: &File, start: u64, bytes: u64, fs: Fs) -> Option<Vec<(u64, 
         .find(|p| p.exists())?;
     // The disk as this process opened it (a file or a block device), named for losetup.
     let source = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
-    let out = Command::new("losetup")
-        .args(["--find", "--show", "--read-only", "--offset"])
-        .arg(start.to_string())
-        .arg("--sizelimit")
-        .arg(bytes.to_string())
-        .arg(&source)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let lo =
+        super::growfs::PartitionLoop::attach(std::path::Path::new(&source), start, bytes, true)
+            .ok()?;
     let map = std::env::temp_dir().join(format!("fleetwave-{}-{start}.domain", std::process::id()));
     // Created here, exclusively: partclone then writes into our file, never through a
     // link someone left at that name.
@@ -358,14 +349,13 @@ fn partclone_used(f: &File, start: u64, bytes: u64, fs: Fs) -> Option<Vec<(u64, 
         .open(&map)
         .is_err()
     {
-        let _ = Command::new("losetup").args(["-d", &dev]).status();
         return None;
     }
     let ran = Command::new(&found)
-        .args(["-D", "-L", "/dev/null", "-s", &dev, "-O"])
+        .args(["-D", "-L", "/dev/null", "-s", &lo.dev, "-O"])
         .arg(&map)
         .output();
-    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    drop(lo);
     let text = std::fs::read_to_string(&map).ok();
     let _ = std::fs::remove_file(&map);
     if !ran.ok()?.status.success() {
