@@ -405,14 +405,14 @@ fn read_file_split(
     file: u32,
     split_over: usize,
 ) -> Result<ReadFile<ReadDocument>, SyntaxError> {
+    let parse = |t: &str| -> Result<(Node, EarlyEntries), SyntaxError> {
+        let mut early = EarlyEntries::default();
+        let root = crate::source::yaml::parse_with(t, file, &mut |section, key, value| {
+            early.take(section, key, value)
+        })?;
+        Ok((root, early))
+    };
     let halves = split_hosts(text, split_over).and_then(|(a, b)| {
-        let parse = |t: &str| -> Result<(Node, EarlyEntries), SyntaxError> {
-            let mut early = EarlyEntries::default();
-            let root = crate::source::yaml::parse_with(t, file, &mut |section, key, value| {
-                early.take(section, key, value)
-            })?;
-            Ok((root, early))
-        };
         let (ra, rb) = std::thread::scope(|s| {
             let hb = s.spawn(|| parse(&b));
             let ra = parse(&a);
@@ -430,13 +430,7 @@ fn read_file_split(
     });
     let (root, early) = match halves {
         Some(h) => h,
-        None => {
-            let mut early = EarlyEntries::default();
-            let root = crate::source::yaml::parse_with(text, file, &mut |section, key, value| {
-                early.take(section, key, value)
-            })?;
-            (root, early)
-        }
+        None => parse(text)?,
     };
     let mut cx = Cx {
         problems: Vec::new(),
