@@ -92,17 +92,47 @@ fn start_api(dir: &Path, fleet: &str, observed: Observed, api: Api) -> Server {
     }
 }
 
-/// The token on the kernel line of `mac`'s script.
-fn token_from_script(url: &str, mac: &str) -> String {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// An HTTP client that hands back error statuses instead of failing on them.
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
-        .into();
-    let mut r = agent
+        .into()
+}
+
+/// `mac`'s iPXE script.
+fn script(url: &str, mac: &str) -> String {
+    http()
         .get(format!("{url}/boot/{mac}.ipxe"))
         .call()
-        .expect("GET script");
-    let text = r.body_mut().read_to_string().expect("body");
+        .expect("GET script")
+        .body_mut()
+        .read_to_string()
+        .expect("body")
+}
+
+/// The kernel line of `mac`'s script written to `cmdline`, then `fleetwave agent run`
+/// on it, as the netboot kernel would; the line, the exit code and the output.
+fn agent_run(url: &str, mac: &str, cmdline: &Path) -> (String, i32, String) {
+    let script = script(url, mac);
+    let kernel = script
+        .lines()
+        .find(|l| l.starts_with("kernel "))
+        .unwrap_or_else(|| panic!("no kernel line:\n{script}"))
+        .to_string();
+    std::fs::write(cmdline, &kernel).expect("write");
+    let (code, out) = fleetwave(&[
+        "agent",
+        "run",
+        "--cmdline",
+        cmdline.to_str().expect("utf-8"),
+    ]);
+    (kernel, code, out)
+}
+
+/// The token on the kernel line of `mac`'s script.
+fn token_from_script(url: &str, mac: &str) -> String {
+    let text = script(url, mac);
     text.split_whitespace()
         .find_map(|w| w.strip_prefix("fleetwave.token="))
         .unwrap_or_else(|| panic!("no token in the script:\n{text}"))
@@ -231,10 +261,7 @@ fn an_upload_whose_content_does_not_match_its_name_is_refused() {
         .api
         .mint(REF.parse().expect("mac"), None, &[])
         .expect("token");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = http();
     let data = vec![7u8; 100_000];
     let wrong_name = blake3::hash(b"something else").to_hex().to_string();
     let body = zstd::bulk::compress(&data, 3).expect("zstd");
@@ -304,30 +331,9 @@ fn agent_run_follows_the_script_to_a_verified_disk() {
     .expect("observed");
     let server = start_with(d, &fleet, observed);
     // The kernel line of the script, with the server's address as the client saw it.
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let script = agent
-        .get(format!("{}/boot/{PC01}.ipxe", server.url))
-        .call()
-        .expect("script")
-        .body_mut()
-        .read_to_string()
-        .expect("body");
-    let kernel = script
-        .lines()
-        .find(|l| l.starts_with("kernel "))
-        .unwrap_or_else(|| panic!("no kernel line:\n{script}"));
-    assert!(kernel.contains("fleetwave.task=deploy"), "{kernel}");
     let cmdline = d.join("cmdline");
-    std::fs::write(&cmdline, kernel).expect("write");
-    let (code, out) = fleetwave(&[
-        "agent",
-        "run",
-        "--cmdline",
-        cmdline.to_str().expect("utf-8"),
-    ]);
+    let (kernel, code, out) = agent_run(&server.url, PC01, &cmdline);
+    assert!(kernel.contains("fleetwave.task=deploy"), "{kernel}");
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("deployed and verified"), "{out}");
     let fsck = Command::new("e2fsck")
@@ -362,29 +368,12 @@ fn agent_run_follows_the_script_to_a_verified_disk() {
     let verify = |expect: i32, says: &str| {
         let observed = Observed::from_json(&observed_json).expect("observed");
         let server = start_with(d, &fleet, observed);
-        let script = agent
-            .get(format!("{}/boot/{PC01}.ipxe", server.url))
-            .call()
-            .expect("script")
-            .body_mut()
-            .read_to_string()
-            .expect("body");
-        let kernel = script
-            .lines()
-            .find(|l| l.starts_with("kernel "))
-            .unwrap_or_else(|| panic!("no kernel line:\n{script}"));
+        let (kernel, code, out) = agent_run(&server.url, PC01, &cmdline);
         assert!(kernel.contains("fleetwave.task=verify"), "{kernel}");
         assert!(
             kernel.contains(&format!("fleetwave.version={}", cap.digest)),
             "{kernel}"
         );
-        std::fs::write(&cmdline, kernel).expect("write");
-        let (code, out) = fleetwave(&[
-            "agent",
-            "run",
-            "--cmdline",
-            cmdline.to_str().expect("utf-8"),
-        ]);
         assert_eq!(code, expect, "{out}");
         assert!(out.contains(says), "{out}");
     };
@@ -517,11 +506,7 @@ fn tokens_outlive_a_server_restart_until_their_result_spends_them() {
             .with_state(writer.handle(), rows)
     };
     let get_task = |url: &str, token: &str| -> u16 {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        agent
+        http()
             .get(format!("{url}/api/v1/task"))
             .header("Authorization", &format!("Bearer {token}"))
             .header("X-Fleetwave-Mac", REF)
@@ -552,10 +537,7 @@ fn tokens_outlive_a_server_restart_until_their_result_spends_them() {
         200,
         "the restart forgot the token"
     );
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = http();
     let status = agent
         .post(format!("{}/api/v1/result", server.url))
         .header("Authorization", &format!("Bearer {token}"))
