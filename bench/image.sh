@@ -6,7 +6,8 @@
 #   capture: fleetwave agent capture   vs  partclone.ext4 -c -s IMG -o - | zstd -T0 -3
 #   deploy:  fleetwave agent deploy    vs  zstd -d -c | partclone.restore -C -s - -O TARGET
 # fleetwave's deploy includes its read-back verification; partclone's does not verify.
-# Usage: bench/image.sh [RUNS=1]   Needs root (drop caches), partclone, zstd, e2fsprogs.
+# Usage: [LEVELS="0 3"] bench/image.sh [RUNS=1]   LEVELS: fleetwave's --level values to
+# run (default 0, fleetwave's own setting). Needs root (drop caches), partclone, zstd, e2fsprogs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-1}
@@ -47,12 +48,13 @@ drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 secs() { python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.1f}')" "$1" "$2"; }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); 2 GiB ext4, $(df -h "$WORK" | tail -1 | awk '{print $1}')"
-echo "| run | fleetwave capture | fleetwave stored | partclone+zstd capture | partclone+zstd stored | fleetwave deploy (+verify) | partclone restore |"
-echo "|---|---|---|---|---|---|---|"
+echo "| fleetwave --level | run | fleetwave capture | fleetwave stored | partclone+zstd capture | partclone+zstd stored | fleetwave deploy (+verify) | partclone restore |"
+echo "|---|---|---|---|---|---|---|---|"
+for level in ${LEVELS:-0}; do
 for run in $(seq "$RUNS"); do
     rm -rf "$WORK/store" "$WORK/pc.zst" "$WORK/t1.img" "$WORK/t2.img"
     drop; t0=$(date +%s.%N)
-    "$FW" agent capture "$WORK/fs.img" --image bench --store "$WORK/store" ${LEVEL:+--level "$LEVEL"} --json > "$WORK/cap.json"
+    "$FW" agent capture "$WORK/fs.img" --image bench --store "$WORK/store" --level "$level" --json > "$WORK/cap.json"
     t1=$(date +%s.%N)
     fw_stored=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['stored_bytes'])" "$WORK/cap.json")
     drop; t2=$(date +%s.%N)
@@ -69,5 +71,6 @@ for run in $(seq "$RUNS"); do
     t7=$(date +%s.%N)
     e2fsck -fn "$WORK/t1.img" >/dev/null || echo "fleetwave's deploy is not clean" >&2
     e2fsck -fn "$WORK/t2.img" >/dev/null || echo "partclone's restore is not clean" >&2
-    echo "| $run | $(secs "$t0" "$t1") s | $(python3 -c "print(f'{$fw_stored/1e6:.1f}')") MB | $(secs "$t2" "$t3") s | $(python3 -c "print(f'{$pc_stored/1e6:.1f}')") MB | $(secs "$t4" "$t5") s | $(secs "$t6" "$t7") s |"
+    echo "| $level | $run | $(secs "$t0" "$t1") s | $(python3 -c "print(f'{$fw_stored/1e6:.1f}')") MB | $(secs "$t2" "$t3") s | $(python3 -c "print(f'{$pc_stored/1e6:.1f}')") MB | $(secs "$t4" "$t5") s | $(secs "$t6" "$t7") s |"
+done
 done

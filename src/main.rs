@@ -167,8 +167,9 @@ enum AgentCommand {
         /// The capture generation this version answers.
         #[arg(long, default_value_t = 1)]
         generation: u64,
-        /// zstd level for chunks that compress (others are stored at level 1).
-        #[arg(long, default_value_t = 3)]
+        /// zstd level (1-19) for chunks that compress; 0 is fleetwave's setting for
+        /// chunks, smaller than level 6 at about its cost. Others are stored at level 1.
+        #[arg(long, default_value_t = fleetwave::image::store::CHUNK_LEVEL)]
         level: i32,
         #[command(flatten)]
         repo: RepoArgs,

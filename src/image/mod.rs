@@ -94,7 +94,8 @@ impl Meter {
 
 #[derive(Debug, Clone)]
 pub struct CaptureOptions {
-    /// zstd level (1-19) for chunks that compress (docs/benchmarks.md compares 3 and 6).
+    /// zstd level (1-19) for chunks that compress, or `store::CHUNK_LEVEL`
+    /// (docs/benchmarks.md compares them).
     pub level: i32,
     pub threads: usize,
     pub meter: Option<Arc<Meter>>,
@@ -103,7 +104,7 @@ pub struct CaptureOptions {
 impl Default for CaptureOptions {
     fn default() -> Self {
         CaptureOptions {
-            level: 3,
+            level: store::CHUNK_LEVEL,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             meter: None,
         }

@@ -9,14 +9,19 @@
 //!
 //! Every write goes to `tmp/`, is fsynced, renamed into place and its directory
 //! fsynced: a crash leaves either the old state or the new one, never half a file.
+//! Chunks are made durable in batches (one `syncfs` for many files, before any of them
+//! is renamed into place): a chunk file under its name has always reached the disk.
 //! Chunks and manifests are re-hashed on every read; a mismatch is an error, never
 //! data.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -74,7 +79,27 @@ pub struct ImageRecord {
 
 pub struct Store {
     root: PathBuf,
+    pending: Mutex<Pending>,
+    /// Held through a flush, so that a commit's flush also waits for one under way.
+    flushing: Mutex<()>,
 }
+
+/// Chunks written to `tmp/` and not yet durable: they count as present (a capture
+/// need not send them again) and become visible under their names at the next flush,
+/// which every commit does first.
+#[derive(Default)]
+struct Pending {
+    files: Vec<(PathBuf, Digest)>,
+    names: HashSet<Digest>,
+    bytes: u64,
+}
+
+/// Pending bytes that trigger a flush: a fsync per chunk cost a 2 GiB capture a
+/// quarter of its time; one `syncfs` per this many bytes costs little.
+const FLUSH_BYTES: u64 = 128 << 20;
+
+/// Files in `tmp/` older than this are left from a crash; `gc` removes them.
+const STALE_TMP: Duration = Duration::from_secs(24 * 3600);
 
 /// Names temp files uniquely within this process, across every `Store` handle.
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -104,6 +129,8 @@ impl Store {
         }
         Ok(Store {
             root: root.to_owned(),
+            pending: Mutex::default(),
+            flushing: Mutex::default(),
         })
     }
 
@@ -135,16 +162,26 @@ impl Store {
     }
 
     pub fn has_chunk(&self, d: &Digest) -> bool {
+        if self.pending().names.contains(d) {
+            return true;
+        }
         self.chunk_path(d).is_file()
     }
 
     /// Write `bytes` at `dest` atomically: temp file, fsync, rename, fsync directory.
-    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tmp_path(&self) -> PathBuf {
         let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .root
+        self.root
             .join("tmp")
-            .join(format!("{}-{n}", std::process::id()));
+            .join(format!("{}-{n}", std::process::id()))
+    }
+
+    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
+        let tmp = self.tmp_path();
         let r = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(bytes)?;
@@ -167,12 +204,81 @@ impl Store {
 
     /// Store one chunk's compressed bytes; `data_hash` must be the BLAKE3 of the data
     /// they decompress to (callers hash before compressing). Returns the stored size.
+    /// It is visible under its name after the next [`Store::flush`].
     pub fn put_chunk(&self, data_hash: &Digest, compressed: &[u8]) -> Result<u64> {
-        let dest = self.chunk_path(data_hash);
-        if !dest.is_file() {
-            self.write_atomic(&dest, compressed)?;
+        let len = compressed.len() as u64;
+        if self.has_chunk(data_hash) {
+            return Ok(len);
         }
-        Ok(compressed.len() as u64)
+        let tmp = self.tmp_path();
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(compressed)?;
+            // Start writeback now, so that the flush mostly waits for writes under way.
+            // SAFETY: a valid descriptor owned by `f`; the call takes no pointers.
+            unsafe {
+                libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return self.io(&tmp, Err(e));
+        }
+        let full = {
+            let mut p = self.pending();
+            if p.names.insert(*data_hash) {
+                p.files.push((tmp, *data_hash));
+                p.bytes += len;
+            } else {
+                // Another thread wrote the same chunk meanwhile.
+                let _ = fs::remove_file(&tmp);
+            }
+            p.bytes >= FLUSH_BYTES
+        };
+        if full {
+            self.flush()?;
+        }
+        Ok(len)
+    }
+
+    /// Make every pending chunk durable, then visible under its name. On error the
+    /// pending chunks are dropped (a commit naming them then fails as incomplete).
+    pub fn flush(&self) -> Result<()> {
+        let _one_at_a_time = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        let files = {
+            let mut p = self.pending();
+            p.bytes = 0;
+            std::mem::take(&mut p.files)
+        };
+        if files.is_empty() {
+            return Ok(());
+        }
+        let tmp_dir = self.root.join("tmp");
+        let r = (|| {
+            let dir = File::open(&tmp_dir)?;
+            syncfs(&dir)?;
+            let mut made = HashSet::new();
+            for (tmp, d) in &files {
+                let dest = self.chunk_path(d);
+                if let Some(parent) = dest.parent()
+                    && made.insert(parent.to_owned())
+                {
+                    fs::create_dir_all(parent)?;
+                }
+                fs::rename(tmp, &dest)?;
+            }
+            // The renames, and any shard directory made above.
+            syncfs(&dir)
+        })();
+        let mut p = self.pending();
+        for (tmp, d) in &files {
+            p.names.remove(d);
+            if r.is_err() {
+                let _ = fs::remove_file(tmp);
+            }
+        }
+        drop(p);
+        self.io(&tmp_dir, r)
     }
 
     /// The compressed bytes of a chunk, as stored (not checked: see [`Store::chunk`]).
@@ -330,6 +436,8 @@ impl Store {
     /// Delete manifests no image lists and chunks no remaining manifest uses.
     /// Returns (manifests, chunks, bytes) removed.
     pub fn gc(&self) -> Result<(usize, usize, u64)> {
+        self.flush()?;
+        self.remove_stale_tmp()?;
         let keep: BTreeSet<Digest> = self
             .images()?
             .values()
@@ -376,6 +484,25 @@ impl Store {
             }
         }
         Ok((removed_manifests, chunks, bytes))
+    }
+
+    /// Remove files a crash left in `tmp/` (a write in progress is younger).
+    fn remove_stale_tmp(&self) -> Result<()> {
+        let dir = self.root.join("tmp");
+        let now = SystemTime::now();
+        for e in self.io(&dir, fs::read_dir(&dir))? {
+            let e = self.io(&dir, e)?;
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age > STALE_TMP);
+            if old {
+                self.io(&e.path(), fs::remove_file(e.path()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Stored (compressed) size of a set of chunks.
@@ -426,7 +553,14 @@ impl Repo for Store {
         Store::manifest(self, d)
     }
     fn commit(&self, m: &Manifest, image: Option<(&str, u64)>) -> Result<(Digest, u64)> {
-        if let Some(missing) = m.chunks.iter().find(|c| !self.has_chunk(&c.hash)) {
+        // After the flush every chunk the capture was told is present is on disk under
+        // its name; one still pending (another capture's, newer) does not count.
+        self.flush()?;
+        if let Some(missing) = m
+            .chunks
+            .iter()
+            .find(|c| !self.chunk_path(&c.hash).is_file())
+        {
             return Err(StoreError::MissingChunk(missing.hash));
         }
         let digest = self.put_manifest(m)?;
@@ -447,6 +581,22 @@ impl Repo for Store {
     }
 }
 
+impl Drop for Store {
+    /// Chunks written but not committed are kept: a capture run again need not send them.
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+fn syncfs(f: &File) -> io::Result<()> {
+    // SAFETY: a valid descriptor owned by `f`; the call takes no pointers.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Compress with a context kept per thread and level: a fresh context per chunk costs
 /// megabytes mapped and unmapped each time.
 pub fn compress(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
@@ -457,7 +607,7 @@ pub fn compress(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     CCTX.with(|cell| {
         let mut ctxs = cell.borrow_mut();
         if !ctxs.iter().any(|(l, _)| *l == level) {
-            ctxs.push((level, zstd::bulk::Compressor::new(level)?));
+            ctxs.push((level, compressor(level)?));
         }
         match ctxs.iter_mut().find(|(l, _)| *l == level) {
             Some((_, c)) => c.compress(data),
@@ -466,12 +616,39 @@ pub fn compress(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     })
 }
 
+/// The level that stands for fleetwave's own parameters (zstd reads 0 as "default").
+pub const CHUNK_LEVEL: i32 = 0;
+
+/// A compressor for `level`; `CHUNK_LEVEL` gets parameters fitted to one chunk
+/// compressed alone (docs/benchmarks.md): zstd's lazy2 search over hash tables sized
+/// for 512 KiB, one search step. On text this stores about 2.5 % less than level 3,
+/// which is what per-chunk compression loses against one long stream, at about twice
+/// level 3's CPU time, and less than level 6 stores at level 6's cost.
+fn compressor(level: i32) -> io::Result<zstd::bulk::Compressor<'static>> {
+    use zstd::zstd_safe::{CParameter as P, Strategy};
+    if level != CHUNK_LEVEL {
+        return zstd::bulk::Compressor::new(level);
+    }
+    let mut c = zstd::bulk::Compressor::new(6)?;
+    for p in [
+        P::Strategy(Strategy::ZSTD_lazy2),
+        P::WindowLog(21),
+        P::HashLog(18),
+        P::ChainLog(18),
+        P::SearchLog(1),
+        P::MinMatch(5),
+    ] {
+        c.set_parameter(p)?;
+    }
+    Ok(c)
+}
+
 /// Compress a chunk, spending `level`'s effort only where it can pay: a chunk whose
 /// first 64 KiB do not shrink at level 1 (random, already compressed or encrypted
 /// data) is stored at level 1, which costs little and stores it nearly raw.
 pub fn compress_chunk(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     const PROBE: usize = 64 * 1024;
-    if level > 1 && data.len() > PROBE {
+    if level != 1 && data.len() > PROBE {
         let probe = compress(&data[..PROBE], 1)?;
         if probe.len() * 100 >= PROBE * 98 {
             return compress(data, 1);
@@ -504,4 +681,79 @@ pub fn decompress(raw: &[u8], len: usize) -> io::Result<Vec<u8>> {
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::layout::TableKind;
+    use crate::image::manifest::{ChunkRef, Chunker, PartitionTable};
+
+    fn one_chunk_manifest(d: Digest, len: u32) -> Manifest {
+        Manifest {
+            format: 1,
+            disk_bytes: u64::from(len),
+            chunker: Chunker::current(),
+            partition_table: PartitionTable {
+                kind: TableKind::None,
+                sector: 512,
+                partitions: Vec::new(),
+                raw: String::new(),
+            },
+            extents: vec![(0, u64::from(len))],
+            zero_extents: Vec::new(),
+            chunks: vec![ChunkRef { hash: d, len }],
+            data_bytes: u64::from(len),
+        }
+    }
+
+    fn chunk(seed: u8) -> (Digest, Vec<u8>) {
+        let data = vec![seed; 4096];
+        let d = Digest(*blake3::hash(&data).as_bytes());
+        (d, compress(&data, 1).expect("compress"))
+    }
+
+    #[test]
+    fn a_written_chunk_counts_as_present_and_is_on_disk_after_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (d, z) = chunk(1);
+        store.put_chunk(&d, &z).expect("put");
+        // Present for the next capture's question, but not yet under its name.
+        assert!(store.has_chunk(&d));
+        assert!(!store.chunk_path(&d).is_file());
+        let m = one_chunk_manifest(d, 4096);
+        store.commit(&m, Some(("t", 1))).expect("commit");
+        assert!(store.chunk_path(&d).is_file());
+        assert_eq!(store.chunk(&d, 4096).expect("read"), vec![1; 4096]);
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
+            0
+        );
+    }
+
+    #[test]
+    fn chunks_of_an_abandoned_capture_are_kept_and_stale_temp_files_collected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (d, z) = chunk(2);
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.put_chunk(&d, &z).expect("put");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert!(store.chunk_path(&d).is_file(), "dropping the store flushes");
+        let stale = dir.path().join("tmp").join("1-1");
+        fs::write(&stale, b"left by a crash").expect("write");
+        let old = SystemTime::now() - STALE_TMP - Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(&stale)
+            .and_then(|f| f.set_modified(old))
+            .expect("age");
+        let fresh = dir.path().join("tmp").join("1-2");
+        fs::write(&fresh, b"a write in progress").expect("write");
+        store.gc().expect("gc");
+        assert!(!stale.exists());
+        assert!(fresh.exists());
+    }
 }
