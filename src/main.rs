@@ -6,6 +6,11 @@ use clap::{Parser, Subcommand};
 use fleetwave::cli::{self, Format, GitArgs, exit};
 use fleetwave::diag::Palette;
 
+/// jemalloc: a plan of 100,000 hosts ran 13 % faster in 30 MB less memory than with
+/// glibc's malloc (docs/dependencies.md).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Declarative imaging for computer fleets.
 #[derive(Parser)]
 #[command(name = "fleetwave", version, about)]
