@@ -436,7 +436,7 @@ impl Store {
     /// Delete manifests no image lists and chunks no remaining manifest uses.
     /// Returns (manifests, chunks, bytes) removed.
     pub fn gc(&self) -> Result<(usize, usize, u64)> {
-        self.flush()?;
+        // Pending chunks stay in tmp/ (a capture under way will commit them).
         self.remove_stale_tmp()?;
         let keep: BTreeSet<Digest> = self
             .images()?
