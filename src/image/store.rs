@@ -89,14 +89,21 @@ pub struct Store {
 /// which every commit does first.
 #[derive(Default)]
 struct Pending {
-    files: Vec<(PathBuf, Digest)>,
+    /// Each file stays open until flushed: a write-back error is reported to the
+    /// descriptors open when it happened, and only once.
+    files: Vec<(File, PathBuf, Digest)>,
     names: HashSet<Digest>,
     bytes: u64,
+    /// A flush renamed chunks into place and then failed to sync: until a sync
+    /// succeeds they may not be on disk, so no commit may rely on them.
+    unsynced: bool,
 }
 
-/// Pending bytes that trigger a flush: a fsync per chunk cost a 2 GiB capture a
-/// quarter of its time; one `syncfs` per this many bytes costs little.
+/// Pending bytes or files that trigger a flush: a fsync per chunk cost a 2 GiB capture
+/// a quarter of its time; one `syncfs` per this much costs little. The file count bounds
+/// the descriptors held open.
 const FLUSH_BYTES: u64 = 128 << 20;
+const FLUSH_FILES: usize = 256;
 
 /// Files in `tmp/` older than this are left from a crash; `gc` removes them.
 const STALE_TMP: Duration = Duration::from_secs(24 * 3600);
@@ -218,22 +225,25 @@ impl Store {
             unsafe {
                 libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
             }
-            Ok(())
+            Ok(f)
         });
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return self.io(&tmp, Err(e));
-        }
+        let file = match written {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return self.io(&tmp, Err(e));
+            }
+        };
         let full = {
             let mut p = self.pending();
             if p.names.insert(*data_hash) {
-                p.files.push((tmp, *data_hash));
+                p.files.push((file, tmp, *data_hash));
                 p.bytes += len;
             } else {
                 // Another thread wrote the same chunk meanwhile.
                 let _ = fs::remove_file(&tmp);
             }
-            p.bytes >= FLUSH_BYTES
+            p.bytes >= FLUSH_BYTES || p.files.len() >= FLUSH_FILES
         };
         if full {
             self.flush()?;
@@ -241,42 +251,55 @@ impl Store {
         Ok(len)
     }
 
-    /// Make every pending chunk durable, then visible under its name. On error the
-    /// pending chunks are dropped (a commit naming them then fails as incomplete).
+    /// Make every pending chunk durable, then visible under its name. A chunk that
+    /// cannot be shown to be on disk is dropped (a commit naming it then fails as
+    /// incomplete, and the capture sends it again) and the error returned.
     pub fn flush(&self) -> Result<()> {
         let _one_at_a_time = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
-        let files = {
+        let (files, unsynced) = {
             let mut p = self.pending();
             p.bytes = 0;
-            std::mem::take(&mut p.files)
+            (std::mem::take(&mut p.files), p.unsynced)
         };
-        if files.is_empty() {
+        if files.is_empty() && !unsynced {
             return Ok(());
         }
         let tmp_dir = self.root.join("tmp");
+        let mut synced_names = false;
         let r = (|| {
             let dir = File::open(&tmp_dir)?;
+            // One sync writes everything; each file's fdatasync then costs little and
+            // reports that file's write-back error, which syncfs may already have
+            // reported to someone else.
             syncfs(&dir)?;
             let mut made = HashSet::new();
-            for (tmp, d) in &files {
-                let dest = self.chunk_path(d);
-                if let Some(parent) = dest.parent()
-                    && made.insert(parent.to_owned())
-                {
-                    fs::create_dir_all(parent)?;
+            let mut failed = None;
+            for (file, tmp, d) in &files {
+                let placed = file.sync_data().and_then(|()| {
+                    let dest = self.chunk_path(d);
+                    if let Some(parent) = dest.parent()
+                        && made.insert(parent.to_owned())
+                    {
+                        fs::create_dir_all(parent)?;
+                    }
+                    fs::rename(tmp, &dest)
+                });
+                if let Err(e) = placed {
+                    failed.get_or_insert(e);
                 }
-                fs::rename(tmp, &dest)?;
             }
             // The renames, and any shard directory made above.
-            syncfs(&dir)
+            syncfs(&dir)?;
+            synced_names = true;
+            failed.map_or(Ok(()), Err)
         })();
         let mut p = self.pending();
-        for (tmp, d) in &files {
+        for (_, tmp, d) in &files {
             p.names.remove(d);
-            if r.is_err() {
-                let _ = fs::remove_file(tmp);
-            }
+            // Not renamed into place: a chunk that was is no longer at `tmp`.
+            let _ = fs::remove_file(tmp);
         }
+        p.unsynced = (unsynced || !files.is_empty()) && !synced_names;
         drop(p);
         self.io(&tmp_dir, r)
     }
@@ -486,18 +509,25 @@ impl Store {
         Ok((removed_manifests, chunks, bytes))
     }
 
-    /// Remove files a crash left in `tmp/` (a write in progress is younger).
+    /// Remove files a crash left in `tmp/`: older than a day, and written by a process
+    /// that is gone (a server keeps chunks pending while a capture is under way).
     fn remove_stale_tmp(&self) -> Result<()> {
         let dir = self.root.join("tmp");
         let now = SystemTime::now();
         for e in self.io(&dir, fs::read_dir(&dir))? {
             let e = self.io(&dir, e)?;
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age > STALE_TMP);
+            let name = e.file_name();
+            let writer_alive = name
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            let old = !writer_alive
+                && e.metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age > STALE_TMP);
             if old {
                 self.io(&e.path(), fs::remove_file(e.path()))?;
             }
@@ -680,7 +710,9 @@ pub fn compress_chunk(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     }
     let lazy2 = with_compressor(Params::Lazy2, |c| c.compress(data))?;
     // lazy2.len() / data.len() >= 0.95 * probe / PROBE, without division.
-    let doubtful = probe_len.is_some_and(|p| lazy2.len() * PROBE * 100 >= p * data.len() * 95);
+    let doubtful = probe_len.is_some_and(|p| {
+        (lazy2.len() as u64) * (PROBE as u64) * 100 >= (p as u64) * (data.len() as u64) * 95
+    });
     if doubtful {
         let fast = compress(data, 1)?;
         if fast.len() < lazy2.len() {
@@ -808,6 +840,33 @@ mod tests {
     }
 
     #[test]
+    fn pending_chunks_are_flushed_in_batches_that_bound_the_open_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let chunks: Vec<(Digest, Vec<u8>)> = (0..=FLUSH_FILES as u32)
+            .map(|i| {
+                let data = i.to_le_bytes().repeat(1024);
+                let d = Digest(*blake3::hash(&data).as_bytes());
+                (d, compress(&data, 1).expect("compress"))
+            })
+            .collect();
+        for (d, z) in &chunks {
+            store.put_chunk(d, z).expect("put");
+        }
+        let visible = chunks
+            .iter()
+            .filter(|(d, _)| store.chunk_path(d).is_file())
+            .count();
+        assert_eq!(
+            visible, FLUSH_FILES,
+            "the first batch is on disk, the last chunk pending"
+        );
+        assert!(chunks.iter().all(|(d, _)| store.has_chunk(d)));
+        store.flush().expect("flush");
+        assert!(chunks.iter().all(|(d, _)| store.chunk_path(d).is_file()));
+    }
+
+    #[test]
     fn chunks_of_an_abandoned_capture_are_kept_and_stale_temp_files_collected() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (d, z) = chunk(2);
@@ -817,7 +876,8 @@ mod tests {
         }
         let store = Store::open(dir.path()).expect("reopen");
         assert!(store.chunk_path(&d).is_file(), "dropping the store flushes");
-        let stale = dir.path().join("tmp").join("1-1");
+        // No process has this pid (above the kernel's maximum).
+        let stale = dir.path().join("tmp").join("4194305-1");
         fs::write(&stale, b"left by a crash").expect("write");
         let old = SystemTime::now() - STALE_TMP - Duration::from_secs(60);
         File::options()
@@ -825,10 +885,22 @@ mod tests {
             .open(&stale)
             .and_then(|f| f.set_modified(old))
             .expect("age");
-        let fresh = dir.path().join("tmp").join("1-2");
+        let fresh = dir.path().join("tmp").join("4194305-2");
         fs::write(&fresh, b"a write in progress").expect("write");
+        // As old, but its writer (this process) still runs: a server's pending chunk.
+        let pending = dir
+            .path()
+            .join("tmp")
+            .join(format!("{}-3", std::process::id()));
+        fs::write(&pending, b"pending").expect("write");
+        File::options()
+            .write(true)
+            .open(&pending)
+            .and_then(|f| f.set_modified(old))
+            .expect("age");
         store.gc().expect("gc");
         assert!(!stale.exists());
         assert!(fresh.exists());
+        assert!(pending.exists());
     }
 }
