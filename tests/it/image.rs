@@ -639,3 +639,93 @@ fn a_fat_partition_is_captured_through_partclones_used_block_map() {
         "the file came back different"
     );
 }
+
+fn chunk_files(store: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(store.join("chunks")).expect("chunks") {
+        for f in std::fs::read_dir(shard.expect("shard").path()).expect("shard") {
+            out.push(f.expect("entry").path());
+        }
+    }
+    out
+}
+
+#[test]
+fn removing_an_image_frees_only_the_chunks_no_other_image_uses() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("store")).expect("store");
+    // Two filesystems holding one file in common and one file each.
+    let mut digests = Vec::new();
+    for (name, seed) in [("a", 12), ("b", 13)] {
+        let src = dir.path().join(format!("src-{name}"));
+        std::fs::create_dir_all(&src).expect("mkdir");
+        std::fs::write(src.join("shared"), content(4 << 20, 11, false)).expect("write");
+        std::fs::write(src.join("own"), content(4 << 20, seed, false)).expect("write");
+        let fs = dir.path().join(format!("{name}.img"));
+        sh(Command::new("truncate").args(["-s", "32M"]).arg(&fs));
+        sh(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&src)
+            .arg(&fs));
+        let r = image::capture(&fs, &store, Some((name, 1)), CaptureOptions::default())
+            .expect("capture");
+        digests.push(r.digest);
+    }
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+            .args(args)
+            .arg("--store")
+            .arg(store.root())
+            .output()
+            .expect("run");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {text}");
+        text
+    };
+    let ls = cli(&["image", "ls"]);
+    assert!(
+        ls.contains("a\n") && ls.contains("b\n") && ls.contains("dedup"),
+        "{ls}"
+    );
+
+    let a = store.manifest(&digests[0]).expect("manifest a");
+    let b = store.manifest(&digests[1]).expect("manifest b");
+    let in_b: std::collections::HashSet<_> = b.chunks.iter().map(|c| c.hash).collect();
+    let only_a: Vec<_> = a
+        .chunks
+        .iter()
+        .filter(|c| !in_b.contains(&c.hash))
+        .collect();
+    let shared = a.chunks.iter().filter(|c| in_b.contains(&c.hash)).count();
+    assert!(
+        shared >= 2,
+        "the common 4 MiB file shares chunks ({shared})"
+    );
+    assert!(!only_a.is_empty());
+    let before = chunk_files(store.root()).len();
+
+    let rm = cli(&["image", "rm", "a"]);
+    assert!(
+        rm.contains("removed 1 version of a; freed 1 manifest"),
+        "{rm}"
+    );
+    let after = chunk_files(store.root()).len();
+    let mut unique_a: Vec<_> = only_a.iter().map(|c| c.hash).collect();
+    unique_a.sort_unstable_by_key(|d| d.0);
+    unique_a.dedup();
+    assert_eq!(before - after, unique_a.len(), "exactly a's own chunks go");
+    assert!(unique_a.iter().all(|d| !store.chunk_path(d).exists()));
+    assert!(b.chunks.iter().all(|c| store.chunk_path(&c.hash).is_file()));
+    assert!(!cli(&["image", "ls"]).contains("a\n"));
+
+    // b is whole: the store check passes and it deploys, verified.
+    assert!(cli(&["image", "verify"]).contains(", 0 problems"));
+    let t = dir.path().join("t.raw");
+    std::fs::File::create(&t).expect("create");
+    let d = image::deploy(&store, &digests[1], &t, threads()).expect("deploy b");
+    assert_eq!(d.verified, digests[1]);
+    assert!(cli(&["image", "gc"]).contains("freed 0 manifests and 0 chunks"));
+}
