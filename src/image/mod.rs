@@ -732,19 +732,36 @@ fn read_pieces(file: &File, pieces: &[(u64, u64)]) -> io::Result<Vec<u8>> {
 }
 
 fn zero_fill(file: &File, zeros: &[(u64, u64)]) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    let zero = vec![0u8; 1 << 20];
+    let zero = vec![0u8; NONZERO_WINDOW];
     for &(off, len) in zeros {
-        for (off, len) in allocated(file, off, len) {
-            let mut done = 0;
-            while done < len {
-                let n = ((len - done) as usize).min(buf.len());
-                file.read_exact_at(&mut buf[..n], off + done)?;
-                if buf[..n] != zero[..n] {
-                    file.write_all_at(&zero[..n], off + done)?;
-                }
-                done += n as u64;
+        nonzero_windows(file, off, len, |at, n| {
+            file.write_all_at(&zero[..n], at)?;
+            Ok(true)
+        })?;
+    }
+    Ok(())
+}
+
+const NONZERO_WINDOW: usize = 1 << 20;
+
+/// Call `f(offset, length)` for each window (up to 1 MiB) of `off..off + len` that holds
+/// a non-zero byte, skipping the holes of a sparse file; `f` returning false stops.
+fn nonzero_windows(
+    file: &File,
+    off: u64,
+    len: u64,
+    mut f: impl FnMut(u64, usize) -> io::Result<bool>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; NONZERO_WINDOW];
+    for (off, len) in allocated(file, off, len) {
+        let mut done = 0;
+        while done < len {
+            let n = ((len - done) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], off + done)?;
+            if buf[..n].iter().any(|&b| b != 0) && !f(off + done, n)? {
+                return Ok(());
             }
+            done += n as u64;
         }
     }
     Ok(())
@@ -850,20 +867,12 @@ fn compare(
         return Err(e);
     }
     let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
-    let mut buf = vec![0u8; 1 << 20];
     for &(off, len) in &m.zero_extents {
-        'extent: for (off, len) in allocated(file, off, len) {
-            let mut done = 0;
-            while done < len {
-                let n = ((len - done) as usize).min(buf.len());
-                file.read_exact_at(&mut buf[..n], off + done)?;
-                if buf[..n].iter().any(|&b| b != 0) {
-                    bad.push(off + done);
-                    break 'extent;
-                }
-                done += n as u64;
-            }
-        }
+        // The first non-zero window of an extent is the one reported.
+        nonzero_windows(file, off, len, |at, _| {
+            bad.push(at);
+            Ok(false)
+        })?;
     }
     bad.sort_unstable();
     Ok(VerifyReport {

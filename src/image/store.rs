@@ -175,7 +175,6 @@ impl Store {
         self.chunk_path(d).is_file()
     }
 
-    /// Write `bytes` at `dest` atomically: temp file, fsync, rename, fsync directory.
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -187,6 +186,7 @@ impl Store {
             .join(format!("{}-{n}", std::process::id()))
     }
 
+    /// Write `bytes` at `dest` atomically: temp file, fsync, rename, fsync directory.
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
         let tmp = self.tmp_path();
         let r = (|| {
@@ -299,7 +299,7 @@ impl Store {
             // Not renamed into place: a chunk that was is no longer at `tmp`.
             let _ = fs::remove_file(tmp);
         }
-        p.unsynced = (unsynced || !files.is_empty()) && !synced_names;
+        p.unsynced = !synced_names;
         drop(p);
         self.io(&tmp_dir, r)
     }

@@ -149,6 +149,9 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 ";
 
+/// Drops the tokens that have expired (`?1`: now, Unix seconds).
+const PRUNE_TOKENS: &str = "DELETE FROM tokens WHERE expires <= ?1";
+
 impl Store {
     /// Open (or create) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StateError> {
@@ -263,7 +266,7 @@ impl Store {
     pub fn tokens(&self) -> Result<Vec<TokenRow>, StateError> {
         let now = now() as i64;
         self.conn
-            .execute("DELETE FROM tokens WHERE expires <= ?1", [now])
+            .execute(PRUNE_TOKENS, [now])
             .map_err(self.query_err())?;
         let mut stmt = self
             .conn
@@ -467,7 +470,7 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
             .flat_map(|b| &b.ops)
             .any(|o| matches!(o, Op::PutToken(_)))
         {
-            tx.execute("DELETE FROM tokens WHERE expires <= ?1", [now() as i64])?;
+            tx.execute(PRUNE_TOKENS, [now() as i64])?;
         }
     }
     tx.commit()
