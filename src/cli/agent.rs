@@ -203,7 +203,8 @@ pub fn run(cmdline: &Path, out: &mut dyn Write) -> Result<u8> {
             let disk = choose(0)?;
             let image = get("image").context("the capture task names no image")?;
             let generation = get("generation").and_then(|g| g.parse().ok()).unwrap_or(1);
-            super::image::capture(&w, &disk, image, generation, 3, false, out)
+            let level = crate::image::store::CHUNK_LEVEL;
+            super::image::capture(&w, &disk, image, generation, level, false, out)
         }
         "deploy" => {
             let (version, m, disk) = versioned("deploy")?;
