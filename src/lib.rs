@@ -31,3 +31,23 @@ pub mod services;
 pub mod source;
 pub mod spec;
 pub mod state;
+
+/// Test data for the unit tests.
+#[cfg(test)]
+pub(crate) mod testdata {
+    /// A xorshift generator: repeatable noise, no dependency.
+    pub fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
+    /// `n` bytes of repeatable noise.
+    pub fn noise(n: usize) -> Vec<u8> {
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+        (0..n).map(|_| next() as u8).collect()
+    }
+}

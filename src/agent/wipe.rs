@@ -159,12 +159,12 @@ pub fn wipe(path: &Path, mode: WipeMode) -> Result<WipeReport, WipeError> {
         path: p.clone(),
         source,
     };
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(io)?;
-    let disk_bytes = disk_size(&mut f).map_err(io)?;
+    let disk_bytes = disk_size(&f).map_err(io)?;
     let whole = vec![(0, disk_bytes)];
     let mut passes = Vec::new();
     let ranges = match mode {

@@ -6,6 +6,7 @@
 //! content-defined chunks (FastCDC), so an edit moves few chunk boundaries and a
 //! recapture stores only what changed. The manifest maps the stream back onto the disk.
 
+mod disk;
 pub mod gpt;
 pub mod growfs;
 pub mod layout;
@@ -14,7 +15,7 @@ pub mod remote;
 pub mod store;
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -65,7 +66,7 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> ImageError + '_ {
 }
 
 /// The size of a disk or disk image file.
-pub fn disk_size(f: &mut File) -> io::Result<u64> {
+pub fn disk_size(mut f: &File) -> io::Result<u64> {
     let meta = f.metadata()?;
     if meta.is_file() {
         return Ok(meta.len());
@@ -229,8 +230,8 @@ pub fn capture(
     {
         return Err(StoreError::BadName(n.into()).into());
     }
-    let mut file = File::open(disk).map_err(io_err(disk))?;
-    let disk_bytes = disk_size(&mut file).map_err(io_err(disk))?;
+    let file = File::open(disk).map_err(io_err(disk))?;
+    let disk_bytes = disk_size(&file).map_err(io_err(disk))?;
     let layout = layout::read(&file, disk_bytes).map_err(io_err(disk))?;
     let raw_len = match layout.table {
         layout::TableKind::Gpt => layout.sector * 34,
@@ -484,7 +485,7 @@ pub fn deploy_metered(
 /// A deploy's target, opened and checked against the manifest: the unicast deploy
 /// writes all of it, a multicast receiver first writes what the session brings.
 pub struct Target {
-    pub file: File,
+    disk: disk::Disk,
     pub path: PathBuf,
     /// The target's size (at least the image's).
     pub bytes: u64,
@@ -506,12 +507,9 @@ impl Target {
     /// version so an interrupted deploy resumes.
     pub fn open(digest: &Digest, m: &Manifest, target: &Path) -> Result<Target> {
         let started = Instant::now();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(target)
-            .map_err(io_err(target))?;
-        let mut bytes = disk_size(&mut file).map_err(io_err(target))?;
+        let disk = disk::Disk::open(target, true).map_err(io_err(target))?;
+        let file = disk.file();
+        let mut bytes = disk_size(file).map_err(io_err(target))?;
         let is_file = file.metadata().map(|x| x.is_file()).unwrap_or(false);
         if is_file && bytes == 0 {
             file.set_len(m.disk_bytes).map_err(io_err(target))?;
@@ -533,7 +531,7 @@ impl Target {
             std::fs::write(&journal, digest.to_string()).map_err(io_err(&journal))?;
         }
         Ok(Target {
-            file,
+            disk,
             path: target.to_owned(),
             bytes,
             is_file,
@@ -554,7 +552,11 @@ impl Target {
             .map(|_| std::sync::atomic::AtomicBool::new(false))
             .collect();
         each_chunk(m.chunks.len(), threads, |i| {
-            if read_pieces(&self.file, &places[i]).is_ok_and(|d| hash(&d) == m.chunks[i].hash) {
+            if self
+                .disk
+                .hash_pieces(&places[i])
+                .is_ok_and(|h| h == m.chunks[i].hash)
+            {
                 found[i].store(true, Ordering::Relaxed);
             }
             true
@@ -564,29 +566,26 @@ impl Target {
 
     /// Write a chunk's (checked) data at each of its places.
     pub fn place(&self, pieces: &[(u64, u64)], data: &[u8]) -> Result<()> {
-        let mut at = 0usize;
-        for &(off, len) in pieces {
-            let end = at + len as usize;
-            let part = data.get(at..end).ok_or_else(|| ImageError::Io {
-                path: self.path.clone(),
-                source: io::Error::new(io::ErrorKind::InvalidData, "chunk shorter than its places"),
-            })?;
-            self.file
-                .write_all_at(part, off)
-                .map_err(io_err(&self.path))?;
-            at = end;
-        }
-        let before = self.unflushed.fetch_add(at as u64, Ordering::Relaxed);
-        if before + at as u64 >= WRITEBACK_EVERY
+        let cached = self
+            .disk
+            .write_pieces(pieces, data)
+            .map_err(io_err(&self.path))?;
+        let before = self.unflushed.fetch_add(cached, Ordering::Relaxed);
+        if before + cached >= WRITEBACK_EVERY
             && self
                 .unflushed
-                .compare_exchange(before + at as u64, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(before + cached, 0, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
             // Start writing back what is dirty so far; fsync at the end still waits for all.
-            // SAFETY: a valid descriptor owned by `self.file`; the call takes no pointers.
+            // SAFETY: a valid descriptor owned by `self.disk`; the call takes no pointers.
             unsafe {
-                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                libc::sync_file_range(
+                    self.disk.file().as_raw_fd(),
+                    0,
+                    0,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
             }
         }
         Ok(())
@@ -651,7 +650,7 @@ impl Target {
             return Err(e);
         }
         let Target {
-            file,
+            disk,
             path,
             bytes: target_bytes,
             is_file,
@@ -660,14 +659,16 @@ impl Target {
         } = self;
         let target = path.as_path();
         // Zeros the image holds: holes in a sparse file stay holes; anything else is zeroed.
-        zero_fill(&file, &m.zero_extents).map_err(io_err(target))?;
+        let file = disk.file();
+        zero_fill(file, &m.zero_extents).map_err(io_err(target))?;
         file.sync_all().map_err(io_err(target))?;
+        disk.forget_cached();
         // The read-back covers what the image holds; growing then changes the partition
         // table on purpose, and checks its own CRCs.
-        check(&file, m, digest, target, threads, meter)?;
+        check(&disk, m, digest, target, threads, meter)?;
         let mut grown = None;
         if target_bytes > m.disk_bytes && m.partition_table.kind == layout::TableKind::Gpt {
-            grown = gpt::grow(&file, target_bytes).map_err(io_err(target))?;
+            grown = gpt::grow(file, target_bytes).map_err(io_err(target))?;
             file.sync_all().map_err(io_err(target))?;
             if let Some(g) = grown.as_mut() {
                 let fs = m
@@ -714,21 +715,6 @@ fn each_chunk(count: usize, threads: usize, work: impl Fn(usize) -> bool + Sync)
             });
         }
     });
-}
-
-fn hash(data: &[u8]) -> Digest {
-    Digest(*blake3::hash(data).as_bytes())
-}
-
-fn read_pieces(file: &File, pieces: &[(u64, u64)]) -> io::Result<Vec<u8>> {
-    let total: u64 = pieces.iter().map(|p| p.1).sum();
-    let mut out = vec![0u8; total as usize];
-    let mut at = 0usize;
-    for &(off, len) in pieces {
-        file.read_exact_at(&mut out[at..at + len as usize], off)?;
-        at += len as usize;
-    }
-    Ok(out)
 }
 
 fn zero_fill(file: &File, zeros: &[(u64, u64)]) -> io::Result<()> {
@@ -805,14 +791,14 @@ fn allocated(file: &File, off: u64, len: u64) -> Vec<(u64, u64)> {
 /// Read every chunk of `m` back from `file` and compare hashes; zero extents must be
 /// zeros. Err unless all match.
 fn check(
-    file: &File,
+    disk: &disk::Disk,
     m: &Manifest,
     digest: &Digest,
     path: &Path,
     threads: usize,
     meter: Option<&Meter>,
 ) -> Result<()> {
-    let report = compare(file, m, threads, meter).map_err(io_err(path))?;
+    let report = compare(disk, m, threads, meter).map_err(io_err(path))?;
     match report.first_bad {
         None => Ok(()),
         Some(first_offset) => Err(ImageError::Verify {
@@ -836,7 +822,7 @@ pub struct VerifyReport {
 }
 
 fn compare(
-    file: &File,
+    disk: &disk::Disk,
     m: &Manifest,
     threads: usize,
     meter: Option<&Meter>,
@@ -846,8 +832,8 @@ fn compare(
     let failed: Mutex<Option<io::Error>> = Mutex::default();
     each_chunk(m.chunks.len(), threads, |i| {
         Meter::add(meter, u64::from(m.chunks[i].len));
-        match read_pieces(file, &places[i]) {
-            Ok(d) if hash(&d) == m.chunks[i].hash => true,
+        match disk.hash_pieces(&places[i]) {
+            Ok(h) if h == m.chunks[i].hash => true,
             Ok(_) => {
                 bad.lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -869,7 +855,7 @@ fn compare(
     let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
     for &(off, len) in &m.zero_extents {
         // The first non-zero window of an extent is the one reported.
-        nonzero_windows(file, off, len, |at, _| {
+        nonzero_windows(disk.file(), off, len, |at, _| {
             bad.push(at);
             Ok(false)
         })?;
@@ -900,8 +886,9 @@ pub fn verify_manifest(
     path: &Path,
     threads: usize,
 ) -> Result<VerifyReport> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let mut r = compare(&file, m, threads, None).map_err(io_err(path))?;
+    let disk = disk::Disk::open(path, false).map_err(io_err(path))?;
+    disk.forget_cached();
+    let mut r = compare(&disk, m, threads, None).map_err(io_err(path))?;
     r.digest = *digest;
     Ok(r)
 }

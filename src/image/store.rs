@@ -780,13 +780,7 @@ mod tests {
 
     /// 512 KiB of text: words drawn from a vocabulary, or letters drawn one by one.
     fn text(words: bool) -> Vec<u8> {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::testdata::xorshift(0x9e37_79b9_7f4a_7c15);
         let letter = |r: u64| b"abcdefghijklmnopqrstuvwxyz   "[(r % 29) as usize];
         let vocab: Vec<Vec<u8>> = (0..3000)
             .map(|_| (0..2 + next() % 8).map(|_| letter(next() % 26)).collect())

@@ -81,6 +81,32 @@ fn deploy_onto_a_block_device_and_verify_it() {
         "{}",
         String::from_utf8_lossy(&fsck.stdout)
     );
+    // Verify reads the disk, not the kernel's cache of it: with the device's page cache
+    // full, bytes changed beneath it (in the loop device's backing file) are found.
+    // (The cache lives while someone holds the device open.)
+    let _held = std::fs::File::open(&target.dev).expect("open the device");
+    let cat = Command::new("dd")
+        .args([
+            &format!("if={}", target.dev),
+            "of=/dev/null",
+            "bs=1M",
+            "status=none",
+        ])
+        .status();
+    assert!(cat.is_ok_and(|s| s.success()));
+    let backing = dir.path().join("disk");
+    let bytes = std::fs::read(&backing).expect("read backing file");
+    let at = bytes
+        .windows(20)
+        .position(|w| w == b"hello from the image")
+        .expect("the file's text on the disk");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&backing)
+        .expect("open backing file");
+    std::os::unix::fs::FileExt::write_all_at(&f, b"HELLO", at as u64).expect("write");
+    let (code, out) = fleetwave(&["agent", "verify", "t", &target.dev, "--store", store]);
+    assert_eq!(code, 1, "{out}");
 }
 
 /// A 32 MiB GPT disk file with an ext4 partition.
