@@ -12,18 +12,29 @@
 # Wall time = from starting the sender to the last receiver exiting. fleetwave's
 # receivers write, read back and verify; udp-receiver writes only.
 # Each run starts after `sync`, so no run pays for the previous one's writeback.
-# Usage: [MODES="bare shaped"] bench/multicast.sh [RUNS=1]
+# Where the receivers write (DISKS):
+#   own:    each receiver its own block device, as each machine of a LAN has: a loop
+#           device over a file in /dev/shm (this VM has one disk), zeroed before each run;
+#   shared: sparse files on this machine's one disk, which all receivers then share.
+# Usage: [MODES="bare shaped"] [DISKS="own shared"] bench/multicast.sh [RUNS=1]
 # Needs root, udpcast, e2fsprogs, iproute2, nftables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-1}
-for t in udp-sender udp-receiver mkfs.ext4 tc nft python3; do
+for t in udp-sender udp-receiver mkfs.ext4 tc nft python3 losetup; do
     command -v $t >/dev/null || { echo "bench/multicast.sh needs $t (apt-get install udpcast e2fsprogs iproute2 nftables)" >&2; exit 2; }
 done
 cargo build --release --quiet --bin fleetwave
 FW=$PWD/target/release/fleetwave
 P=fwmb WORK=$(mktemp -d /var/tmp/fleetwave-mcast.XXXXXX)
 source bench/lab.sh
+LOOPS=()
+bench_cleanup() {
+    for d in "${LOOPS[@]}"; do losetup -d "$d" 2>/dev/null || true; done
+    rm -f /dev/shm/"$(basename "$WORK")".disk?
+    lab_cleanup
+}
+trap bench_cleanup EXIT
 lab_host srv 10.79.0.1/24
 for r in 1 2 3; do lab_host r$r 10.79.0.1$r/24; done
 
@@ -48,6 +59,36 @@ truncate -s 1G "$WORK/disk.img"
 mkfs.ext4 -q -F -b 4096 -d "$WORK/src" "$WORK/disk.img"
 rm -rf "$WORK/src"
 "$FW" agent capture "$WORK/disk.img" --image bench --store "$WORK/store" >/dev/null
+SIZE=$(stat -c %s "$WORK/disk.img")
+
+# targets DISKS: the receivers' targets, fleetwave's in FT[r], udpcast's in UT[r].
+FT=() UT=()
+targets() {
+    if [ "$1" = own ]; then
+        if [ ${#LOOPS[@]} = 0 ]; then
+            for r in 1 2 3; do
+                # /dev/shm is RAM: its backing files live beside, not under, WORK.
+                local f=/dev/shm/$(basename "$WORK").disk$r
+                dd if=/dev/zero of="$f" bs=4M count=$((SIZE >> 22)) status=none
+                LOOPS[$r]=$(losetup --find --show "$f")
+            done
+        fi
+        for r in 1 2 3; do FT[$r]=${LOOPS[$r]}; UT[$r]=${LOOPS[$r]}; done
+    else
+        for r in 1 2 3; do FT[$r]=$WORK/fw$r.img; UT[$r]=$WORK/uc$r.img; done
+    fi
+}
+# clear N fw|uc: empty the targets, so that no run is checked against an earlier one's copy.
+clear() {
+    local t
+    for r in $(seq "$1"); do
+        if [ "$2" = fw ]; then t=${FT[$r]}; else t=${UT[$r]}; fi
+        case $t in
+            /dev/*) dd if=/dev/zero of="$t" bs=4M count=$((SIZE >> 22)) oflag=direct status=none ;;
+            *) rm -f "$t" "$t.fleetwave-deploy"; [ "$2" = uc ] || touch "$t" ;;
+        esac
+    done
+}
 
 now() { date +%s.%N; }
 secs() { python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.2f}')" "$1" "$2"; }
@@ -56,14 +97,14 @@ ratio() { python3 -c "import sys; print(f'{float(sys.argv[1])/float(sys.argv[2])
 # fleetwave N [RATE] [LOSSY]: wall seconds to N receivers; sender report in $WORK/send.json
 fleetwave() {
     local n=$1 rate=${2:-0} pids=() t0 t1
-    for r in $(seq "$n"); do rm -f "$WORK/fw$r.img" "$WORK/fw$r.img.fleetwave-deploy"; touch "$WORK/fw$r.img"; done
+    clear "$n" fw
     sync
     t0=$(now)
     ip netns exec ${P}srv "$FW" multicast send bench --store "$WORK/store" --group 239.79.0.1:9000 \
         --bind 10.79.0.1 --min-receivers "$n" --max-wait 60s --max-rate "$rate" --json > "$WORK/send.json" &
     local sp=$!
     for r in $(seq "$n"); do
-        ( ip netns exec ${P}r$r "$FW" agent deploy bench "$WORK/fw$r.img" --store "$WORK/store" \
+        ( ip netns exec ${P}r$r "$FW" agent deploy bench "${FT[$r]}" --store "$WORK/store" \
             --multicast 239.79.0.1:9000 --json > "$WORK/recv$r.json"; now > "$WORK/done$r" ) &
         pids+=($!)
     done
@@ -75,7 +116,7 @@ fleetwave() {
 
 udpcast() {
     local n=$1 pids=() t0 t1
-    for r in $(seq "$n"); do rm -f "$WORK/uc$r.img"; done
+    clear "$n" uc
     sync
     t0=$(now)
     ip netns exec ${P}srv udp-sender --interface eth0 --portbase 9100 --nokbd --min-receivers "$n" \
@@ -83,7 +124,7 @@ udpcast() {
     local sp=$!
     for r in $(seq "$n"); do
         ip netns exec ${P}r$r udp-receiver --interface eth0 --portbase 9100 --nokbd \
-            --file "$WORK/uc$r.img" 2>/dev/null &
+            --file "${UT[$r]}" 2>/dev/null &
         pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p"; done
@@ -94,12 +135,15 @@ udpcast() {
 
 # A fleetwave receiver that reported success with another image stops the benchmark;
 # an incomplete udpcast copy (it drops receivers that fall behind) is noted in the row.
-check() {
+check_fw() {
+    for r in $(seq "$1"); do
+        cmp -s -n "$SIZE" "$WORK/disk.img" "${FT[$r]}" || { echo "fleetwave receiver $r: image differs" >&2; exit 1; }
+    done
+}
+check_uc() {
     local note=""
     for r in $(seq "$1"); do
-        cmp -s "$WORK/disk.img" "$WORK/fw$r.img" || { echo "fleetwave receiver $r: image differs" >&2; exit 1; }
-        [ -f "$WORK/uc$r.img" ] || continue
-        cmp -s "$WORK/disk.img" "$WORK/uc$r.img" || note="$note; udpcast receiver $r: copy incomplete"
+        cmp -s -n "$SIZE" "$WORK/disk.img" "${UT[$r]}" || note="$note; udpcast receiver $r: copy incomplete"
     done
     echo "$note"
 }
@@ -127,16 +171,19 @@ share() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f\"
 
 stored=$(du -sb "$WORK/store/chunks" | cut -f1)
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); image 1 GiB, fleetwave sends $((stored / 1000000)) MB of compressed chunks, udpcast the 1,074 MB file"
+for disks in ${DISKS:-own shared}; do
+targets "$disks"
 for mode in ${MODES:-bare shaped}; do
     [ $mode = shaped ] && shape
     rate=0; [ $mode = shaped ] && rate=1Gbit
     echo
-    echo "## $mode"
+    echo "## $mode, $disks disks"
     echo "| run | receivers | fleetwave s | udpcast s | fleetwave/udpcast | fleetwave wire rate while sending |"
     echo "|---|---|---|---|---|---|"
     for run in $(seq "$RUNS"); do
         for n in 1 2 3; do
-            f=$(fleetwave "$n" "$rate"); u=$(udpcast "$n"); note=$(check "$n")
+            f=$(fleetwave "$n" "$rate"); check_fw "$n"
+            u=$(udpcast "$n"); note=$(check_uc "$n")
             echo "| $run | $n | $f | $u | $(ratio "$f" "$u") | $(share) of 1 Gbit/s, $(field repair_datagrams) repairs$note |"
         done
     done
@@ -144,7 +191,7 @@ for mode in ${MODES:-bare shaped}; do
 done
 
 echo
-echo "## lossy (bare bridge, receiver 3 loses 5%)"
+echo "## lossy (bare bridge, receiver 3 loses 5%), $disks disks"
 echo "| run | clean: 3 receivers s | one lossy: others s | lossy one s | slowdown of the others |"
 echo "|---|---|---|---|---|"
 for run in $(seq "$RUNS"); do
@@ -155,7 +202,7 @@ for run in $(seq "$RUNS"); do
     others=$(python3 -c "import sys; print(f'{max(float(open(x).read()) for x in sys.argv[2:]) - float(sys.argv[1]):.2f}')" "$t0" "$WORK"/done{1,2})
     lossy=$(secs "$t0" "$(cat "$WORK/done3")")
     lossy_off
-    rm -f "$WORK"/uc?.img
-    check 3 >/dev/null
+    check_fw 3
     echo "| $run | $clean | $others | $lossy | $(python3 -c "import sys; print(f'{(float(sys.argv[1])/float(sys.argv[2])-1)*100:+.1f}%')" "$others" "$clean") |"
+done
 done

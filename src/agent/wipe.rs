@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::image::disk::Disk;
 use crate::image::{disk_size, layout};
 use crate::spec::WipeMode;
 
@@ -95,60 +96,21 @@ fn write_pass(f: &File, ranges: &[(u64, u64)], random: bool) -> io::Result<u64> 
     Ok(total)
 }
 
-/// `O_DIRECT`, which std does not name: reads that bypass the page cache, so the
-/// read-back sees what the device holds.
-#[cfg(target_arch = "x86_64")]
-const O_DIRECT: i32 = 0o40000;
-#[cfg(not(target_arch = "x86_64"))]
-const O_DIRECT: i32 = 0o200000;
-
-/// Read `ranges` back from the device itself; `None` when direct I/O is not possible
-/// here (the caller then reads through the page cache and says so).
-fn first_nonzero_direct(path: &Path, ranges: &[(u64, u64)]) -> Option<io::Result<Option<u64>>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(O_DIRECT)
-        .open(path)
-        .ok()?;
-    // Direct I/O needs a block-aligned buffer.
-    let mut raw = vec![0u8; BUF + 4096];
-    let at = raw.as_ptr().align_offset(4096);
-    let buf = &mut raw[at..at + BUF];
+/// Read `ranges` back (from the device itself where it allows direct I/O); the offset
+/// of the first non-zero byte, if any, and whether every read came from the device.
+fn first_nonzero(path: &Path, ranges: &[(u64, u64)]) -> io::Result<(Option<u64>, bool)> {
+    let disk = Disk::open(path, false)?;
+    let mut found = None;
     for &(start, len) in ranges {
-        if start % 4096 != 0 || len % 4096 != 0 {
-            return None;
-        }
-        let mut done = 0;
-        while done < len {
-            let n = ((len - done) as usize).min(BUF);
-            if f.read_exact_at(&mut buf[..n], start + done).is_err() {
-                return None;
-            }
-            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
-                return Some(Ok(Some(start + done + i as u64)));
-            }
-            done += n as u64;
+        disk.read_windows(start, len, BUF, |at, bytes| {
+            found = bytes.iter().position(|&b| b != 0).map(|i| at + i as u64);
+            Ok(found.is_none())
+        })?;
+        if found.is_some() {
+            break;
         }
     }
-    Some(Ok(None))
-}
-
-/// Read `ranges` back; the offset of the first non-zero byte, if any.
-fn first_nonzero(f: &File, ranges: &[(u64, u64)]) -> io::Result<Option<u64>> {
-    let mut buf = vec![0u8; BUF];
-    for &(start, len) in ranges {
-        let mut done = 0;
-        while done < len {
-            let n = ((len - done) as usize).min(BUF);
-            f.read_exact_at(&mut buf[..n], start + done)?;
-            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
-                return Ok(Some(start + done + i as u64));
-            }
-            done += n as u64;
-        }
-    }
-    Ok(None)
+    Ok((found, disk.reads_from_device()))
 }
 
 /// Wipe the disk or image file at `path`.
@@ -186,10 +148,8 @@ pub fn wipe(path: &Path, mode: WipeMode) -> Result<WipeReport, WipeError> {
         ranges: ranges.clone(),
         bytes,
     });
-    let (found, read_back) = match first_nonzero_direct(path, &ranges) {
-        Some(r) => (r.map_err(io)?, "device"),
-        None => (first_nonzero(&f, &ranges).map_err(io)?, "page cache"),
-    };
+    let (found, device) = first_nonzero(path, &ranges).map_err(io)?;
+    let read_back = if device { "device" } else { "page cache" };
     if let Some(offset) = found {
         return Err(WipeError::NotZero { path: p, offset });
     }

@@ -7,9 +7,9 @@
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::spec::Digest;
 
@@ -21,6 +21,8 @@ pub struct Disk {
     file: File,
     /// `None` where the filesystem refuses `O_DIRECT`: everything goes through `file`.
     direct: Option<File>,
+    /// A read went through the page cache although `direct` is there.
+    fell_back: AtomicBool,
 }
 
 /// `len` bytes at disk offset `off`, split where direct I/O can take over: a head up
@@ -59,7 +61,11 @@ impl Disk {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok();
-        Ok(Disk { file, direct })
+        Ok(Disk {
+            file,
+            direct,
+            fell_back: AtomicBool::new(false),
+        })
     }
 
     /// The descriptor through the page cache: sizing, zero extents, syncs, tables.
@@ -107,44 +113,68 @@ impl Disk {
         })
     }
 
-    /// Read the bytes at `pieces` and hash them: one chunk as the disk holds it. With
-    /// `O_DIRECT` each piece is read with the blocks around it, so none of it comes
-    /// from the page cache.
+    /// Read the bytes at `pieces` and hash them: one chunk as the disk holds it.
     pub fn hash_pieces(&self, pieces: &[(u64, u64)]) -> io::Result<Digest> {
         let mut hasher = blake3::Hasher::new();
         for &(off, len) in pieces {
-            let a = ALIGN as u64;
-            let (lo, hi) = (off / a * a, (off + len).div_ceil(a) * a);
-            let skip = (off - lo) as usize;
-            with_aligned((hi - lo) as usize, |buf| {
-                let read = match &self.direct {
-                    Some(d) => d
-                        .read_exact_at(buf, lo)
-                        .map(|()| &buf[skip..skip + len as usize]),
-                    None => Err(io::ErrorKind::Unsupported.into()),
-                };
-                match read {
-                    Ok(bytes) => hasher.update(bytes),
-                    // Unaligned at the end of an odd-sized disk, or no O_DIRECT here.
-                    Err(_) => {
-                        let part = &mut buf[..len as usize];
-                        self.file.read_exact_at(part, off)?;
-                        hasher.update(part)
-                    }
-                };
+            with_aligned(len as usize + 2 * ALIGN, |buf| {
+                hasher.update(self.read_into(buf, off, len)?);
                 Ok::<_, io::Error>(())
             })?;
         }
         Ok(Digest(*hasher.finalize().as_bytes()))
     }
 
-    /// Drop the page cache's clean copies of the disk, so that what a read-back reads
-    /// through it (zero extents) comes from the disk too. Call after a sync; a hint.
-    pub fn forget_cached(&self) {
-        // SAFETY: a descriptor `self.file` owns; no pointers are passed.
-        unsafe {
-            libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    /// Read `off..off + len` in windows of up to `window` bytes, calling `f(offset,
+    /// bytes)` on each until it returns false.
+    pub fn read_windows(
+        &self,
+        off: u64,
+        len: u64,
+        window: usize,
+        mut f: impl FnMut(u64, &[u8]) -> io::Result<bool>,
+    ) -> io::Result<()> {
+        let window = window.min(len as usize);
+        let mut raw = vec![0u8; window + 3 * ALIGN];
+        let start = raw.as_ptr().align_offset(ALIGN);
+        let buf = &mut raw[start..start + window + 2 * ALIGN];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(window as u64);
+            if !f(off + done, self.read_into(buf, off + done, n)?)? {
+                break;
+            }
+            done += n;
         }
+        Ok(())
+    }
+
+    /// Whether every read so far came from the disk itself, not the page cache.
+    pub fn reads_from_device(&self) -> bool {
+        self.direct.is_some() && !self.fell_back.load(Ordering::Relaxed)
+    }
+
+    /// Read `len` bytes at `off` into the aligned `buf` (at least `len + 2 * ALIGN`
+    /// long). With `O_DIRECT` the range is read with the blocks around it, so none of
+    /// it comes from the page cache; without (or at the unaligned end of an odd-sized
+    /// disk), through the page cache.
+    fn read_into<'a>(&self, buf: &'a mut [u8], off: u64, len: u64) -> io::Result<&'a [u8]> {
+        let a = ALIGN as u64;
+        let (lo, hi) = (off / a * a, (off + len).div_ceil(a) * a);
+        let skip = (off - lo) as usize;
+        let direct = self
+            .direct
+            .as_ref()
+            .is_some_and(|d| d.read_exact_at(&mut buf[..(hi - lo) as usize], lo).is_ok());
+        if direct {
+            return Ok(&buf[skip..skip + len as usize]);
+        }
+        if self.direct.is_some() {
+            self.fell_back.store(true, Ordering::Relaxed);
+        }
+        let part = &mut buf[..len as usize];
+        self.file.read_exact_at(part, off)?;
+        Ok(part)
     }
 }
 
@@ -188,7 +218,6 @@ mod tests {
                 assert_eq!(cached_a, 28_192);
             }
             disk.file().sync_all().expect("sync");
-            disk.forget_cached();
             let on_disk = std::fs::read(&path).expect("read");
             assert_eq!(&on_disk[100..20_100], &da[..20_000]);
             assert_eq!(&on_disk[65_536..73_728], &da[20_000..]);

@@ -6,7 +6,7 @@
 //! content-defined chunks (FastCDC), so an edit moves few chunk boundaries and a
 //! recapture stores only what changed. The manifest maps the stream back onto the disk.
 
-mod disk;
+pub(crate) mod disk;
 pub mod gpt;
 pub mod growfs;
 pub mod layout;
@@ -660,9 +660,8 @@ impl Target {
         let target = path.as_path();
         // Zeros the image holds: holes in a sparse file stay holes; anything else is zeroed.
         let file = disk.file();
-        zero_fill(file, &m.zero_extents).map_err(io_err(target))?;
+        zero_fill(&disk, &m.zero_extents).map_err(io_err(target))?;
         file.sync_all().map_err(io_err(target))?;
-        disk.forget_cached();
         // The read-back covers what the image holds; growing then changes the partition
         // table on purpose, and checks its own CRCs.
         check(&disk, m, digest, target, threads, meter)?;
@@ -717,11 +716,11 @@ fn each_chunk(count: usize, threads: usize, work: impl Fn(usize) -> bool + Sync)
     });
 }
 
-fn zero_fill(file: &File, zeros: &[(u64, u64)]) -> io::Result<()> {
+fn zero_fill(disk: &disk::Disk, zeros: &[(u64, u64)]) -> io::Result<()> {
     let zero = vec![0u8; NONZERO_WINDOW];
     for &(off, len) in zeros {
-        nonzero_windows(file, off, len, |at, n| {
-            file.write_all_at(&zero[..n], at)?;
+        nonzero_windows(disk, off, len, |at, n| {
+            disk.file().write_all_at(&zero[..n], at)?;
             Ok(true)
         })?;
     }
@@ -733,21 +732,21 @@ const NONZERO_WINDOW: usize = 1 << 20;
 /// Call `f(offset, length)` for each window (up to 1 MiB) of `off..off + len` that holds
 /// a non-zero byte, skipping the holes of a sparse file; `f` returning false stops.
 fn nonzero_windows(
-    file: &File,
+    disk: &disk::Disk,
     off: u64,
     len: u64,
     mut f: impl FnMut(u64, usize) -> io::Result<bool>,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; NONZERO_WINDOW];
-    for (off, len) in allocated(file, off, len) {
-        let mut done = 0;
-        while done < len {
-            let n = ((len - done) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], off + done)?;
-            if buf[..n].iter().any(|&b| b != 0) && !f(off + done, n)? {
-                return Ok(());
+    for (off, len) in allocated(disk.file(), off, len) {
+        let mut go = true;
+        disk.read_windows(off, len, NONZERO_WINDOW, |at, bytes| {
+            if bytes.iter().any(|&b| b != 0) {
+                go = f(at, bytes.len())?;
             }
-            done += n as u64;
+            Ok(go)
+        })?;
+        if !go {
+            break;
         }
     }
     Ok(())
@@ -855,7 +854,7 @@ fn compare(
     let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
     for &(off, len) in &m.zero_extents {
         // The first non-zero window of an extent is the one reported.
-        nonzero_windows(disk.file(), off, len, |at, _| {
+        nonzero_windows(disk, off, len, |at, _| {
             bad.push(at);
             Ok(false)
         })?;
@@ -887,7 +886,6 @@ pub fn verify_manifest(
     threads: usize,
 ) -> Result<VerifyReport> {
     let disk = disk::Disk::open(path, false).map_err(io_err(path))?;
-    disk.forget_cached();
     let mut r = compare(&disk, m, threads, None).map_err(io_err(path))?;
     r.digest = *digest;
     Ok(r)
