@@ -6,9 +6,10 @@
 #   bare:   the bridge as it is (CPU-bound on this machine);
 #   shaped: every link shaped to 1 Gbit/s (tbf), as on a real LAN; fleetwave's
 #           figure is also its share of line rate while sending;
-#   lossy:  3 receivers, one of them losing 5% of what reaches it (netem where the
-#           kernel has it, else an nftables random-drop rule): how much later the
-#           other two finish than with 3 clean receivers.
+#   and in each mode, once per run, 3 receivers of which one loses 5% of what reaches
+#   it, the group's datagrams and those sent to it alone (netem where the kernel has
+#   it, else an nftables random-drop rule on all UDP): how much later the other two
+#   finish than in a clean run of 3 just before.
 # Wall time = from starting the sender to the last receiver exiting. fleetwave's
 # receivers write, read back and verify; udp-receiver writes only.
 # Each run starts after `sync`, so no run pays for the previous one's writeback.
@@ -157,20 +158,36 @@ unshape() {
     tc -n ${P}srv qdisc del dev eth0 root 2>/dev/null || true
 }
 lossy_on() {
-    tc -n ${P}lan qdisc replace dev r3p root netem loss 5% 2>/dev/null && return
+    local rate=""; [ "$mode" = shaped ] && rate="rate 1gbit"
+    tc -n ${P}lan qdisc replace dev r3p root netem loss 5% $rate 2>/dev/null && return
     ip netns exec ${P}r3 nft add table inet fwloss
     ip netns exec ${P}r3 nft add chain inet fwloss in '{ type filter hook prerouting priority -300; }'
-    ip netns exec ${P}r3 nft add rule inet fwloss in udp dport 9000 numgen random mod 100 '<' 5 drop
+    ip netns exec ${P}r3 nft add rule inet fwloss in meta l4proto udp numgen random mod 100 '<' 5 drop
 }
 lossy_off() {
     tc -n ${P}lan qdisc del dev r3p root 2>/dev/null || true
     ip netns exec ${P}r3 nft delete table inet fwloss 2>/dev/null || true
+    if [ "$mode" = shaped ]; then shape; fi
 }
 field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d[sys.argv[2]])" "$WORK/send.json" "$1"; }
 share() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f\"{d['wire_bytes']*8/d['pass_secs']/1e9*100:.1f}%\")" "$WORK/send.json"; }
 
 stored=$(du -sb "$WORK/store/chunks" | cut -f1)
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); image 1 GiB, fleetwave sends $((stored / 1000000)) MB of compressed chunks, udpcast the 1,074 MB file"
+# lossy RATE: one clean run of 3 receivers, then one with receiver 3 losing 5%; a row.
+lossy() {
+    local t0 clean others lossy
+    t0=$(now); fleetwave 3 "$1" >/dev/null
+    clean=$(python3 -c "import sys; print(f'{max(float(open(x).read()) for x in sys.argv[2:]) - float(sys.argv[1]):.2f}')" "$t0" "$WORK"/done{1,2,3})
+    lossy_on
+    t0=$(now); fleetwave 3 "$1" >/dev/null
+    others=$(python3 -c "import sys; print(f'{max(float(open(x).read()) for x in sys.argv[2:]) - float(sys.argv[1]):.2f}')" "$t0" "$WORK"/done{1,2})
+    lossy=$(secs "$t0" "$(cat "$WORK/done3")")
+    lossy_off
+    check_fw 3
+    echo "| $clean | $others | $lossy | $(python3 -c "import sys; print(f'{(float(sys.argv[1])/float(sys.argv[2])-1)*100:+.1f}%')" "$others" "$clean") | $(field repair_datagrams) ($(field repairs_unicast) to the lossy one alone) |"
+}
+
 for disks in ${DISKS:-own shared}; do
 targets "$disks"
 for mode in ${MODES:-bare shaped}; do
@@ -180,29 +197,20 @@ for mode in ${MODES:-bare shaped}; do
     echo "## $mode, $disks disks"
     echo "| run | receivers | fleetwave s | udpcast s | fleetwave/udpcast | fleetwave wire rate while sending |"
     echo "|---|---|---|---|---|---|"
+    rows=()
     for run in $(seq "$RUNS"); do
         for n in 1 2 3; do
             f=$(fleetwave "$n" "$rate"); check_fw "$n"
             u=$(udpcast "$n"); note=$(check_uc "$n")
             echo "| $run | $n | $f | $u | $(ratio "$f" "$u") | $(share) of 1 Gbit/s, $(field repair_datagrams) repairs$note |"
         done
+        rows+=("$(lossy "$rate")")
     done
+    echo
+    echo "3 receivers, one of them losing 5% ($mode, $disks disks):"
+    echo "| clean: 3 receivers s | one lossy: the others s | the lossy one s | slowdown of the others | repair datagrams |"
+    echo "|---|---|---|---|---|"
+    printf '%s\n' "${rows[@]}"
     unshape
-done
-
-echo
-echo "## lossy (bare bridge, receiver 3 loses 5%), $disks disks"
-echo "| run | clean: 3 receivers s | one lossy: others s | lossy one s | slowdown of the others |"
-echo "|---|---|---|---|---|"
-for run in $(seq "$RUNS"); do
-    t0=$(now); fleetwave 3 0 >/dev/null
-    clean=$(python3 -c "import sys; print(f'{max(float(open(x).read()) for x in sys.argv[2:]) - float(sys.argv[1]):.2f}')" "$t0" "$WORK"/done{1,2,3})
-    lossy_on
-    t0=$(now); fleetwave 3 0 >/dev/null
-    others=$(python3 -c "import sys; print(f'{max(float(open(x).read()) for x in sys.argv[2:]) - float(sys.argv[1]):.2f}')" "$t0" "$WORK"/done{1,2})
-    lossy=$(secs "$t0" "$(cat "$WORK/done3")")
-    lossy_off
-    check_fw 3
-    echo "| $run | $clean | $others | $lossy | $(python3 -c "import sys; print(f'{(float(sys.argv[1])/float(sys.argv[2])-1)*100:+.1f}%')" "$others" "$clean") |"
 done
 done

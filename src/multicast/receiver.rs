@@ -229,9 +229,15 @@ fn open(cfg: &ReceiveConfig) -> Result<(UdpSocket, UdpSocket), McastError> {
     super::set_int_option(&s, libc::SOL_UDP, libc::UDP_GRO, 1);
     s.set_read_timeout(Some(Duration::from_millis(20)))
         .map_err(io(what()))?;
-    let c = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).map_err(io(what()))?;
+    // The control socket: reports go out by it, and repairs meant for this receiver
+    // alone come in by it, as batched as the group's data.
+    let c = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io(what()))?;
+    c.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0).into())
+        .map_err(io(what()))?;
+    set_rcvbuf(&c, 16 << 20);
+    super::set_int_option(&c, libc::SOL_UDP, libc::UDP_GRO, 1);
     c.set_nonblocking(true).map_err(io(what()))?;
-    Ok((s.into(), c))
+    Ok((s.into(), c.into()))
 }
 
 /// A receive buffer large enough to ride out the writer falling behind for a moment;
@@ -333,8 +339,24 @@ impl Rx<'_> {
             if *remaining == 0 {
                 break;
             }
-            match recv_segments(self.data, &mut buf) {
-                Ok((n, segment, from)) => {
+            // The group's datagrams (waiting up to the socket's timeout), then whatever
+            // came to this receiver alone.
+            for (sock, drain) in [(self.data, false), (self.ctrl, true)] {
+                loop {
+                    let (n, segment, from) = match recv_segments(sock, &mut buf) {
+                        Ok(x) => x,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                ErrorKind::WouldBlock
+                                    | ErrorKind::TimedOut
+                                    | ErrorKind::ConnectionRefused
+                            ) =>
+                        {
+                            break;
+                        }
+                        Err(e) => return Err(io("receiving multicast datagrams")(e)),
+                    };
                     // Datagrams the kernel kept together (UDP GRO) come in one read,
                     // each `segment` bytes but the last.
                     let step = if segment > 0 { segment } else { n.max(1) };
@@ -356,11 +378,12 @@ impl Rx<'_> {
                             Err(why) => debug!(%from, why, "dropped a datagram"),
                         }
                     }
+                    if !drain {
+                        // One read of the group per turn: reports keep their pace.
+                        break;
+                    }
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) => return Err(io("receiving multicast datagrams")(e)),
             }
-            self.control()?;
             if tick.elapsed() >= TICK {
                 tick = Instant::now();
                 if let Some((_, sender)) = self.session {
@@ -443,6 +466,7 @@ impl Rx<'_> {
                 }
             }
             Msg::End if ours => return Ok(Some("session ended")),
+            Msg::Refuse { receiver } if receiver == self.me => return Err(McastError::Refused),
             Msg::Data(d) if ours => {
                 if d.prefix != self.cfg.digest.0[..8] {
                     return Ok(None);
@@ -539,25 +563,6 @@ impl Rx<'_> {
                 chunk = u,
                 "a received chunk did not match its hash: asking again"
             );
-        }
-    }
-
-    /// Replies to this receiver's join.
-    fn control(&mut self) -> Result<(), McastError> {
-        let mut buf = [0u8; 512];
-        loop {
-            match self.ctrl.recv_from(&mut buf) {
-                Ok((n, _)) => {
-                    if let Ok((_, Msg::Refuse { receiver })) = wire::decode(&buf[..n])
-                        && receiver == self.me
-                    {
-                        return Err(McastError::Refused);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(()),
-                Err(e) => return Err(io("receiving from the sender")(e)),
-            }
         }
     }
 

@@ -1,8 +1,12 @@
 //! The sender side of a multicast session: one thread, one UDP socket (data and
 //! announcements to the group, control from receivers by unicast). It returns when
 //! the session is over, and dropping it frees everything.
+//!
+//! A repair only one receiver asked for goes to that receiver alone, by unicast: a
+//! machine on a bad port or a late joiner does not load every other machine's link
+//! and CPU with what it missed. What several asked for goes to the group.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
@@ -92,6 +96,8 @@ pub struct SessionReport {
     pub send_secs: f64,
     pub datagrams: u64,
     pub repair_datagrams: u64,
+    /// Repairs sent to the one receiver that asked (included in `repair_datagrams`).
+    pub repairs_unicast: u64,
     /// Bytes put on the wire (Ethernet frames), and the data they carried.
     pub wire_bytes: u64,
     pub data_bytes: u64,
@@ -126,8 +132,10 @@ struct Tx<'a> {
     cache: Vec<(u32, Vec<u8>)>,
     seq: u32,
     buf: Vec<u8>,
-    /// Datagrams waiting to go out in one send (all `segment` bytes but the last).
+    /// Datagrams waiting to go out in one send (all `segment` bytes but the last), and
+    /// where to.
     batch: Vec<u8>,
+    batch_to: SocketAddr,
     batched: usize,
     batch_frames: usize,
     /// The segment size the kernel cuts batches into; `None`: one datagram per send.
@@ -140,7 +148,8 @@ struct Tx<'a> {
     tokens: f64,
     refilled: Instant,
     receivers: HashMap<u64, Receiver>,
-    repairs: BTreeSet<(u32, u32)>,
+    /// Parts to send again: to the one receiver that asked, or (`None`) to the group.
+    repairs: BTreeMap<(u32, u32), Option<SocketAddr>>,
     phase: Phase,
     round: u32,
     report: SessionReport,
@@ -215,6 +224,7 @@ pub fn send(
             send_secs: 0.0,
             datagrams: 0,
             repair_datagrams: 0,
+            repairs_unicast: 0,
             wire_bytes: 0,
             data_bytes: 0,
             rounds: 0,
@@ -225,6 +235,7 @@ pub fn send(
         seq: 0,
         buf: Vec::with_capacity(cfg.mtu),
         batch: Vec::with_capacity(65_536),
+        batch_to: cfg.group.into(),
         batched: 0,
         batch_frames: 0,
         segment: None,
@@ -240,7 +251,7 @@ pub fn send(
         tokens: 0.0,
         refilled: Instant::now(),
         receivers: HashMap::new(),
-        repairs: BTreeSet::new(),
+        repairs: BTreeMap::new(),
         phase: Phase::Waiting,
         round: 0,
     };
@@ -333,7 +344,7 @@ impl Tx<'_> {
                 }
             }
             let next = match self.repairs.pop_first() {
-                Some(r) => Some((r, true)),
+                Some((r, to)) => Some((r, Some(to))),
                 None if !pass_done => {
                     let c = cursor;
                     cursor = self.after(c)?;
@@ -343,7 +354,7 @@ impl Tx<'_> {
                         self.report.pass_secs = started.elapsed().as_secs_f64();
                         self.phase = Phase::Repairing;
                     }
-                    Some((c, false))
+                    Some((c, None))
                 }
                 None => None,
             };
@@ -411,9 +422,28 @@ impl Tx<'_> {
         Ok(&self.cache[self.cache.len() - 1].1)
     }
 
-    fn send_part(&mut self, chunk: u32, part: u32, repair: bool) -> Result<(), McastError> {
+    /// Send a part of the pass (`repair` None), or again: `Some(Some(receiver))` to one
+    /// receiver, `Some(None)` to the group.
+    fn send_part(
+        &mut self,
+        chunk: u32,
+        part: u32,
+        repair: Option<Option<SocketAddr>>,
+    ) -> Result<(), McastError> {
         let payload = self.payload;
-        let (session, prefix, seq) = (self.session, self.prefix, self.seq);
+        let to = match repair {
+            Some(Some(r)) => r,
+            _ => self.cfg.group.into(),
+        };
+        let unicast = to != SocketAddr::from(self.cfg.group);
+        // A datagram to one receiver takes no number of the group's sequence, by which
+        // the others count their losses: it repeats the last one sent.
+        let seq = if unicast {
+            self.seq.saturating_sub(1)
+        } else {
+            self.seq
+        };
+        let (session, prefix) = (self.session, self.prefix);
         let mut buf = std::mem::take(&mut self.buf);
         let data = self.load(chunk)?;
         let clen = data.len() as u32;
@@ -438,13 +468,20 @@ impl Tx<'_> {
             }),
         );
         let frame = buf.len() + FRAME_OVERHEAD;
-        self.seq = self.seq.wrapping_add(1);
+        if !unicast {
+            self.seq = self.seq.wrapping_add(1);
+        }
         self.report.datagrams += 1;
-        self.report.repair_datagrams += u64::from(repair);
+        self.report.repair_datagrams += u64::from(repair.is_some());
+        self.report.repairs_unicast += u64::from(unicast);
         self.report.wire_bytes += frame as u64;
         self.report.data_bytes += (end - start) as u64;
         let r = match self.segment {
             Some(seg) => {
+                if self.batch_to != to {
+                    self.flush()?;
+                    self.batch_to = to;
+                }
                 // The kernel cuts a batch into `seg`-byte datagrams; only the last
                 // may be shorter, so a short one closes the batch.
                 self.batch.extend_from_slice(&buf);
@@ -458,7 +495,7 @@ impl Tx<'_> {
             }
             None => {
                 self.pace(frame);
-                self.transmit(&buf, self.cfg.group.into())
+                self.transmit(&buf, to)
             }
         };
         self.buf = buf;
@@ -472,7 +509,7 @@ impl Tx<'_> {
         }
         self.pace(self.batch_frames);
         let batch = std::mem::take(&mut self.batch);
-        let r = self.transmit(&batch, self.cfg.group.into());
+        let r = self.transmit(&batch, self.batch_to);
         self.batch = batch;
         self.batch.clear();
         self.batched = 0;
@@ -583,7 +620,7 @@ impl Tx<'_> {
                         info!(%from, "receiver complete");
                     }
                     for w in s.wants {
-                        self.want(w)?;
+                        self.want(w, from)?;
                     }
                 }
                 _ => {}
@@ -591,14 +628,19 @@ impl Tx<'_> {
         }
     }
 
-    fn want(&mut self, w: wire::Want) -> Result<(), McastError> {
+    /// Queue the parts receiver `from` asks for: to it alone, or to the group once
+    /// another receiver asks for the same part before it went out.
+    fn want(&mut self, w: wire::Want, from: SocketAddr) -> Result<(), McastError> {
         if w.chunk as usize >= self.chunks.len() {
             return Ok(());
         }
         let parts = self.parts(w.chunk)?;
         let end = w.first.saturating_add(w.count).min(parts);
         for p in w.first..end {
-            self.repairs.insert((w.chunk, p));
+            let to = self.repairs.entry((w.chunk, p)).or_insert(Some(from));
+            if *to != Some(from) {
+                *to = None;
+            }
         }
         Ok(())
     }

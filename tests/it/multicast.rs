@@ -53,8 +53,8 @@ fn image(dir: &Path, store: &Path, name: &str, seed: u64) -> (PathBuf, String) {
     (img, cap.digest.to_string())
 }
 
-/// Block drops of `percent`% of the session's datagrams reaching `host` (the kernel's
-/// nftables; the machine's kernel has no netem).
+/// Drop `percent`% of the UDP datagrams reaching `host`: the group's and those sent to
+/// it alone (the kernel's nftables; the machine's kernel has no netem).
 fn lose(lab: &Lab, host: &str, percent: u32) {
     let nft = |args: &[&str]| {
         let ok = lab.cmd(host, "nft").args(args).status();
@@ -75,9 +75,9 @@ fn lose(lab: &Lab, host: &str, percent: u32) {
         "inet",
         "fwloss",
         "in",
+        "meta",
+        "l4proto",
         "udp",
-        "dport",
-        "9000",
         "numgen",
         "random",
         "mod",
@@ -381,4 +381,74 @@ fn sessions_on_one_port_do_not_mix_a_wrong_session_is_refused_and_shutdown_ends_
     let (code, out) = finish(r, &d.join("c.img.log"), limit);
     assert_eq!(code, 0, "{out}");
     assert!(same(&img_a, &d.join("c.img")));
+}
+
+#[test]
+fn repairs_one_lossy_receiver_asks_for_go_to_it_alone() {
+    if !tools() {
+        return;
+    }
+    let Some(lab) = lab() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let store = d.join("store");
+    let (img, digest) = image(d, &store, "gamma", 7);
+    lose(&lab, "r1", 5);
+    let fw = env!("CARGO_BIN_EXE_fleetwave");
+    let mut c = lab.cmd("srv", fw);
+    c.args(["multicast", "send", "gamma", "--store"])
+        .arg(&store)
+        .args(["--group", "239.28.0.4:9000", "--bind", SERVER])
+        .args([
+            "--min-receivers",
+            "2",
+            "--max-wait",
+            "60s",
+            "--max-rate",
+            "200Mbit",
+        ])
+        .arg("--json");
+    let sender = spawn(c, &d.join("send.log"));
+    let receivers: Vec<_> = ["r1", "r2"]
+        .iter()
+        .map(|host| {
+            let t = d.join(format!("{host}.img"));
+            std::fs::File::create(&t).expect("target");
+            let mut c = lab.cmd(host, fw);
+            c.args(["agent", "deploy", &digest])
+                .arg(&t)
+                .arg("--store")
+                .arg(&store)
+                .args(["--multicast", "239.28.0.4:9000", "--json"]);
+            (*host, spawn(c, &d.join(format!("{host}.log"))))
+        })
+        .collect();
+    let limit = Duration::from_secs(120);
+    let mut reports = Vec::new();
+    for (host, child) in receivers {
+        let (code, out) = finish(child, &d.join(format!("{host}.log")), limit);
+        assert_eq!(code, 0, "{host}: {out}");
+        assert!(
+            same(&img, &d.join(format!("{host}.img"))),
+            "{host}'s disk differs"
+        );
+        reports.push(report(&out)["multicast"].clone());
+    }
+    let (code, out) = finish(sender, &d.join("send.log"), limit);
+    assert_eq!(code, 0, "{out}");
+    let sent = report(&out);
+    // The lossy receiver lost datagrams and got them again; every repair went to it
+    // alone, so the clean one received each datagram once.
+    assert!(
+        reports[0]["lost"].as_u64().unwrap_or(0) > 0,
+        "{:?}",
+        reports[0]
+    );
+    let repairs = sent["repair_datagrams"].as_u64().unwrap_or(0);
+    assert!(repairs > 0, "{sent}");
+    assert_eq!(sent["repairs_unicast"].as_u64(), Some(repairs), "{sent}");
+    assert_eq!(reports[1]["duplicates"], 0, "{:?}", reports[1]);
+    assert_eq!(reports[1]["lost"], 0, "{:?}", reports[1]);
 }
