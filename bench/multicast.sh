@@ -92,6 +92,8 @@ clear() {
 }
 
 now() { date +%s.%N; }
+# CPU seconds all cores spent busy so far (user, nice, system, irq, softirq, steal).
+busy() { awk -v hz="$(getconf CLK_TCK)" '/^cpu /{print ($2+$3+$4+$7+$8+$9)/hz}' /proc/stat; }
 secs() { python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.2f}')" "$1" "$2"; }
 ratio() { python3 -c "import sys; print(f'{float(sys.argv[1])/float(sys.argv[2]):.2f}')" "$1" "$2"; }
 
@@ -100,7 +102,9 @@ fleetwave() {
     local n=$1 rate=${2:-0} pids=() t0 t1
     clear "$n" fw
     sync
+    busy0=$(busy)
     t0=$(now)
+    echo "$t0" > "$WORK/t0"
     ip netns exec ${P}srv "$FW" multicast send bench --store "$WORK/store" --group 239.79.0.1:9000 \
         --bind 10.79.0.1 --min-receivers "$n" --max-wait 60s --max-rate "$rate" --json > "$WORK/send.json" &
     local sp=$!
@@ -111,7 +115,9 @@ fleetwave() {
     done
     for p in "${pids[@]}"; do wait "$p"; done
     t1=$(now)
+    busy1=$(busy)
     wait $sp || true
+    python3 -c "import sys; print(f'{(float(sys.argv[2])-float(sys.argv[1]))/(float(sys.argv[4])-float(sys.argv[3]))/$(nproc)*100:.0f}%')" "$busy0" "$busy1" "$t0" "$t1" > "$WORK/cpu"
     secs "$t0" "$t1"
 }
 
@@ -177,10 +183,11 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 # lossy RATE: one clean run of 3 receivers, then one with receiver 3 losing 5%; a row.
 lossy() {
     local t0 clean others lossy
-    t0=$(now); fleetwave 3 "$1" >/dev/null
+    # From the sender's start, as in the table: not the clearing of the targets before.
+    fleetwave 3 "$1" >/dev/null; t0=$(cat "$WORK/t0")
     clean=$(python3 -c "import sys; print(f'{max(float(open(x).read()) for x in sys.argv[2:]) - float(sys.argv[1]):.2f}')" "$t0" "$WORK"/done{1,2,3})
     lossy_on
-    t0=$(now); fleetwave 3 "$1" >/dev/null
+    fleetwave 3 "$1" >/dev/null; t0=$(cat "$WORK/t0")
     others=$(python3 -c "import sys; print(f'{max(float(open(x).read()) for x in sys.argv[2:]) - float(sys.argv[1]):.2f}')" "$t0" "$WORK"/done{1,2})
     lossy=$(secs "$t0" "$(cat "$WORK/done3")")
     lossy_off
@@ -195,14 +202,14 @@ for mode in ${MODES:-bare shaped}; do
     rate=0; [ $mode = shaped ] && rate=1Gbit
     echo
     echo "## $mode, $disks disks"
-    echo "| run | receivers | fleetwave s | udpcast s | fleetwave/udpcast | fleetwave wire rate while sending |"
+    echo "| run | receivers | fleetwave s | udpcast s | fleetwave/udpcast | fleetwave wire rate while sending; the machine's CPU while it ran |"
     echo "|---|---|---|---|---|---|"
     rows=()
     for run in $(seq "$RUNS"); do
         for n in 1 2 3; do
             f=$(fleetwave "$n" "$rate"); check_fw "$n"
             u=$(udpcast "$n"); note=$(check_uc "$n")
-            echo "| $run | $n | $f | $u | $(ratio "$f" "$u") | $(share) of 1 Gbit/s, $(field repair_datagrams) repairs$note |"
+            echo "| $run | $n | $f | $u | $(ratio "$f" "$u") | $(share) of 1 Gbit/s, $(field repair_datagrams) repairs; CPU $(cat "$WORK/cpu") busy$note |"
         done
         rows+=("$(lossy "$rate")")
     done

@@ -41,7 +41,8 @@ pub fn send(a: &SendArgs, out: &mut dyn Write) -> Result<u8> {
         writeln!(
             out,
             "session {} of {} on {}: {}; {} of {} receivers complete ({} lossy); \
-             {} datagrams ({} repairs, {} rounds), {:.1} MB on the wire in {:.2} s \
+             {} datagrams ({} repairs, {} of them to one receiver; {} rounds), {:.1} MB \
+             on the wire in {:.2} s \
              (pass {:.2} s, {:.0} Mbit/s), waited {:.1} s",
             r.session,
             r.digest,
@@ -52,6 +53,7 @@ pub fn send(a: &SendArgs, out: &mut dyn Write) -> Result<u8> {
             r.receivers_lossy,
             r.datagrams,
             r.repair_datagrams,
+            r.repairs_unicast,
             r.rounds,
             r.wire_bytes as f64 / 1e6,
             r.send_secs,

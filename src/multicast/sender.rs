@@ -26,6 +26,10 @@ const FRAME_OVERHEAD: usize = 14 + wire::IP_UDP;
 const GONE: Duration = Duration::from_secs(5);
 /// How often the sender announces the session and adjusts its rate.
 const TICK: Duration = Duration::from_millis(100);
+/// During the pass, repairs take at most this share (in percent) of the datagrams sent:
+/// a receiver losing more than that cannot slow the others by more; the rest of its
+/// repairs follow the pass.
+const PASS_REPAIR_PERCENT: u64 = 10;
 /// After announcing a repair round, how long receivers have to ask.
 const ROUND_WAIT: Duration = Duration::from_millis(250);
 /// Rate when `max_rate` is unlimited: a start, then found by loss reports.
@@ -98,6 +102,9 @@ pub struct SessionReport {
     pub repair_datagrams: u64,
     /// Repairs sent to the one receiver that asked (included in `repair_datagrams`).
     pub repairs_unicast: u64,
+    /// Datagrams and repairs sent before the pass was over.
+    pub pass_datagrams: u64,
+    pub pass_repairs: u64,
     /// Bytes put on the wire (Ethernet frames), and the data they carried.
     pub wire_bytes: u64,
     pub data_bytes: u64,
@@ -225,6 +232,8 @@ pub fn send(
             datagrams: 0,
             repair_datagrams: 0,
             repairs_unicast: 0,
+            pass_datagrams: 0,
+            pass_repairs: 0,
             wire_bytes: 0,
             data_bytes: 0,
             rounds: 0,
@@ -272,6 +281,8 @@ pub fn send(
         ended = %tx.report.ended,
         complete = tx.report.receivers_complete,
         joined = tx.report.receivers_joined,
+        repairs = tx.report.repair_datagrams,
+        repairs_unicast = tx.report.repairs_unicast,
         secs = tx.report.send_secs,
         "multicast session over"
     );
@@ -343,7 +354,14 @@ impl Tx<'_> {
                     self.announce()?;
                 }
             }
-            let next = match self.repairs.pop_first() {
+            let repair_due = pass_done
+                || self.report.repair_datagrams * 100 < self.report.datagrams * PASS_REPAIR_PERCENT;
+            let queued = if repair_due {
+                self.repairs.pop_first()
+            } else {
+                None
+            };
+            let next = match queued {
                 Some((r, to)) => Some((r, Some(to))),
                 None if !pass_done => {
                     let c = cursor;
@@ -352,6 +370,8 @@ impl Tx<'_> {
                         pass_done = true;
                         pass_end = Instant::now();
                         self.report.pass_secs = started.elapsed().as_secs_f64();
+                        self.report.pass_datagrams = self.report.datagrams + 1;
+                        self.report.pass_repairs = self.report.repair_datagrams;
                         self.phase = Phase::Repairing;
                     }
                     Some((c, None))
