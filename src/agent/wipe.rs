@@ -97,8 +97,8 @@ fn write_pass(f: &File, ranges: &[(u64, u64)], random: bool) -> io::Result<u64> 
 }
 
 /// Read `ranges` back (from the device itself where it allows direct I/O); the offset
-/// of the first non-zero byte, if any, and whether every read came from the device.
-fn first_nonzero(path: &Path, ranges: &[(u64, u64)]) -> io::Result<(Option<u64>, bool)> {
+/// of the first non-zero byte, if any, and where the reads came from.
+fn first_nonzero(path: &Path, ranges: &[(u64, u64)]) -> io::Result<(Option<u64>, &'static str)> {
     let disk = Disk::open(path, false)?;
     let mut found = None;
     for &(start, len) in ranges {
@@ -110,7 +110,7 @@ fn first_nonzero(path: &Path, ranges: &[(u64, u64)]) -> io::Result<(Option<u64>,
             break;
         }
     }
-    Ok((found, disk.reads_from_device()))
+    Ok((found, disk.read_back()))
 }
 
 /// Wipe the disk or image file at `path`.
@@ -148,8 +148,7 @@ pub fn wipe(path: &Path, mode: WipeMode) -> Result<WipeReport, WipeError> {
         ranges: ranges.clone(),
         bytes,
     });
-    let (found, device) = first_nonzero(path, &ranges).map_err(io)?;
-    let read_back = if device { "device" } else { "page cache" };
+    let (found, read_back) = first_nonzero(path, &ranges).map_err(io)?;
     if let Some(offset) = found {
         return Err(WipeError::NotZero { path: p, offset });
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 
@@ -58,7 +58,8 @@ impl Opened {
 fn metered<T>(o: &Opened, label: &str, f: impl FnOnce(&Arc<Meter>) -> T) -> T {
     use std::io::IsTerminal;
     let meter = Arc::new(Meter::default());
-    let stop = Arc::new(AtomicBool::new(false));
+    // Dropping the sender ends the progress thread at once, not at its next tick.
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(0);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -87,9 +88,11 @@ fn metered<T>(o: &Opened, label: &str, f: impl FnOnce(&Arc<Meter>) -> T) -> T {
     };
     let out = std::thread::scope(|s| {
         s.spawn(|| {
+            let stopped = stopped;
             let mut last_post = std::time::Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(std::time::Duration::from_millis(200));
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(std::time::Duration::from_millis(200))
+            {
                 let done = meter.done.load(Ordering::Relaxed);
                 let total = meter.total.load(Ordering::Relaxed);
                 if let Some(b) = &bar {
@@ -105,7 +108,7 @@ fn metered<T>(o: &Opened, label: &str, f: impl FnOnce(&Arc<Meter>) -> T) -> T {
             }
         });
         let out = f(&meter);
-        stop.store(true, Ordering::Relaxed);
+        drop(stop);
         out
     });
     // The last word before the result.
@@ -371,6 +374,13 @@ fn deploy_opened(
                     mb(r.bytes_written),
                     r.seconds
                 )?;
+                if r.read_back != "device" {
+                    writeln!(
+                        out,
+                        "  read back through the page cache: {} refuses direct I/O",
+                        target.display()
+                    )?;
+                }
                 if let Some(g) = &r.grown {
                     writeln!(
                         out,

@@ -149,9 +149,14 @@ impl Disk {
         Ok(())
     }
 
-    /// Whether every read so far came from the disk itself, not the page cache.
-    pub fn reads_from_device(&self) -> bool {
-        self.direct.is_some() && !self.fell_back.load(Ordering::Relaxed)
+    /// Where the reads so far came from, for reports: `device` when every one came from
+    /// the disk itself, else `page cache`.
+    pub fn read_back(&self) -> &'static str {
+        if self.direct.is_some() && !self.fell_back.load(Ordering::Relaxed) {
+            "device"
+        } else {
+            "page cache"
+        }
     }
 
     /// Read `len` bytes at `off` into the aligned `buf` (at least `len + 2 * ALIGN`

@@ -444,6 +444,9 @@ pub struct DeployReport {
     pub bytes_written: u64,
     /// Set when the partition table was fixed for a larger disk.
     pub grown: Option<gpt::Grown>,
+    /// Where the read-back read from: `device` (direct I/O), or `page cache` where
+    /// the target's filesystem refuses direct I/O.
+    pub read_back: &'static str,
     pub seconds: f64,
 }
 
@@ -693,6 +696,7 @@ impl Target {
             chunks_written: written.into_inner(),
             bytes_written: bytes.into_inner(),
             grown,
+            read_back: disk.read_back(),
             seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -67,9 +67,19 @@ fn deploy_onto_a_block_device_and_verify_it() {
         store,
     ]);
     assert_eq!(code, 0, "{out}");
-    let (code, out) = fleetwave(&["agent", "deploy", "t", &target.dev, "--store", store]);
+    let (code, out) = fleetwave(&[
+        "agent",
+        "deploy",
+        "t",
+        &target.dev,
+        "--store",
+        store,
+        "--json",
+    ]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("deployed and verified"), "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    // Written and read back with direct I/O: the read-back read the device.
+    assert_eq!(r["deploy"]["read_back"], "device", "{out}");
     let (code, out) = fleetwave(&["agent", "verify", "t", &target.dev, "--store", store]);
     assert_eq!(code, 0, "{out}");
     let fsck = Command::new("e2fsck")
