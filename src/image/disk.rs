@@ -13,41 +13,53 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::spec::Digest;
 
-/// Offsets, lengths and buffers of direct I/O are multiples of this: the largest
-/// logical block size of disks in use (4Kn), so it suits every disk.
-const ALIGN: usize = 4096;
-
 pub struct Disk {
     file: File,
-    /// `None` where the filesystem refuses `O_DIRECT`: everything goes through `file`.
+    /// `None` where the filesystem refuses `O_DIRECT` at open.
     direct: Option<File>,
-    /// A read went through the page cache although `direct` is there.
-    fell_back: AtomicBool,
+    /// The filesystem took `O_DIRECT` at open but refused it for I/O (EINVAL): from
+    /// then on everything goes through `file`.
+    refused: AtomicBool,
+    /// Offsets, lengths and buffers of direct I/O are multiples of this: 4096 (the
+    /// largest logical block size of disks in use, 4Kn) or the page size if larger, so
+    /// that no page holds both a block written directly and one written through it.
+    align: u64,
+    /// The disk's size: direct reads stop at its last whole block.
+    size: u64,
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
 /// `len` bytes at disk offset `off`, split where direct I/O can take over: a head up
-/// to the first aligned offset, an aligned middle, and a tail after it. Chunks are
+/// to the first `a`-aligned offset, an aligned middle, and a tail after it. Chunks are
 /// cut by content, so most start and end inside a block.
-fn split(off: u64, len: u64) -> (u64, u64, u64) {
-    let a = ALIGN as u64;
+fn split(off: u64, len: u64, a: u64) -> (u64, u64, u64) {
     let head = ((a - off % a) % a).min(len);
     let middle = (len - head) / a * a;
     (head, middle, len - head - middle)
 }
 
-/// Run `f` on this thread's buffer of `len` bytes, starting on an [`ALIGN`] boundary.
-fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+/// `len` bytes of `v` starting on an `align` boundary, `v` grown as needed.
+fn aligned_in(v: &mut Vec<u8>, len: usize, align: usize) -> &mut [u8] {
+    if v.len() < len + align {
+        v.resize(len + align, 0);
+    }
+    let start = (align - v.as_ptr() as usize % align) % align;
+    &mut v[start..start + len]
+}
+
+/// Run `f` on this thread's buffer of `len` bytes, starting on an `align` boundary.
+fn with_aligned<T>(len: usize, align: u64, f: impl FnOnce(&mut [u8]) -> T) -> T {
     thread_local! {
         static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
-    BUF.with(|cell| {
-        let mut v = cell.borrow_mut();
-        if v.len() < len + ALIGN {
-            v.resize(len + ALIGN, 0);
-        }
-        let start = v.as_ptr().align_offset(ALIGN);
-        f(&mut v[start..start + len])
-    })
+    BUF.with(|cell| f(aligned_in(&mut cell.borrow_mut(), len, align as usize)))
+}
+
+fn is_refusal(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
 }
 
 impl Disk {
@@ -55,16 +67,21 @@ impl Disk {
     /// the filesystem allows it.
     pub fn open(path: &Path, write: bool) -> io::Result<Disk> {
         let file = OpenOptions::new().read(true).write(write).open(path)?;
+        let size = super::disk_size(&file)?;
         let direct = OpenOptions::new()
             .read(true)
             .write(write)
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok();
+        // SAFETY: sysconf takes and returns plain integers.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         Ok(Disk {
             file,
             direct,
-            fell_back: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
+            align: u64::try_from(page).unwrap_or(0).max(4096),
+            size,
         })
     }
 
@@ -73,26 +90,31 @@ impl Disk {
         &self.file
     }
 
+    fn direct(&self) -> Option<&File> {
+        self.direct
+            .as_ref()
+            .filter(|_| !self.refused.load(Ordering::Relaxed))
+    }
+
     /// Write `data` at `pieces`; returns the bytes that went through the page cache.
     pub fn write_pieces(&self, pieces: &[(u64, u64)], data: &[u8]) -> io::Result<u64> {
         let total: u64 = pieces.iter().map(|p| p.1).sum();
         if (data.len() as u64) < total {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "chunk shorter than its places",
-            ));
+            return Err(invalid("chunk shorter than its places"));
         }
         let (mut at, mut cached) = (0usize, 0u64);
         for &(off, len) in pieces {
+            off.checked_add(len)
+                .ok_or_else(|| invalid("chunk placed past the end of any disk"))?;
             let part = &data[at..at + len as usize];
             at += len as usize;
-            let (head, middle, _) = match self.direct {
-                Some(_) => split(off, len),
+            let (head, middle, _) = match self.direct() {
+                Some(_) => split(off, len, self.align),
                 None => (len, 0, 0),
             };
             let (h, m) = (head as usize, (head + middle) as usize);
             self.file.write_all_at(&part[..h], off)?;
-            if middle > 0 && !self.write_direct(&part[h..m], off + head) {
+            if middle > 0 && !self.write_direct(&part[h..m], off + head)? {
                 self.file.write_all_at(&part[h..m], off + head)?;
                 cached += middle;
             }
@@ -102,14 +124,22 @@ impl Disk {
         Ok(cached)
     }
 
-    /// Write aligned `data` at aligned `off` with `O_DIRECT`; false if that failed (a
-    /// filesystem that took the flag at open but not for this write), nothing said.
-    fn write_direct(&self, data: &[u8], off: u64) -> bool {
-        self.direct.as_ref().is_some_and(|d| {
-            with_aligned(data.len(), |buf| {
-                buf.copy_from_slice(data);
-                d.write_all_at(buf, off).is_ok()
-            })
+    /// Write aligned `data` at aligned `off` with `O_DIRECT`; false when the filesystem
+    /// refused it (then the caller writes through the page cache, as from now on all).
+    fn write_direct(&self, data: &[u8], off: u64) -> io::Result<bool> {
+        let Some(d) = self.direct() else {
+            return Ok(false);
+        };
+        with_aligned(data.len(), self.align, |buf| {
+            buf.copy_from_slice(data);
+            match d.write_all_at(buf, off) {
+                Ok(()) => Ok(true),
+                Err(e) if is_refusal(&e) => {
+                    self.refused.store(true, Ordering::Relaxed);
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
         })
     }
 
@@ -117,7 +147,7 @@ impl Disk {
     pub fn hash_pieces(&self, pieces: &[(u64, u64)]) -> io::Result<Digest> {
         let mut hasher = blake3::Hasher::new();
         for &(off, len) in pieces {
-            with_aligned(len as usize + 2 * ALIGN, |buf| {
+            with_aligned(len as usize + 2 * self.align as usize, self.align, |buf| {
                 hasher.update(self.read_into(buf, off, len)?);
                 Ok::<_, io::Error>(())
             })?;
@@ -134,10 +164,13 @@ impl Disk {
         window: usize,
         mut f: impl FnMut(u64, &[u8]) -> io::Result<bool>,
     ) -> io::Result<()> {
-        let window = window.min(len as usize);
-        let mut raw = vec![0u8; window + 3 * ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN);
-        let buf = &mut raw[start..start + window + 2 * ALIGN];
+        let window = window.max(1).min(len as usize);
+        let mut raw = Vec::new();
+        let buf = aligned_in(
+            &mut raw,
+            window + 2 * self.align as usize,
+            self.align as usize,
+        );
         let mut done = 0;
         while done < len {
             let n = (len - done).min(window as u64);
@@ -149,33 +182,45 @@ impl Disk {
         Ok(())
     }
 
-    /// Where the reads so far came from, for reports: `device` when every one came from
-    /// the disk itself, else `page cache`.
+    /// Where reads come from, for reports: `device` (direct I/O), or `page cache` where
+    /// the filesystem refuses direct I/O.
     pub fn read_back(&self) -> &'static str {
-        if self.direct.is_some() && !self.fell_back.load(Ordering::Relaxed) {
+        if self.direct().is_some() {
             "device"
         } else {
             "page cache"
         }
     }
 
-    /// Read `len` bytes at `off` into the aligned `buf` (at least `len + 2 * ALIGN`
+    /// Read `len` bytes at `off` into the aligned `buf` (at least `len + 2 * align`
     /// long). With `O_DIRECT` the range is read with the blocks around it, so none of
-    /// it comes from the page cache; without (or at the unaligned end of an odd-sized
-    /// disk), through the page cache.
+    /// it comes from the page cache, except past the last whole block of a disk whose
+    /// size is not a multiple of it.
     fn read_into<'a>(&self, buf: &'a mut [u8], off: u64, len: u64) -> io::Result<&'a [u8]> {
-        let a = ALIGN as u64;
-        let (lo, hi) = (off / a * a, (off + len).div_ceil(a) * a);
-        let skip = (off - lo) as usize;
-        let direct = self
-            .direct
-            .as_ref()
-            .is_some_and(|d| d.read_exact_at(&mut buf[..(hi - lo) as usize], lo).is_ok());
-        if direct {
-            return Ok(&buf[skip..skip + len as usize]);
-        }
-        if self.direct.is_some() {
-            self.fell_back.store(true, Ordering::Relaxed);
+        let end = off
+            .checked_add(len)
+            .ok_or_else(|| invalid("read past the end of any disk"))?;
+        let a = self.align;
+        let lo = off / a * a;
+        let direct_end = end.div_ceil(a).saturating_mul(a).min(self.size / a * a);
+        if let Some(d) = self.direct()
+            && direct_end > lo
+        {
+            match d.read_exact_at(&mut buf[..(direct_end - lo) as usize], lo) {
+                Ok(()) => {
+                    if direct_end < end {
+                        let from = direct_end.max(off);
+                        self.file.read_exact_at(
+                            &mut buf[(from - lo) as usize..(end - lo) as usize],
+                            from,
+                        )?;
+                    }
+                    let skip = (off - lo) as usize;
+                    return Ok(&buf[skip..skip + len as usize]);
+                }
+                Err(e) if is_refusal(&e) => self.refused.store(true, Ordering::Relaxed),
+                Err(e) => return Err(e),
+            }
         }
         let part = &mut buf[..len as usize];
         self.file.read_exact_at(part, off)?;
@@ -190,11 +235,11 @@ mod tests {
 
     #[test]
     fn split_leaves_only_the_unaligned_edges() {
-        assert_eq!(split(0, 8192), (0, 8192, 0));
-        assert_eq!(split(100, 10_000), (3996, 4096, 1908));
-        assert_eq!(split(100, 50), (50, 0, 0));
-        assert_eq!(split(4096, 4095), (0, 0, 4095));
-        assert_eq!(split(4095, 4097), (1, 4096, 0));
+        assert_eq!(split(0, 8192, 4096), (0, 8192, 0));
+        assert_eq!(split(100, 10_000, 4096), (3996, 4096, 1908));
+        assert_eq!(split(100, 50, 4096), (50, 0, 0));
+        assert_eq!(split(4096, 4095, 4096), (0, 0, 4095));
+        assert_eq!(split(4095, 4097, 4096), (1, 4096, 0));
     }
 
     /// Two chunks whose pieces start and end inside blocks, and share one block, land
@@ -210,13 +255,15 @@ mod tests {
             let mut disk = Disk::open(&path, true).expect("open");
             if !direct {
                 disk.direct = None;
+            } else if disk.direct.is_none() {
+                eprintln!("the temporary directory's filesystem refuses O_DIRECT: page cache only");
             }
             let a: Vec<(u64, u64)> = vec![(100, 20_000), (65_536, 8192)];
             let b: Vec<(u64, u64)> = vec![(20_100, 5000), (131_072 + 7, 3)];
             let (da, db) = (noise(28_192), noise(5003));
             let cached_a = disk.write_pieces(&a, &da).expect("write a");
             disk.write_pieces(&b, &db).expect("write b");
-            if disk.direct.is_some() {
+            if disk.direct.is_some() && disk.align == 4096 {
                 // 100..4096 and 16384..20100 through the cache; the rest direct.
                 assert_eq!(cached_a, 3996 + 3716);
             } else {
@@ -236,6 +283,38 @@ mod tests {
                 disk.hash_pieces(&b).expect("hash b").0,
                 *blake3::hash(&db).as_bytes()
             );
+        }
+    }
+
+    /// A disk whose size is not a multiple of the block: a chunk that ends in its last,
+    /// partial block is written and read back whole, and the read-back still counts as
+    /// the device's.
+    #[test]
+    fn a_piece_in_the_partial_last_block_of_an_odd_sized_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk");
+        let size = (1u64 << 20) + 512;
+        File::create(&path)
+            .and_then(|f| f.set_len(size))
+            .expect("disk");
+        let disk = Disk::open(&path, true).expect("open");
+        let piece = [(size - 9000, 9000)];
+        let data = noise(9000);
+        disk.write_pieces(&piece, &data).expect("write");
+        disk.file().sync_all().expect("sync");
+        assert_eq!(
+            disk.hash_pieces(&piece).expect("hash").0,
+            *blake3::hash(&data).as_bytes()
+        );
+        let mut seen = Vec::new();
+        disk.read_windows(size - 9000, 9000, 4000, |_, b| {
+            seen.extend_from_slice(b);
+            Ok(true)
+        })
+        .expect("windows");
+        assert_eq!(seen, data);
+        if disk.direct.is_some() {
+            assert_eq!(disk.read_back(), "device");
         }
     }
 

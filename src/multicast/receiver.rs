@@ -27,6 +27,9 @@ const TICK: Duration = Duration::from_millis(100);
 const SETTLE: u32 = 64;
 /// ...and asked for again after this long.
 const RENACK: Duration = Duration::from_millis(300);
+/// How long a turn waits for a datagram, and the most reads per socket in one turn.
+const WAIT: Duration = Duration::from_millis(20);
+const READS_PER_TURN: usize = 64;
 /// Wants per report (in datagrams of [`wire::WANTS_PER_STATUS`]).
 const MAX_WANTS: usize = 40 * wire::WANTS_PER_STATUS;
 
@@ -227,8 +230,7 @@ fn open(cfg: &ReceiveConfig) -> Result<(UdpSocket, UdpSocket), McastError> {
     set_rcvbuf(&s, 64 << 20);
     // Datagrams a sender batched stay together up to this socket: one read, not 44.
     super::set_int_option(&s, libc::SOL_UDP, libc::UDP_GRO, 1);
-    s.set_read_timeout(Some(Duration::from_millis(20)))
-        .map_err(io(what()))?;
+    s.set_nonblocking(true).map_err(io(what()))?;
     // The control socket: reports go out by it, and repairs meant for this receiver
     // alone come in by it, as batched as the group's data.
     let c = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io(what()))?;
@@ -238,6 +240,23 @@ fn open(cfg: &ReceiveConfig) -> Result<(UdpSocket, UdpSocket), McastError> {
     super::set_int_option(&c, libc::SOL_UDP, libc::UDP_GRO, 1);
     c.set_nonblocking(true).map_err(io(what()))?;
     Ok((s.into(), c.into()))
+}
+
+/// Wait up to `timeout` for either socket to have a datagram; which ones have.
+fn readable(a: &UdpSocket, b: &UdpSocket, timeout: Duration) -> (bool, bool) {
+    use std::os::fd::AsRawFd;
+    let mut fds = [a.as_raw_fd(), b.as_raw_fd()].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: `fds` is a live array of two pollfd, its length passed with it.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis() as libc::c_int) };
+    if n <= 0 {
+        // Nothing came (or a signal): a read would say so anyway.
+        return (n < 0, n < 0);
+    }
+    (fds[0].revents != 0, fds[1].revents != 0)
 }
 
 /// A receive buffer large enough to ride out the writer falling behind for a moment;
@@ -339,23 +358,24 @@ impl Rx<'_> {
             if *remaining == 0 {
                 break;
             }
-            // The group's datagrams (waiting up to the socket's timeout), then whatever
-            // came to this receiver alone.
-            for (sock, drain) in [(self.data, false), (self.ctrl, true)] {
-                loop {
+            // The group's datagrams and those sent to this receiver alone, whichever
+            // came; a bounded number of reads each, so reports keep their pace.
+            let ready = readable(self.data, self.ctrl, WAIT);
+            for (sock, via_ctrl, is_ready) in
+                [(self.data, false, ready.0), (self.ctrl, true, ready.1)]
+            {
+                for _ in 0..if is_ready { READS_PER_TURN } else { 0 } {
                     let (n, segment, from) = match recv_segments(sock, &mut buf) {
                         Ok(x) => x,
                         Err(e)
                             if matches!(
                                 e.kind(),
-                                ErrorKind::WouldBlock
-                                    | ErrorKind::TimedOut
-                                    | ErrorKind::ConnectionRefused
+                                ErrorKind::WouldBlock | ErrorKind::ConnectionRefused
                             ) =>
                         {
                             break;
                         }
-                        Err(e) => return Err(io("receiving multicast datagrams")(e)),
+                        Err(e) => return Err(io("receiving datagrams")(e)),
                     };
                     // Datagrams the kernel kept together (UDP GRO) come in one read,
                     // each `segment` bytes but the last.
@@ -367,6 +387,7 @@ impl Rx<'_> {
                                     session,
                                     msg,
                                     from,
+                                    via_ctrl,
                                     done,
                                     uniq,
                                     jobs,
@@ -377,10 +398,6 @@ impl Rx<'_> {
                             }
                             Err(why) => debug!(%from, why, "dropped a datagram"),
                         }
-                    }
-                    if !drain {
-                        // One read of the group per turn: reports keep their pace.
-                        break;
                     }
                 }
             }
@@ -421,6 +438,7 @@ impl Rx<'_> {
         session: u64,
         msg: Msg,
         from: SocketAddr,
+        via_ctrl: bool,
         done: &[bool],
         uniq: &[(Digest, u32, Vec<usize>)],
         jobs: &mpsc::SyncSender<(u32, Vec<u8>)>,
@@ -473,14 +491,21 @@ impl Rx<'_> {
                 }
                 self.last_datagram = Instant::now();
                 self.report.datagrams += 1;
-                match self.highest {
-                    Some(h) if d.seq > h => {
-                        self.report.lost += u64::from(d.seq - h - 1);
-                        self.highest = Some(d.seq);
+                // Losses are counted on the group's sequence; a repair sent to this
+                // receiver alone is not part of it and may overtake the group's queue.
+                let seq = if via_ctrl {
+                    self.highest.unwrap_or(0)
+                } else {
+                    match self.highest {
+                        Some(h) if d.seq > h => {
+                            self.report.lost += u64::from(d.seq - h - 1);
+                            self.highest = Some(d.seq);
+                        }
+                        None => self.highest = Some(d.seq),
+                        _ => {}
                     }
-                    None => self.highest = Some(d.seq),
-                    _ => {}
-                }
+                    d.seq
+                };
                 let u = d.chunk as usize;
                 if u >= uniq.len() || done[u] || self.writing.contains(&d.chunk) {
                     self.report.duplicates += 1;
@@ -513,7 +538,7 @@ impl Rx<'_> {
                             buf: vec![0; clen],
                             got: vec![false; d.parts as usize],
                             missing: d.parts,
-                            seq: d.seq,
+                            seq,
                             asked: None,
                         },
                     );
@@ -528,7 +553,7 @@ impl Rx<'_> {
                 p.buf[start..start + d.bytes.len()].copy_from_slice(d.bytes);
                 p.got[d.part as usize] = true;
                 p.missing -= 1;
-                p.seq = p.seq.max(d.seq);
+                p.seq = p.seq.max(seq);
                 if p.missing == 0
                     && let Some(p) = self.partial.remove(&d.chunk)
                 {

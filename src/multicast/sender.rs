@@ -370,8 +370,6 @@ impl Tx<'_> {
                         pass_done = true;
                         pass_end = Instant::now();
                         self.report.pass_secs = started.elapsed().as_secs_f64();
-                        self.report.pass_datagrams = self.report.datagrams + 1;
-                        self.report.pass_repairs = self.report.repair_datagrams;
                         self.phase = Phase::Repairing;
                     }
                     Some((c, None))
@@ -457,12 +455,8 @@ impl Tx<'_> {
         };
         let unicast = to != SocketAddr::from(self.cfg.group);
         // A datagram to one receiver takes no number of the group's sequence, by which
-        // the others count their losses: it repeats the last one sent.
-        let seq = if unicast {
-            self.seq.saturating_sub(1)
-        } else {
-            self.seq
-        };
+        // receivers count their losses; they leave it out of that count.
+        let seq = self.seq;
         let (session, prefix) = (self.session, self.prefix);
         let mut buf = std::mem::take(&mut self.buf);
         let data = self.load(chunk)?;
@@ -494,6 +488,11 @@ impl Tx<'_> {
         self.report.datagrams += 1;
         self.report.repair_datagrams += u64::from(repair.is_some());
         self.report.repairs_unicast += u64::from(unicast);
+        if repair.is_none() {
+            // After the pass's last datagram these are the pass's figures.
+            self.report.pass_datagrams = self.report.datagrams;
+            self.report.pass_repairs = self.report.repair_datagrams;
+        }
         self.report.wire_bytes += frame as u64;
         self.report.data_bytes += (end - start) as u64;
         let r = match self.segment {
@@ -563,6 +562,12 @@ impl Tx<'_> {
                 // A full socket buffer or queue: wait for it to drain.
                 Err(e) if e.kind() == ErrorKind::WouldBlock || e.raw_os_error() == Some(105) => {
                     std::thread::sleep(Duration::from_micros(50));
+                }
+                // One receiver's path failing (a firewall, a route) ends nothing: that
+                // receiver asks again or fetches over HTTP.
+                Err(e) if to != SocketAddr::from(self.cfg.group) => {
+                    debug!(%to, error = %e, "a datagram to one receiver was not sent");
+                    return Ok(());
                 }
                 Err(e) => return Err(io(format!("sending to {to}"))(e)),
             }

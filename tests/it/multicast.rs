@@ -155,6 +155,51 @@ fn report(log: &str) -> serde_json::Value {
     }
 }
 
+/// `fleetwave multicast send IMAGE` in `srv` from `store` to `group`, waiting for
+/// `min` receivers, at `rate`; its output goes to `log`.
+fn send(
+    lab: &Lab,
+    store: &Path,
+    image: &str,
+    group: &str,
+    min: &str,
+    rate: &str,
+    log: &Path,
+) -> Child {
+    let mut c = lab.cmd("srv", env!("CARGO_BIN_EXE_fleetwave"));
+    c.args(["multicast", "send", image, "--store"])
+        .arg(store)
+        .args(["--group", group, "--bind", SERVER, "--min-receivers", min])
+        .args(["--max-wait", "60s", "--max-rate", rate, "--json"]);
+    spawn(c, log)
+}
+
+/// `fleetwave agent deploy VERSION TARGET --multicast GROUP --json` in `host`, onto a
+/// new empty file; the output goes to TARGET.log.
+fn receive(
+    lab: &Lab,
+    host: &str,
+    store: &Path,
+    version: &str,
+    group: &str,
+    target: &Path,
+) -> Child {
+    std::fs::File::create(target).expect("target");
+    let mut c = lab.cmd(host, env!("CARGO_BIN_EXE_fleetwave"));
+    c.args(["agent", "deploy", version])
+        .arg(target)
+        .arg("--store")
+        .arg(store)
+        .args(["--multicast", group, "--json"]);
+    spawn(c, &log_of(target))
+}
+
+fn log_of(target: &Path) -> PathBuf {
+    let mut p = target.as_os_str().to_owned();
+    p.push(".log");
+    PathBuf::from(p)
+}
+
 #[test]
 fn a_wave_converges_by_multicast_with_a_late_a_restarted_and_a_lossy_receiver() {
     if !tools() {
@@ -306,25 +351,11 @@ fn sessions_on_one_port_do_not_mix_a_wrong_session_is_refused_and_shutdown_ends_
     let store = d.join("store");
     let (img_a, a) = image(d, &store, "alpha", 3);
     let (img_b, b) = image(d, &store, "beta", 5);
-    let fw = env!("CARGO_BIN_EXE_fleetwave");
     let send = |image: &str, group: &str, min: &str, log: &str| {
-        let mut c = lab.cmd("srv", fw);
-        c.args(["multicast", "send", image, "--store"])
-            .arg(&store)
-            .args(["--group", group, "--bind", SERVER, "--min-receivers", min])
-            .args(["--max-wait", "60s", "--max-rate", "0"]);
-        spawn(c, &d.join(log))
+        send(&lab, &store, image, group, min, "0", &d.join(log))
     };
     let receive = |host: &str, image: &str, group: &str, target: &str| {
-        let t = d.join(target);
-        std::fs::File::create(&t).expect("target");
-        let mut c = lab.cmd(host, fw);
-        c.args(["agent", "deploy", image])
-            .arg(&t)
-            .arg("--store")
-            .arg(&store)
-            .args(["--multicast", group, "--json"]);
-        spawn(c, &d.join(format!("{target}.log")))
+        receive(&lab, host, &store, image, group, &d.join(target))
     };
     // Two sessions on the same port, different groups; r1 receives both at once.
     let sa = send("alpha", "239.28.0.1:9000", "2", "send-a.log");
@@ -397,39 +428,27 @@ fn a_lossy_receivers_repairs_go_to_it_alone_and_take_a_bounded_share_of_the_pass
     let (img, digest) = image(d, &store, "gamma", 7);
     // Far more loss than the share of the pass repairs may take.
     lose(&lab, "r1", 25);
-    let fw = env!("CARGO_BIN_EXE_fleetwave");
-    let mut c = lab.cmd("srv", fw);
-    c.args(["multicast", "send", "gamma", "--store"])
-        .arg(&store)
-        .args(["--group", "239.28.0.4:9000", "--bind", SERVER])
-        .args([
-            "--min-receivers",
-            "2",
-            "--max-wait",
-            "60s",
-            "--max-rate",
-            "200Mbit",
-        ])
-        .arg("--json");
-    let sender = spawn(c, &d.join("send.log"));
+    let group = "239.28.0.4:9000";
+    let sender = send(
+        &lab,
+        &store,
+        "gamma",
+        group,
+        "2",
+        "200Mbit",
+        &d.join("send.log"),
+    );
     let receivers: Vec<_> = ["r1", "r2"]
         .iter()
         .map(|host| {
-            let t = d.join(format!("{host}.img"));
-            std::fs::File::create(&t).expect("target");
-            let mut c = lab.cmd(host, fw);
-            c.args(["agent", "deploy", &digest])
-                .arg(&t)
-                .arg("--store")
-                .arg(&store)
-                .args(["--multicast", "239.28.0.4:9000", "--json"]);
-            (*host, spawn(c, &d.join(format!("{host}.log"))))
+            let target = d.join(format!("{host}.img"));
+            (*host, receive(&lab, host, &store, &digest, group, &target))
         })
         .collect();
     let limit = Duration::from_secs(120);
     let mut reports = Vec::new();
     for (host, child) in receivers {
-        let (code, out) = finish(child, &d.join(format!("{host}.log")), limit);
+        let (code, out) = finish(child, &log_of(&d.join(format!("{host}.img"))), limit);
         assert_eq!(code, 0, "{host}: {out}");
         assert!(
             same(&img, &d.join(format!("{host}.img"))),
