@@ -29,6 +29,18 @@ fn lab() -> Option<Lab> {
     Some(lab)
 }
 
+/// The lab, a work directory and the path of a store in it; `None` (a skip) without
+/// the tools or root.
+fn setup() -> Option<(Lab, tempfile::TempDir, PathBuf)> {
+    if !tools() {
+        return None;
+    }
+    let lab = lab()?;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    Some((lab, dir, store))
+}
+
 fn tools() -> bool {
     tool("e2fsprogs", "/usr/sbin/mkfs.ext4")
         && tool("nftables", "/usr/sbin/nft")
@@ -340,15 +352,10 @@ fn a_wave_converges_by_multicast_with_a_late_a_restarted_and_a_lossy_receiver() 
 
 #[test]
 fn sessions_on_one_port_do_not_mix_a_wrong_session_is_refused_and_shutdown_ends_them() {
-    if !tools() {
-        return;
-    }
-    let Some(lab) = lab() else {
+    let Some((lab, dir, store)) = setup() else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let store = d.join("store");
     let (img_a, a) = image(d, &store, "alpha", 3);
     let (img_b, b) = image(d, &store, "beta", 5);
     let send = |image: &str, group: &str, min: &str, log: &str| {
@@ -416,15 +423,10 @@ fn sessions_on_one_port_do_not_mix_a_wrong_session_is_refused_and_shutdown_ends_
 
 #[test]
 fn a_lossy_receivers_repairs_go_to_it_alone_and_take_a_bounded_share_of_the_pass() {
-    if !tools() {
-        return;
-    }
-    let Some(lab) = lab() else {
+    let Some((lab, dir, store)) = setup() else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let store = d.join("store");
     let (img, digest) = image(d, &store, "gamma", 7);
     // Far more loss than the share of the pass repairs may take.
     lose(&lab, "r1", 25);
