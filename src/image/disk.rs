@@ -32,13 +32,12 @@ fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
-/// `len` bytes at disk offset `off`, split where direct I/O can take over: a head up
-/// to the first `a`-aligned offset, an aligned middle, and a tail after it. Chunks are
-/// cut by content, so most start and end inside a block.
-fn split(off: u64, len: u64, a: u64) -> (u64, u64, u64) {
+/// `len` bytes at disk offset `off`, split where direct I/O can take over: the lengths
+/// of a head up to the first `a`-aligned offset and of an aligned middle; the rest is
+/// the tail. Chunks are cut by content, so most start and end inside a block.
+fn split(off: u64, len: u64, a: u64) -> (u64, u64) {
     let head = ((a - off % a) % a).min(len);
-    let middle = (len - head) / a * a;
-    (head, middle, len - head - middle)
+    (head, (len - head) / a * a)
 }
 
 /// `len` bytes of `v` starting on an `align` boundary, `v` grown as needed.
@@ -85,9 +84,21 @@ impl Disk {
         })
     }
 
-    /// The descriptor through the page cache: sizing, zero extents, syncs, tables.
+    /// The descriptor through the page cache: zero extents, syncs, tables.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Size a file target to `bytes`; direct reads then reach its new end.
+    pub fn set_len(&mut self, bytes: u64) -> io::Result<()> {
+        self.file.set_len(bytes)?;
+        self.size = bytes;
+        Ok(())
     }
 
     fn direct(&self) -> Option<&File> {
@@ -108,9 +119,9 @@ impl Disk {
                 .ok_or_else(|| invalid("chunk placed past the end of any disk"))?;
             let part = &data[at..at + len as usize];
             at += len as usize;
-            let (head, middle, _) = match self.direct() {
+            let (head, middle) = match self.direct() {
                 Some(_) => split(off, len, self.align),
-                None => (len, 0, 0),
+                None => (len, 0),
             };
             let (h, m) = (head as usize, (head + middle) as usize);
             self.file.write_all_at(&part[..h], off)?;
@@ -235,11 +246,12 @@ mod tests {
 
     #[test]
     fn split_leaves_only_the_unaligned_edges() {
-        assert_eq!(split(0, 8192, 4096), (0, 8192, 0));
-        assert_eq!(split(100, 10_000, 4096), (3996, 4096, 1908));
-        assert_eq!(split(100, 50, 4096), (50, 0, 0));
-        assert_eq!(split(4096, 4095, 4096), (0, 0, 4095));
-        assert_eq!(split(4095, 4097, 4096), (1, 4096, 0));
+        // (head, middle); the tail is what is left: 0, 1908, 0, 4095, 0.
+        assert_eq!(split(0, 8192, 4096), (0, 8192));
+        assert_eq!(split(100, 10_000, 4096), (3996, 4096));
+        assert_eq!(split(100, 50, 4096), (50, 0));
+        assert_eq!(split(4096, 4095, 4096), (0, 0));
+        assert_eq!(split(4095, 4097, 4096), (1, 4096));
     }
 
     /// Two chunks whose pieces start and end inside blocks, and share one block, land
@@ -249,10 +261,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("disk");
         for direct in [true, false] {
-            File::create(&path)
-                .and_then(|f| f.set_len(1 << 20))
-                .expect("disk");
+            // Empty, then sized through the disk, as a deploy sizes a new file target.
+            File::create(&path).expect("disk");
             let mut disk = Disk::open(&path, true).expect("open");
+            disk.set_len(1 << 20).expect("size");
+            assert_eq!(disk.size(), 1 << 20);
             if !direct {
                 disk.direct = None;
             } else if disk.direct.is_none() {

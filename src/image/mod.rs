@@ -65,6 +65,15 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> ImageError + '_ {
     }
 }
 
+/// Start writing `f`'s dirty pages to the disk without waiting: a later fsync then
+/// mostly waits for writes already under way.
+fn start_writeback(f: &File) {
+    // SAFETY: a valid descriptor owned by `f`; the call takes no pointers.
+    unsafe {
+        libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// The size of a disk or disk image file.
 pub fn disk_size(mut f: &File) -> io::Result<u64> {
     let meta = f.metadata()?;
@@ -488,10 +497,9 @@ pub fn deploy_metered(
 /// A deploy's target, opened and checked against the manifest: the unicast deploy
 /// writes all of it, a multicast receiver first writes what the session brings.
 pub struct Target {
+    /// The target; its size is at least the image's.
     disk: disk::Disk,
     pub path: PathBuf,
-    /// The target's size (at least the image's).
-    pub bytes: u64,
     is_file: bool,
     /// An earlier deploy of this version was interrupted: chunks may be there already.
     resume: bool,
@@ -510,14 +518,12 @@ impl Target {
     /// version so an interrupted deploy resumes.
     pub fn open(digest: &Digest, m: &Manifest, target: &Path) -> Result<Target> {
         let started = Instant::now();
-        let disk = disk::Disk::open(target, true).map_err(io_err(target))?;
-        let file = disk.file();
-        let mut bytes = disk_size(file).map_err(io_err(target))?;
-        let is_file = file.metadata().map(|x| x.is_file()).unwrap_or(false);
-        if is_file && bytes == 0 {
-            file.set_len(m.disk_bytes).map_err(io_err(target))?;
-            bytes = m.disk_bytes;
+        let mut disk = disk::Disk::open(target, true).map_err(io_err(target))?;
+        let is_file = disk.file().metadata().is_ok_and(|x| x.is_file());
+        if is_file && disk.size() == 0 {
+            disk.set_len(m.disk_bytes).map_err(io_err(target))?;
         }
+        let bytes = disk.size();
         if bytes < m.disk_bytes {
             return Err(ImageError::TooSmall {
                 path: target.to_owned(),
@@ -536,7 +542,6 @@ impl Target {
         Ok(Target {
             disk,
             path: target.to_owned(),
-            bytes,
             is_file,
             resume,
             started,
@@ -581,15 +586,7 @@ impl Target {
                 .is_ok()
         {
             // Start writing back what is dirty so far; fsync at the end still waits for all.
-            // SAFETY: a valid descriptor owned by `self.disk`; the call takes no pointers.
-            unsafe {
-                libc::sync_file_range(
-                    self.disk.file().as_raw_fd(),
-                    0,
-                    0,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
+            start_writeback(self.disk.file());
         }
         Ok(())
     }
@@ -655,11 +652,11 @@ impl Target {
         let Target {
             disk,
             path,
-            bytes: target_bytes,
             is_file,
             started,
             ..
         } = self;
+        let target_bytes = disk.size();
         let target = path.as_path();
         // Zeros the image holds: holes in a sparse file stay holes; anything else is zeroed.
         let file = disk.file();
