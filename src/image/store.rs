@@ -220,11 +220,8 @@ impl Store {
         let tmp = self.tmp_path();
         let written = File::create(&tmp).and_then(|mut f| {
             f.write_all(compressed)?;
-            // Start writeback now, so that the flush mostly waits for writes under way.
-            // SAFETY: a valid descriptor owned by `f`; the call takes no pointers.
-            unsafe {
-                libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-            }
+            // Now, so that the flush mostly waits for writes under way.
+            super::start_writeback(&f);
             Ok(f)
         });
         let file = match written {

@@ -364,7 +364,10 @@ impl Rx<'_> {
             for (sock, via_ctrl, is_ready) in
                 [(self.data, false, ready.0), (self.ctrl, true, ready.1)]
             {
-                for _ in 0..if is_ready { READS_PER_TURN } else { 0 } {
+                if !is_ready {
+                    continue;
+                }
+                for _ in 0..READS_PER_TURN {
                     let (n, segment, from) = match recv_segments(sock, &mut buf) {
                         Ok(x) => x,
                         Err(e)
