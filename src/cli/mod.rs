@@ -5,6 +5,7 @@ pub mod agent;
 pub mod image;
 pub mod multicast;
 pub mod serve;
+pub mod status;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

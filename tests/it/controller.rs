@@ -1,0 +1,488 @@
+//! The whole server (`server::run`: source follower, controller, state, HTTP with the
+//! agent and operator APIs) on loopback, driven by real git commits and by the real
+//! agent library against disk image files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetwave::agent::run::{Boot, run as agent_run};
+use fleetwave::protocol::FleetStatus;
+use fleetwave::server::{self, Listeners};
+use fleetwave::source::watch::Origin;
+use tokio_util::sync::CancellationToken;
+
+use crate::{fleetwave as cli, mkfs_ext4, tool};
+
+/// A server running in its own runtime thread; stopped on drop.
+pub struct Running {
+    pub url: String,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Secrets for the operator's API.
+#[derive(Default, Clone)]
+pub struct Secrets {
+    pub admin: Option<String>,
+    pub webhook: Option<String>,
+}
+
+/// `server::run` on 127.0.0.1:0 following `origin`, state under `dir/state`, images in
+/// `store`; the origin is read every 200 ms.
+pub fn serve(dir: &Path, origin: Origin, store: &Path, secrets: Secrets) -> Running {
+    serve_with(dir, origin, store, secrets, dir, dir)
+}
+
+/// [`serve`] with the TFTP/iPXE and netboot file roots.
+pub fn serve_with(
+    dir: &Path,
+    origin: Origin,
+    store: &Path,
+    secrets: Secrets,
+    ipxe: &Path,
+    files: &Path,
+) -> Running {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let http = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let url = format!("http://{}", http.local_addr().expect("addr"));
+    let config = server::Config {
+        origin,
+        interval: Duration::from_millis(200),
+        state_dir: dir.join("state"),
+        ipxe_dir: ipxe.to_owned(),
+        files_dir: files.to_owned(),
+        image_store: store.to_owned(),
+        base_url: url.clone(),
+        admin_token: secrets.admin,
+        webhook_secret: secrets.webhook,
+        policy: Default::default(),
+        clock: Arc::new(fleetwave::clock::SystemClock::default()),
+    };
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let listeners = Listeners {
+            http,
+            tftp: None,
+            dhcp: None,
+        };
+        if let Err(e) = rt.block_on(server::run(config, listeners, None, s)) {
+            eprintln!("server stopped: {e:#}");
+        }
+    });
+    Running {
+        url,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// An HTTP client that hands back error statuses instead of failing on them.
+pub fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+pub fn get(url: &str) -> (u16, String) {
+    let mut r = http().get(url).call().expect("GET");
+    let status = r.status().as_u16();
+    (status, r.body_mut().read_to_string().unwrap_or_default())
+}
+
+pub fn status(url: &str) -> FleetStatus {
+    let (code, body) = get(&format!("{url}/api/v1/status"));
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+/// Poll the status until `pred` holds; panics with the last status after `limit`.
+pub fn wait_for(
+    url: &str,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&FleetStatus) -> bool,
+) -> FleetStatus {
+    let start = Instant::now();
+    loop {
+        let s = status(url);
+        if pred(&s) {
+            return s;
+        }
+        if start.elapsed() > limit {
+            panic!(
+                "waited {limit:?} for {what}; status:\n{}",
+                serde_json::to_string_pretty(&s).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn state_of<'a>(s: &'a FleetStatus, host: &str) -> &'a str {
+    s.hosts
+        .iter()
+        .find(|h| h.name == host)
+        .map(|h| h.state.as_str())
+        .unwrap_or("absent")
+}
+
+/// `mac`'s iPXE script.
+pub fn script(url: &str, mac: &str) -> String {
+    get(&format!("{url}/boot/{mac}.ipxe")).1
+}
+
+/// The token on the kernel line of `mac`'s script, if the script boots the agent.
+pub fn token(url: &str, mac: &str) -> Option<String> {
+    script(url, mac)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("fleetwave.token="))
+        .map(str::to_string)
+}
+
+/// The agent library, as the netboot environment runs it, against `disk`.
+pub fn agent(url: &str, mac: &str, token: &str, disk: &Path) -> (u8, String) {
+    let boot = Boot {
+        server: url.to_string(),
+        token: token.to_string(),
+        mac: mac.parse().expect("mac"),
+        root: PathBuf::from("/"),
+        disk: Some(disk.to_owned()),
+    };
+    let mut out = Vec::new();
+    let code = match agent_run(&boot, &mut out) {
+        Ok(o) => o.code,
+        Err(e) => {
+            out.extend(format!("error: {e:#}").bytes());
+            2
+        }
+    };
+    (code, String::from_utf8_lossy(&out).to_string())
+}
+
+/// A git repository the test owns: a bare one the server follows, and a work tree
+/// that commits to it.
+pub struct Repo {
+    pub bare: PathBuf,
+    pub work: PathBuf,
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=fleet",
+            "-c",
+            "user.email=fleet@example.org",
+        ])
+        .args(args)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl Repo {
+    pub fn new(dir: &Path) -> Repo {
+        let bare = dir.join("fleet.git");
+        let work = dir.join("fleet-work");
+        std::fs::create_dir_all(&work).expect("mkdir");
+        git(
+            dir,
+            &[
+                "init",
+                "-q",
+                "--bare",
+                "-b",
+                "main",
+                bare.to_str().expect("utf-8"),
+            ],
+        );
+        git(&work, &["init", "-q", "-b", "main"]);
+        git(
+            &work,
+            &["remote", "add", "origin", bare.to_str().expect("utf-8")],
+        );
+        Repo { bare, work }
+    }
+
+    /// Commit `fleet` as fleet.yaml and push it; the commit id.
+    pub fn commit(&self, fleet: &str, message: &str) -> String {
+        std::fs::write(self.work.join("fleet.yaml"), fleet).expect("write");
+        git(&self.work, &["add", "fleet.yaml"]);
+        git(&self.work, &["commit", "-q", "-m", message]);
+        git(&self.work, &["push", "-q", "origin", "main"]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    pub fn origin(&self) -> Origin {
+        Origin::Git {
+            url: format!("file://{}", self.bare.display()),
+            branch: "main".into(),
+            path: "fleet.yaml".into(),
+        }
+    }
+}
+
+const REF: &str = "52:54:00:28:00:10";
+const PC: [&str; 3] = [
+    "52:54:00:28:00:11",
+    "52:54:00:28:00:12",
+    "52:54:00:28:00:13",
+];
+
+/// The lab's shape: a reference captured, a pilot wave of one, a second wave of two.
+fn lab_fleet(generation: u64) -> String {
+    format!(
+        "{}images:
+  win10:
+    os: windows
+    capture: {{from: ref-win10, generation: {generation}}}
+hosts:
+  ref-win10: {{mac: \"{REF}\", site: lab}}
+  pc01: {{mac: \"{}\", site: lab, image: win10, wave: pilot}}
+  pc02: {{mac: \"{}\", site: lab, image: win10, wave: room-a}}
+  pc03: {{mac: \"{}\", site: lab, image: win10, wave: room-a}}
+waves:
+  pilot: {{transport: unicast}}
+  room-a: {{after: [pilot], transport: unicast, max_parallel: 20}}
+",
+        crate::LAB_SITE,
+        PC[0],
+        PC[1],
+        PC[2]
+    )
+}
+
+/// A reference disk: an ext4 filesystem with some files.
+fn reference_disk(d: &Path) -> PathBuf {
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    for i in 0..6u8 {
+        std::fs::write(
+            src.join(format!("f{i}")),
+            crate::bytes(300_000, i as u64 + 1),
+        )
+        .expect("write");
+        std::fs::write(
+            src.join(format!("t{i}")),
+            format!("line {i}\n").repeat(30_000),
+        )
+        .expect("write");
+    }
+    let disk = d.join("ref.img");
+    mkfs_ext4(&src, &disk, 32 << 20, &[]);
+    disk
+}
+
+/// An empty target disk of `bytes`.
+fn blank(path: &Path, bytes: u64) -> PathBuf {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(bytes))
+        .expect("blank disk");
+    path.to_owned()
+}
+
+fn fsck_clean(disk: &Path) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(disk)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        out.status.success(),
+        "{} is not a clean ext4: {}",
+        disk.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_commit_converges_the_lab_wave_by_wave_through_capture_and_verified_deploys() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") || !tool("git", "/usr/bin/git") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let repo = Repo::new(d);
+    let first = repo.commit(&lab_fleet(1), "the lab");
+    let secret = "a-webhook-secret-of-some-length";
+    let server = serve(
+        d,
+        repo.origin(),
+        &d.join("store"),
+        Secrets {
+            admin: Some("an-admin-token-of-some-length".into()),
+            webhook: Some(secret.into()),
+        },
+    );
+    let url = server.url.as_str();
+    let limit = Duration::from_secs(30);
+    // The commit is applied; the reference is armed to capture, the others wait for it.
+    let s = wait_for(url, "the capture armed", limit, |s| {
+        state_of(s, "ref-win10") == "Armed"
+    });
+    assert_eq!(
+        s.applied.as_ref().map(|c| c.id.as_str()),
+        Some(first.as_str())
+    );
+    for (i, pc) in ["pc01", "pc02", "pc03"].iter().enumerate() {
+        assert_eq!(state_of(&s, pc), "Pending", "{pc}");
+        assert!(token(url, PC[i]).is_none(), "{pc} armed before the capture");
+    }
+    // The reference machine boots the agent: it captures.
+    let ref_disk = reference_disk(d);
+    let t = token(url, REF).expect("the reference's script carries a token");
+    let (code, out) = agent(url, REF, &t, &ref_disk);
+    assert_eq!(code, 0, "{out}");
+    // The pilot wave is armed; the second wave is not, until the pilot is Ready.
+    let s = wait_for(url, "the pilot armed", limit, |s| {
+        state_of(s, "pc01") == "Armed"
+    });
+    let captured = s
+        .hosts
+        .iter()
+        .find(|h| h.name == "ref-win10")
+        .map(|h| h.state.clone());
+    assert_eq!(captured.as_deref(), Some("Ready"));
+    assert_eq!(state_of(&s, "pc02"), "Pending");
+    let room = s.waves.iter().find(|w| w.name == "room-a").expect("wave");
+    assert_eq!(room.state, "waiting", "{room:?}");
+    assert!(
+        token(url, PC[1]).is_none(),
+        "the second wave was armed early"
+    );
+    let script1 = script(url, PC[0]);
+    assert!(script1.contains("fleetwave.task=deploy"), "{script1}");
+    // A second fetch of the script gives the same token: one task, one token.
+    let t1 = token(url, PC[0]).expect("token");
+    assert_eq!(token(url, PC[0]).as_deref(), Some(t1.as_str()));
+    let disks: Vec<PathBuf> = (1..=3)
+        .map(|i| blank(&d.join(format!("pc0{i}.img")), 40 << 20))
+        .collect();
+    let (code, out) = agent(url, PC[0], &t1, &disks[0]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deployed and verified"), "{out}");
+    // Its script turns to its own disk; the second wave is armed.
+    let s = wait_for(url, "the second wave armed", limit, |s| {
+        state_of(s, "pc02") == "Armed" && state_of(s, "pc03") == "Armed"
+    });
+    assert_eq!(state_of(&s, "pc01"), "Ready");
+    assert!(
+        script(url, PC[0]).contains("sanboot"),
+        "pc01 is not sent to its disk"
+    );
+    for i in 1..3 {
+        let t = token(url, PC[i]).expect("token");
+        let (code, out) = agent(url, PC[i], &t, &disks[i]);
+        assert_eq!(code, 0, "{out}");
+    }
+    let s = wait_for(url, "every host Ready", limit, |s| {
+        s.hosts.iter().all(|h| h.state == "Ready")
+    });
+    // Every disk holds the captured version, verified by the agent and again here.
+    let version = s.hosts[1].deployed.expect("deployed");
+    for (h, disk) in s.hosts[1..].iter().zip(&disks) {
+        assert_eq!(h.deployed, Some(version), "{}", h.name);
+        fsck_clean(disk);
+        let (code, out) = cli(&[
+            "agent",
+            "verify",
+            &version.to_string(),
+            disk.to_str().expect("utf-8"),
+            "--store",
+            d.join("store").to_str().expect("utf-8"),
+        ]);
+        assert_eq!(code, 0, "{out}");
+    }
+    // The events tell the story, in order.
+    let (code, body) = get(&format!("{url}/api/v1/events"));
+    assert_eq!(code, 200);
+    let events: Vec<serde_json::Value> = serde_json::from_str(&body).expect("events");
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    let pos = |k: &str, host: &str| {
+        events
+            .iter()
+            .position(|e| e["kind"] == k && e["host"] == host)
+            .unwrap_or_else(|| panic!("no {k} event for {host}: {kinds:?}"))
+    };
+    assert!(pos("Ready", "pc01") < pos("Armed", "pc02"), "{kinds:?}");
+    // The pilot is armed once the capture's version is committed, not before.
+    assert!(
+        pos("ImageVersionCommitted", "ref-win10") < pos("Armed", "pc01"),
+        "{kinds:?}"
+    );
+
+    // A bad commit is Stalled with its place; the last good one keeps serving.
+    let bad = repo.commit(
+        &lab_fleet(1).replace("wave: pilot}", "wave: pilot, disk: {size: lots}}"),
+        "a mistake",
+    );
+    let s = wait_for(url, "the bad commit seen", limit, |s| {
+        s.attempted.as_ref().is_some_and(|c| c.id == bad)
+    });
+    let problems = &s.attempted.as_ref().expect("attempted").problems;
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("fleet.yaml:") && p.contains("size")),
+        "{problems:?}"
+    );
+    assert_eq!(
+        s.applied.as_ref().map(|c| c.id.as_str()),
+        Some(first.as_str())
+    );
+    assert!(s.hosts.iter().all(|h| h.state == "Ready"));
+    // A webhook with a wrong signature is refused; a right one fetches at once.
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let hook = |sig: &str| {
+        http()
+            .post(format!("{url}/api/v1/hooks/git"))
+            .header("X-Hub-Signature-256", sig)
+            .send(body)
+            .expect("POST")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(hook("sha256=0000"), 401);
+    // The next good commit recovers: a new generation captures again.
+    let good = repo.commit(&lab_fleet(2), "capture again");
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("hmac");
+    mac.update(body.as_bytes());
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(hook(&format!("sha256={sig}")), 202);
+    let s = wait_for(url, "the good commit applied", limit, |s| {
+        s.applied.as_ref().is_some_and(|c| c.id == good) && state_of(s, "ref-win10") == "Armed"
+    });
+    assert!(s.attempted.as_ref().is_some_and(|c| c.problems.is_empty()));
+}
