@@ -35,7 +35,8 @@ enum Command {
         /// The fleet file, or a directory holding fleet.yaml.
         #[arg(default_value = "fleet.yaml")]
         path: PathBuf,
-        /// Observed state as JSON (see docs/observed-state.md); without it nothing is known yet.
+        /// Observed state: a JSON file (docs/observed-state.md) or a running server's URL
+        /// (http://172.28.0.1); without it nothing is known yet.
         #[arg(long)]
         observed: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Text)]

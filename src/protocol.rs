@@ -282,6 +282,10 @@ pub enum Command {
     Status {
         reply: tokio::sync::oneshot::Sender<FleetStatus>,
     },
+    /// What the controller plans with (`plan --observed URL`).
+    Observed {
+        reply: tokio::sync::oneshot::Sender<crate::observed::Observed>,
+    },
     /// Clear a host's failures so it is tried again now.
     Retry {
         host: String,

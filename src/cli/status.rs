@@ -381,3 +381,13 @@ pub fn sync(a: &SyncArgs, out: &mut dyn Write) -> Result<u8> {
     writeln!(out, "the server reads its fleet source now")?;
     Ok(exit::OK)
 }
+
+/// The observed state a server at `url` plans with, as JSON (`plan --observed URL`).
+pub fn fetch_observed(url: &str) -> Result<String> {
+    let server = Server {
+        server: url.to_string(),
+        token_file: None,
+    };
+    let v: serde_json::Value = server.get("observed")?;
+    Ok(v.to_string())
+}

@@ -356,6 +356,9 @@ impl Controller {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Command::Observed { reply } => {
+                let _ = reply.send(self.observed());
+            }
             Command::Retry { host, reply } => {
                 let now = self.parts.clock.now_ms();
                 let r = match self.statuses.get_mut(&host) {

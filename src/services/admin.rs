@@ -1,6 +1,7 @@
 //! The operator's API, under `/api/v1/` beside the agent API:
 //!
-//! - `GET /api/v1/status`: where the fleet stands (JSON); `GET /api/v1/hosts/{name}`:
+//! - `GET /api/v1/status`: where the fleet stands (JSON); `GET /api/v1/observed`: what
+//!   the controller plans with (`plan --observed URL`); `GET /api/v1/hosts/{name}`:
 //!   one host, its tasks and events; `GET /api/v1/events?after=ID`, or as server-sent
 //!   events with `Accept: text/event-stream`; `GET /api/v1/hosts?unknown=true`:
 //!   machines that registered but are not in the fleet. Read-only, open.
@@ -47,6 +48,7 @@ pub struct Control {
 pub fn routes<S: Clone + Send + Sync + 'static>(c: Control) -> Router<S> {
     Router::new()
         .route("/api/v1/status", get(status))
+        .route("/api/v1/observed", get(observed))
         .route("/api/v1/hosts", get(hosts))
         .route("/api/v1/hosts/{name}", get(host))
         .route("/api/v1/events", get(events))
@@ -106,6 +108,23 @@ async fn status(State(c): State<Control>) -> Response {
     match ask_status(&c).await {
         Ok(s) => Json(s).into_response(),
         Err(r) => r,
+    }
+}
+
+async fn observed(State(c): State<Control>) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if c.commands.send(Command::Observed { reply }).is_err() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        );
+    }
+    match rx.await {
+        Ok(o) => Json(o).into_response(),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        ),
     }
 }
 

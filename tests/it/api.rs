@@ -474,3 +474,195 @@ fn tokens_outlive_a_server_restart_until_their_result_spends_them() {
     let rows = state.tokens().expect("tokens");
     assert!(rows.iter().all(|r| r.token != token), "{rows:?}");
 }
+
+/// Every kind of token on every endpoint: a token authorizes exactly its task.
+#[test]
+fn each_kind_of_token_reaches_only_what_its_task_needs() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("a"), bytes(400_000, 3)).expect("write");
+    let fs = d.join("fs.img");
+    mkfs_ext4(&src, &fs, 8 << 20, &[]);
+    let store = Store::open(&d.join("server-store")).expect("store");
+    let cap = fleetwave::image::capture(&fs, &store, Some(("win10", 1)), Default::default())
+        .expect("capture");
+    let version = cap.digest;
+    let m = store.manifest(&version).expect("manifest");
+    let chunk = m.chunks[0].hash;
+    let other_version = format!("blake3:{}", "2".repeat(64));
+    let server = start(d);
+    let url = server.url.as_str();
+    let kinds: Vec<(&str, Task)> = vec![
+        ("register", Task::Register),
+        ("inventory", Task::Inventory { generation: 1 }),
+        ("capture", capture_task(2)),
+        (
+            "wipe",
+            Task::Wipe {
+                mode: fleetwave::spec::WipeMode::Fast,
+                generation: 1,
+            },
+        ),
+        (
+            "deploy",
+            Task::Deploy {
+                image: "win10".into(),
+                version,
+                multicast: None,
+            },
+        ),
+        (
+            "deploy-mc",
+            Task::Deploy {
+                image: "win10".into(),
+                version,
+                multicast: Some("room-a/lab/win10".into()),
+            },
+        ),
+        (
+            "verify",
+            Task::Verify {
+                version,
+                generation: 1,
+            },
+        ),
+    ];
+    let inventory = r#"{"cpu_model": null, "cpu_threads": 1, "memory_bytes": 1, "disks": [], "nics": [], "dmi": {"vendor": null, "product": null, "serial": null, "uuid": null}}"#;
+    let chunk_body = zstd::bulk::compress(&bytes(1000, 9), 3).expect("zstd");
+    let chunk_name = format!("blake3:{}", blake3::hash(&bytes(1000, 9)).to_hex());
+    let manifest = m.to_bytes();
+    // (endpoint, the kinds it allows, the status they get; others get 403).
+    type Call<'a> = (&'a str, &'a str, String, Vec<u8>);
+    let calls: Vec<(Call, Vec<&str>, u16)> = vec![
+        (
+            ("GET", "task", String::new(), vec![]),
+            kinds.iter().map(|k| k.0).collect(),
+            200,
+        ),
+        (
+            ("POST", "register", String::new(), inventory.into()),
+            kinds.iter().map(|k| k.0).collect(),
+            204,
+        ),
+        (
+            (
+                "POST",
+                "progress",
+                String::new(),
+                br#"{"done_bytes": 1, "total_bytes": 2, "bytes_per_sec": 1}"#.to_vec(),
+            ),
+            kinds.iter().map(|k| k.0).collect(),
+            204,
+        ),
+        (
+            (
+                "POST",
+                "chunks/missing",
+                String::new(),
+                format!("[\"{chunk}\"]").into_bytes(),
+            ),
+            vec!["capture"],
+            200,
+        ),
+        (
+            ("PUT", "chunks/", chunk_name.clone(), chunk_body.clone()),
+            vec!["capture"],
+            201,
+        ),
+        (
+            ("GET", "chunks/", chunk.to_string(), vec![]),
+            vec!["deploy", "deploy-mc"],
+            200,
+        ),
+        (("GET", "chunks/", chunk_name.clone(), vec![]), vec![], 200),
+        (
+            ("GET", "manifests/", version.to_string(), vec![]),
+            vec!["deploy", "deploy-mc", "verify"],
+            200,
+        ),
+        (
+            ("GET", "manifests/", other_version.clone(), vec![]),
+            vec![],
+            200,
+        ),
+        (
+            ("PUT", "manifests", String::new(), manifest.clone()),
+            vec!["capture"],
+            201,
+        ),
+        (
+            ("POST", "multicast", String::new(), vec![]),
+            vec!["deploy-mc"],
+            409,
+        ),
+        (
+            (
+                "POST",
+                "result",
+                String::new(),
+                br#"{"ok": true, "digest": null, "message": "x"}"#.to_vec(),
+            ),
+            kinds.iter().map(|k| k.0).collect(),
+            204,
+        ),
+    ];
+    let agent = http();
+    let mut wrong = Vec::new();
+    for (kind, task) in &kinds {
+        let token = server
+            .api
+            .mint(assignment(PC01, task.clone()))
+            .expect("token");
+        for ((method, path, arg, body), allowed, ok) in &calls {
+            let u = format!("{url}/api/v1/{path}{arg}");
+            let auth = format!("Bearer {token}");
+            let r = match *method {
+                "GET" => agent
+                    .get(&u)
+                    .header("Authorization", &auth)
+                    .header("X-Fleetwave-Mac", PC01)
+                    .call(),
+                "PUT" => agent
+                    .put(&u)
+                    .header("Authorization", &auth)
+                    .header("X-Fleetwave-Mac", PC01)
+                    .header("Content-Type", "application/json")
+                    .send(&body[..]),
+                _ => agent
+                    .post(&u)
+                    .header("Authorization", &auth)
+                    .header("X-Fleetwave-Mac", PC01)
+                    .header("Content-Type", "application/json")
+                    .send(&body[..]),
+            };
+            let got = r.expect("request").status().as_u16();
+            let want = if allowed.contains(kind) { *ok } else { 403 };
+            if got != want {
+                wrong.push(format!(
+                    "{kind} token, {method} {path}{arg}: {got}, expected {want}"
+                ));
+            }
+        }
+        // Spent by its result: nothing more.
+        let r = agent
+            .get(format!("{url}/api/v1/task"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .header("X-Fleetwave-Mac", PC01)
+            .call()
+            .expect("GET");
+        assert_eq!(
+            r.status().as_u16(),
+            401,
+            "{kind} token still works after its result"
+        );
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // The capture token committed its manifest under its own image and generation.
+    let rec = store.image("win10").expect("record").expect("win10");
+    assert!(rec.versions.iter().any(|v| v.generation == 2), "{rec:?}");
+}

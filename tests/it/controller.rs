@@ -486,3 +486,291 @@ fn a_commit_converges_the_lab_wave_by_wave_through_capture_and_verified_deploys(
     });
     assert!(s.attempted.as_ref().is_some_and(|c| c.problems.is_empty()));
 }
+
+/// What the netboot environment does: iPXE fetches the script, boots its kernel line,
+/// and `fleetwave agent run` reads it, picks the disk by the host's selector (a loop
+/// device), deploys and reports. Then a verify action (once per generation) finds the
+/// disk intact, and after a byte is changed, drifted.
+#[test]
+fn agent_run_follows_the_script_to_a_verified_disk_and_verify_actions_find_drift() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") || !tool("mount", "/usr/sbin/losetup") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // The version to deploy, already in the server's store.
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("os.txt"), "the golden image\n".repeat(40_000)).expect("write");
+    let fs = d.join("fs.img");
+    mkfs_ext4(&src, &fs, 40 << 20, &[]);
+    let store = fleetwave::image::store::Store::open(&d.join("store")).expect("store");
+    let cap = fleetwave::image::capture(&fs, &store, Some(("linux", 1)), Default::default())
+        .expect("capture");
+    let Some(disk) = crate::Loop::attach(&d.join("disk"), 64 << 20) else {
+        return;
+    };
+    let dev = disk.dev.clone();
+    let pc = PC[0];
+    let fleet = |verify: Option<u64>| {
+        let actions = verify
+            .map(|g| format!("actions: {{verify: {{generation: {g}}}}}, "))
+            .unwrap_or_default();
+        format!(
+            "{}images:\n  linux: {{os: linux}}\nhosts:\n  pc01: {{mac: \"{pc}\", site: lab, image: linux, {actions}disk: {{path: {dev}}}}}\n",
+            crate::LAB_SITE
+        )
+    };
+    std::fs::write(d.join("fleet.yaml"), fleet(None)).expect("write");
+    let server = serve(
+        d,
+        Origin::Dir(d.join("fleet.yaml")),
+        &d.join("store"),
+        Secrets::default(),
+    );
+    let url = server.url.as_str();
+    let limit = Duration::from_secs(30);
+    let cmdline = d.join("cmdline");
+    // The kernel line of the script, run as the netboot kernel would.
+    let run = |task: &str| {
+        let s = wait_for(url, &format!("a {task} armed"), limit, |s| {
+            s.hosts[0]
+                .task
+                .as_deref()
+                .is_some_and(|t| t.starts_with(task))
+        });
+        let script = script(url, pc);
+        let kernel = script
+            .lines()
+            .find(|l| l.starts_with("kernel "))
+            .unwrap_or_else(|| panic!("no kernel line:\n{script}"))
+            .to_string();
+        assert!(
+            kernel.contains(&format!("fleetwave.task={task}")),
+            "{kernel}"
+        );
+        std::fs::write(&cmdline, &kernel).expect("write");
+        let (code, out) = cli(&[
+            "agent",
+            "run",
+            "--cmdline",
+            cmdline.to_str().expect("utf-8"),
+        ]);
+        (s, code, out)
+    };
+    let (_, code, out) = run("deploy");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deployed and verified"), "{out}");
+    fsck_clean(Path::new(&dev));
+    let s = wait_for(url, "pc01 Ready", limit, |s| state_of(s, "pc01") == "Ready");
+    assert_eq!(s.hosts[0].deployed, Some(cap.digest));
+    // The result spent the token: the same kernel line is refused.
+    let (code, out) = cli(&[
+        "agent",
+        "run",
+        "--cmdline",
+        cmdline.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("401"), "{out}");
+
+    // A verify action: the disk holds its version.
+    std::fs::write(d.join("fleet.yaml"), fleet(Some(1))).expect("write");
+    let (_, code, out) = run("verify");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("holds"), "{out}");
+    let s = wait_for(url, "verified", limit, |s| state_of(s, "pc01") == "Ready");
+    assert!(
+        s.hosts[0]
+            .conditions
+            .iter()
+            .any(|c| c.kind == "Drifted" && !c.status),
+        "{:?}",
+        s.hosts[0].conditions
+    );
+    // Once per generation: nothing is armed again for generation 1.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(token(url, pc).is_none(), "the verify ran twice");
+
+    // Change one byte the image holds: the next generation's verify reports drift.
+    let m = store.manifest(&cap.digest).expect("manifest");
+    let at = fleetwave::image::placements(&m)[0][0].0 + 100;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .expect("open disk");
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).expect("read");
+        f.write_all_at(&[!b[0]], at).expect("write");
+        f.sync_all().expect("sync");
+    }
+    std::fs::write(d.join("fleet.yaml"), fleet(Some(2))).expect("write");
+    let (_, code, out) = run("verify");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("drifted"), "{out}");
+    let s = wait_for(url, "drift recorded", limit, |s| {
+        s.hosts[0]
+            .conditions
+            .iter()
+            .any(|c| c.kind == "Drifted" && c.status)
+    });
+    // The default heal policy is to report: nothing is redeployed.
+    assert!(s.hosts[0].task.is_none(), "{:?}", s.hosts[0]);
+}
+
+/// `fleetwave serve` as a process, so it can be killed with SIGKILL.
+struct Process {
+    child: std::process::Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve_process(d: &Path, repo: &Repo, port: u16) -> Process {
+    let child = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+        .args(["serve", "--source"])
+        .arg(format!("file://{}", repo.bare.display()))
+        .args(["--interval", "1s", "--state-dir"])
+        .arg(d.join("state"))
+        .arg("--image-store")
+        .arg(d.join("store"))
+        .args(["--ipxe-dir"])
+        .arg(d)
+        .arg("--files-dir")
+        .arg(d)
+        .args(["--http-port", &port.to_string(), "--tftp-port", "0"])
+        .env("FLEETWAVE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    Process { child }
+}
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[test]
+fn a_server_killed_mid_wave_resumes_without_imaging_any_host_twice() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") || !tool("git", "/usr/bin/git") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let repo = Repo::new(d);
+    // No DHCP on this site: the process needs no interface.
+    let fleet = lab_fleet(1).replace("dhcp: {mode: authoritative, pool: 172.28.0.100-172.28.0.199, router: 172.28.0.1, lease: 1h}", "dhcp: {mode: off}");
+    repo.commit(&fleet, "the lab");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let limit = Duration::from_secs(30);
+    let wait_up = |url: &str| {
+        let start = Instant::now();
+        while http().get(format!("{url}/health")).call().is_err() {
+            assert!(start.elapsed() < limit, "serve did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut server = serve_process(d, &repo, port);
+    wait_up(&url);
+    wait_for(&url, "the capture armed", limit, |s| {
+        state_of(s, "ref-win10") == "Armed"
+    });
+    let ref_disk = reference_disk(d);
+    let t = token(&url, REF).expect("token");
+    let (code, out) = agent(&url, REF, &t, &ref_disk);
+    assert_eq!(code, 0, "{out}");
+    wait_for(&url, "the pilot armed", limit, |s| {
+        state_of(s, "pc01") == "Armed"
+    });
+    let t1 = token(&url, PC[0]).expect("token");
+
+    // SIGKILL, mid-wave: pc01 armed, its agent about to start.
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    drop(server);
+    let server = serve_process(d, &repo, port);
+    wait_up(&url);
+    // The same task and token, not a new one; the capture is not armed again.
+    let s = wait_for(&url, "the restarted server applied", limit, |s| {
+        s.applied.is_some()
+    });
+    assert_eq!(state_of(&s, "ref-win10"), "Ready");
+    assert_eq!(token(&url, PC[0]).as_deref(), Some(t1.as_str()));
+    let disk = blank(&d.join("pc01.img"), 40 << 20);
+    let (code, out) = agent(&url, PC[0], &t1, &disk);
+    assert_eq!(code, 0, "{out}");
+    // The wave resumes: the second wave is armed, run, and everything is Ready.
+    wait_for(&url, "the second wave armed", limit, |s| {
+        state_of(s, "pc02") == "Armed" && state_of(s, "pc03") == "Armed"
+    });
+    for i in 1..3 {
+        let disk = blank(&d.join(format!("pc0{}.img", i + 1)), 40 << 20);
+        let t = token(&url, PC[i]).expect("token");
+        let (code, out) = agent(&url, PC[i], &t, &disk);
+        assert_eq!(code, 0, "{out}");
+    }
+    wait_for(&url, "every host Ready", limit, |s| {
+        s.hosts.iter().all(|h| h.state == "Ready")
+    });
+    // Each host was given exactly one task: none imaged twice, none forgotten.
+    drop(server);
+    let reader = fleetwave::state::Reader::open(&d.join("state/state.db")).expect("state");
+    let tasks = reader.tasks(None, 100).expect("tasks");
+    for host in ["ref-win10", "pc01", "pc02", "pc03"] {
+        let n = tasks.iter().filter(|t| t.host == host).count();
+        assert_eq!(n, 1, "{host} got {n} tasks: {tasks:?}");
+    }
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t.result.as_ref().is_some_and(|r| r.ok)),
+        "{tasks:?}"
+    );
+}
+
+#[test]
+fn plan_reads_the_observed_state_from_a_running_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let fleet = lab_fleet(1);
+    std::fs::write(d.join("fleet.yaml"), &fleet).expect("write");
+    let server = serve(
+        d,
+        Origin::Dir(d.join("fleet.yaml")),
+        &d.join("store"),
+        Secrets::default(),
+    );
+    wait_for(&server.url, "applied", Duration::from_secs(20), |s| {
+        s.applied.is_some()
+    });
+    let (code, out) = cli(&[
+        "plan",
+        d.join("fleet.yaml").to_str().expect("utf-8"),
+        "--observed",
+        &server.url,
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("capture win10"), "{out}");
+    // Unreachable: the error names the URL.
+    let (code, out) = cli(&[
+        "plan",
+        d.join("fleet.yaml").to_str().expect("utf-8"),
+        "--observed",
+        "http://127.0.0.1:9",
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("http://127.0.0.1:9/api/v1/observed"), "{out}");
+}
