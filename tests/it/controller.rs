@@ -716,10 +716,10 @@ fn a_server_killed_mid_wave_resumes_without_imaging_any_host_twice() {
     wait_for(&url, "the second wave armed", limit, |s| {
         state_of(s, "pc02") == "Armed" && state_of(s, "pc03") == "Armed"
     });
-    for i in 1..3 {
+    for (i, mac) in PC.iter().enumerate().skip(1) {
         let disk = blank(&d.join(format!("pc0{}.img", i + 1)), 40 << 20);
-        let t = token(&url, PC[i]).expect("token");
-        let (code, out) = agent(&url, PC[i], &t, &disk);
+        let t = token(&url, mac).expect("token");
+        let (code, out) = agent(&url, mac, &t, &disk);
         assert_eq!(code, 0, "{out}");
     }
     wait_for(&url, "every host Ready", limit, |s| {
