@@ -198,6 +198,7 @@ pub async fn run(
             admin_token: config.admin_token.clone(),
             webhook_secret: config.webhook_secret.clone(),
         }),
+        state: Some(writer.stats()),
     };
     match listeners.http.local_addr() {
         Ok(a) => info!("HTTP listening on {a}"),

@@ -121,6 +121,8 @@ pub struct HttpState {
     pub api: Option<Arc<Api>>,
     /// The operator's API (status, events, retry, sync, webhook).
     pub control: Option<super::admin::Control>,
+    /// The state database's writes, for `/health`.
+    pub state: Option<Arc<crate::state::WriterStats>>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -267,6 +269,9 @@ async fn health(State(st): State<HttpState>) -> Response {
     }
     if let Some(t) = &st.tftp {
         doc.insert("tftp", serde_json::json!(&**t));
+    }
+    if let Some(w) = &st.state {
+        doc.insert("state_database", serde_json::json!(&**w));
     }
     if let Some(a) = &st.api {
         doc.insert("agent_tasks", serde_json::json!(a.tasks()));

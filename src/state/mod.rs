@@ -9,7 +9,8 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -450,19 +451,23 @@ impl Store {
     /// what a restart would also find.
     pub fn into_writer_with_tap(self, tap: Option<Tap>) -> Writer {
         let (tx, rx) = mpsc::channel::<Batch>();
+        let stats = Arc::new(WriterStats::default());
+        let st = stats.clone();
         let thread = std::thread::Builder::new()
             .name("state-writer".into())
-            .spawn(move || write_loop(self, rx, tap));
+            .spawn(move || write_loop(self, rx, tap, &st));
         match thread {
             Ok(thread) => Writer {
                 tx: Some(tx),
                 thread: Some(thread),
+                stats,
             },
             Err(e) => {
                 error!("cannot start the state writer thread: {e}");
                 Writer {
                     tx: None,
                     thread: None,
+                    stats,
                 }
             }
         }
@@ -474,6 +479,16 @@ impl Store {
 pub struct Writer {
     tx: Option<mpsc::Sender<Batch>>,
     thread: Option<JoinHandle<()>>,
+    stats: Arc<WriterStats>,
+}
+
+/// What the writer thread has done, for `/health` and the benchmark.
+#[derive(Debug, Default, Serialize)]
+pub struct WriterStats {
+    /// Rows written (inserts, updates, deletes).
+    pub writes: AtomicU64,
+    /// Transactions committed (each one fsync in WAL mode).
+    pub commits: AtomicU64,
 }
 
 /// A cheap handle to queue writes from many tasks.
@@ -496,6 +511,10 @@ impl WriteHandle {
 }
 
 impl Writer {
+    pub fn stats(&self) -> Arc<WriterStats> {
+        self.stats.clone()
+    }
+
     pub fn handle(&self) -> WriteHandle {
         WriteHandle {
             tx: self.tx.clone(),
@@ -520,7 +539,7 @@ const MAX_BATCH: usize = 4096;
 /// Where committed observations go.
 pub type Tap = tokio::sync::mpsc::UnboundedSender<Op>;
 
-fn write_loop(store: Store, rx: mpsc::Receiver<Batch>, tap: Option<Tap>) {
+fn write_loop(store: Store, rx: mpsc::Receiver<Batch>, tap: Option<Tap>, stats: &WriterStats) {
     let mut conn = store.conn;
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
@@ -536,6 +555,13 @@ fn write_loop(store: Store, rx: mpsc::Receiver<Batch>, tap: Option<Tap>) {
         }
         match commit(&mut conn, &batches) {
             Ok(()) => {
+                let written = batches
+                    .iter()
+                    .flat_map(|b| &b.ops)
+                    .filter(|o| !matches!(o, Op::Progress { .. }))
+                    .count();
+                stats.writes.fetch_add(written as u64, Ordering::Relaxed);
+                stats.commits.fetch_add(1, Ordering::Relaxed);
                 if let Some(tap) = &tap {
                     for op in batches.iter().flat_map(|b| &b.ops) {
                         if matches!(

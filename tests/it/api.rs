@@ -98,6 +98,7 @@ fn start_api(dir: &Path, api: Api) -> Server {
         tftp: None,
         api: Some(api.clone()),
         control: None,
+        state: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
