@@ -61,7 +61,12 @@ fn git(dir: &Path, args: &[&str]) -> String {
     sh(Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args(["-c", "user.name=bench", "-c", "user.email=bench@example.org"])
+        .args([
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@example.org",
+        ])
         .args(args))
 }
 
@@ -179,8 +184,14 @@ fn usage(pid: u32) -> (f64, f64) {
         .rsplit_once(')')
         .map(|(_, r)| r.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm = status
         .lines()
@@ -217,9 +228,14 @@ fn main() {
     let bare = w.join("fleet.git");
     let repo = w.join("fleet");
     std::fs::create_dir_all(&repo).expect("mkdir");
-    sh(Command::new("git").args(["init", "-q", "--bare", "-b", "main"]).arg(&bare));
+    sh(Command::new("git")
+        .args(["init", "-q", "--bare", "-b", "main"])
+        .arg(&bare));
     git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["remote", "add", "origin", bare.to_str().expect("utf-8")]);
+    git(
+        &repo,
+        &["remote", "add", "origin", bare.to_str().expect("utf-8")],
+    );
     std::fs::write(repo.join("fleet.yaml"), fleet(&a, 1)).expect("write");
     git(&repo, &["add", "fleet.yaml"]);
     git(&repo, &["commit", "-qm", "the fleet"]);
@@ -252,10 +268,23 @@ fn main() {
         .spawn()
         .expect("serve starts");
     let pid = server.id();
+    // Killed however this ends, a panic included.
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+    let _guard = Kill(pid);
     let agent = http();
     let up = Instant::now();
     while agent.get(format!("{url}/health")).call().is_err() {
-        assert!(up.elapsed() < Duration::from_secs(60), "serve did not start");
+        assert!(
+            up.elapsed() < Duration::from_secs(60),
+            "serve did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // The probe's first inventory task, armed by the first commit.
@@ -276,8 +305,13 @@ fn main() {
     let started = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..a.threads {
-            let (queue, done, failed, url, w) =
-                (queue.clone(), done.clone(), failed.clone(), url.clone(), w.clone());
+            let (queue, done, failed, url, w) = (
+                queue.clone(),
+                done.clone(),
+                failed.clone(),
+                url.clone(),
+                w.clone(),
+            );
             s.spawn(move || {
                 let agent = http();
                 loop {
@@ -319,7 +353,10 @@ fn main() {
     });
     // Until the server says every host is Ready.
     loop {
-        let mut r = agent.get(format!("{url}/api/v1/status")).call().expect("status");
+        let mut r = agent
+            .get(format!("{url}/api/v1/status"))
+            .call()
+            .expect("status");
         let s: fleetwave::protocol::FleetStatus = serde_json::from_str(
             &r.body_mut()
                 .with_config()

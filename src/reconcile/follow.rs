@@ -86,6 +86,39 @@ fn load(tree: &dyn Tree, entry: &Path) -> Result<(String, Validated), String> {
     ))
 }
 
+/// Wake `trigger` whenever something changes in the directory of a fleet on disk.
+/// `None` (and a warning) when the platform cannot watch it: the interval still reads it.
+fn watch_dir(path: &Path, trigger: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    };
+    let mut w = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if e.is_ok_and(|e| !e.kind.is_access()) {
+            trigger.notify_one();
+        }
+    })
+    .map_err(|e| {
+        warn!(
+            "cannot watch {}: {e}; reading it every interval",
+            dir.display()
+        )
+    })
+    .ok()?;
+    w.watch(&dir, notify::RecursiveMode::Recursive)
+        .map_err(|e| {
+            warn!(
+                "cannot watch {}: {e}; reading it every interval",
+                dir.display()
+            )
+        })
+        .ok()?;
+    Some(w)
+}
+
 /// Follow `origin` until `shutdown`, publishing each new revision on `tx`.
 pub async fn follow(
     origin: Origin,
@@ -95,6 +128,11 @@ pub async fn follow(
     tx: watch::Sender<Option<Arc<Revision>>>,
     shutdown: CancellationToken,
 ) {
+    // A fleet on disk is read again as soon as it changes.
+    let _watcher = match &origin {
+        Origin::Dir(p) => watch_dir(p, trigger.clone()),
+        Origin::Git { .. } => None,
+    };
     loop {
         let (o, c) = (origin.clone(), cache.clone());
         match tokio::task::spawn_blocking(move || read(&o, &c)).await {

@@ -67,6 +67,32 @@ pub struct Armed {
     pub progress: Option<Progress>,
     /// When the agent last said anything.
     pub heard_at: Option<u64>,
+    /// Wake-on-LAN packets sent for it, and when the last one went.
+    #[serde(default)]
+    pub wakes: u32,
+    #[serde(default)]
+    pub woken_at: Option<u64>,
+}
+
+/// Wake-on-LAN packets per armed task, at most.
+pub const WAKES: u32 = 5;
+
+/// Whether to send a Wake-on-LAN packet for an armed task now, and when to look again:
+/// at once when armed, then after 1, 2, 4 and 8 minutes while the machine stays silent.
+pub fn wake_due(a: &Armed, now: u64) -> (bool, Option<u64>) {
+    if a.booted_at.is_some() || a.heard_at.is_some() || a.wakes >= WAKES {
+        return (false, None);
+    }
+    let next = match a.woken_at {
+        None => now,
+        Some(last) => last + 60 * (1u64 << (a.wakes.saturating_sub(1)).min(6)),
+    };
+    if now >= next {
+        let after = 60 * (1u64 << a.wakes.min(6));
+        (true, (a.wakes + 1 < WAKES).then_some(now + after))
+    } else {
+        (false, Some(next))
+    }
 }
 
 /// Everything the controller knows of one host.
@@ -556,7 +582,36 @@ mod tests {
             booted_at: None,
             progress: None,
             heard_at: None,
+            wakes: 0,
+            woken_at: None,
         });
+    }
+
+    #[test]
+    fn wake_on_lan_goes_out_when_armed_then_backs_off_and_stops_once_the_machine_boots() {
+        let mut s = HostStatus::default();
+        armed(&mut s, deploy(), 1, 0);
+        let a = s.task.as_mut().expect("armed");
+        let mut sent = Vec::new();
+        let mut now = 0;
+        loop {
+            let (send, next) = wake_due(a, now);
+            if send {
+                sent.push(now);
+                a.wakes += 1;
+                a.woken_at = Some(now);
+            }
+            match next {
+                Some(n) => now = n,
+                None => break,
+            }
+        }
+        assert_eq!(sent, vec![0, 60, 180, 420, 900]);
+        let mut b = s.task.clone().expect("armed");
+        b.wakes = 1;
+        b.woken_at = Some(0);
+        b.booted_at = Some(10);
+        assert_eq!(wake_due(&b, 60), (false, None));
     }
 
     fn result(ok: bool, d: Option<Digest>) -> TaskResult {

@@ -562,6 +562,7 @@ impl Controller {
         if let Some(at) = d.requeue_at {
             self.scheduler.schedule(name, ms(at));
         }
+        self.wake(name, now);
         let Some(s) = self.statuses.get(name) else {
             return;
         };
@@ -637,6 +638,8 @@ impl Controller {
                 booted_at: None,
                 progress: None,
                 heard_at: None,
+                wakes: 0,
+                woken_at: None,
             });
         }
         info!(host = %name, task = id, "armed: {}", task.summary());
@@ -646,6 +649,44 @@ impl Controller {
             format!("{name}: armed task {id}: {}", task.summary()),
         );
         self.boot_dirty = true;
+    }
+
+    /// Wake-on-LAN for an armed host that has not booted, where the fleet allows it.
+    fn wake(&mut self, name: &str, now: u64) {
+        let Some(spec) = self.spec.clone() else {
+            return;
+        };
+        let Some(h) = spec.hosts.get(name) else {
+            return;
+        };
+        let Some(site) = spec.sites.get(&h.site) else {
+            return;
+        };
+        if !h.wake.unwrap_or(site.wake) {
+            return;
+        }
+        let Some(a) = self.statuses.get_mut(name).and_then(|s| s.task.as_mut()) else {
+            return;
+        };
+        let (send, next) = host::wake_due(a, now);
+        if send {
+            a.wakes += 1;
+            a.woken_at = Some(now);
+            let n = a.wakes;
+            match crate::services::wol::wake(&site.interface, site.subnet.broadcast(), h.mac) {
+                Ok(()) => self.event(
+                    Some(name),
+                    "WakeSent",
+                    format!("{name}: Wake-on-LAN packet {n} sent on {}", site.interface),
+                ),
+                Err(e) => warn!(host = %name, interface = %site.interface,
+                    "cannot send Wake-on-LAN: {e}"),
+            }
+            self.persist(name);
+        }
+        if let Some(at) = next {
+            self.scheduler.schedule(name, ms(at));
+        }
     }
 
     /// Stop honouring an armed task's token.

@@ -46,6 +46,8 @@ pub struct Site {
     pub dhcp: Dhcp,
     pub unknown_hosts: UnknownHosts,
     pub image_store: String,
+    /// Wake the site's hosts (Wake-on-LAN) when they must boot for a task.
+    pub wake: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -129,6 +131,8 @@ pub struct Host {
     pub wave: String,
     pub disk: DiskSelector,
     pub suspend: bool,
+    /// Wake-on-LAN: the host's own or its groups' choice; `None`: its site's.
+    pub wake: Option<bool>,
     pub actions: Actions,
 }
 

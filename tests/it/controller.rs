@@ -534,9 +534,9 @@ fn agent_run_follows_the_script_to_a_verified_disk_and_verify_actions_find_drift
     // The kernel line of the script, run as the netboot kernel would.
     let run = |task: &str| {
         let s = wait_for(url, &format!("a {task} armed"), limit, |s| {
-            s.hosts[0]
-                .task
-                .as_deref()
+            s.hosts
+                .first()
+                .and_then(|h| h.task.as_deref())
                 .is_some_and(|t| t.starts_with(task))
         });
         let script = script(url, pc);
@@ -773,4 +773,154 @@ fn plan_reads_the_observed_state_from_a_running_server() {
     ]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("http://127.0.0.1:9/api/v1/observed"), "{out}");
+}
+
+#[test]
+fn an_unknown_machine_registers_and_the_operator_commands_show_and_act() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let fleet = lab_fleet(1).replace("lease: 1h}\n", "lease: 1h}\n    unknown_hosts: register\n");
+    std::fs::write(d.join("fleet.yaml"), &fleet).expect("write");
+    let admin = "an-admin-token-of-some-length";
+    std::fs::write(d.join("admin.token"), format!("{admin}\n")).expect("write");
+    let server = serve(
+        d,
+        Origin::Dir(d.join("fleet.yaml")),
+        &d.join("store"),
+        Secrets {
+            admin: Some(admin.into()),
+            webhook: None,
+        },
+    );
+    let url = server.url.as_str();
+    wait_for(url, "applied", Duration::from_secs(20), |s| {
+        s.applied.is_some()
+    });
+    // An unknown machine PXE-boots: its script registers it, with a token that can
+    // only report inventory.
+    let stranger = "52:54:00:77:66:55";
+    let s = script(url, stranger);
+    assert!(s.contains("fleetwave.task=register"), "{s}");
+    let t = token(url, stranger).expect("a registration token");
+    assert_eq!(
+        token(url, stranger).as_deref(),
+        Some(t.as_str()),
+        "one token per machine"
+    );
+    let (code, out) = agent(url, stranger, &t, Path::new("/nonexistent"));
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(&["hosts", "--unknown", "--server", url]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(stranger), "{out}");
+    assert!(
+        out.contains(&format!("{{mac: \"{stranger}\", site: SITE}}")),
+        "{out}"
+    );
+    // The status table names every host and why it waits.
+    let (code, out) = cli(&["status", "--server", url]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ref-win10") && out.contains("Armed"), "{out}");
+    assert!(out.contains("WaitingForCapture"), "{out}");
+    let (code, out) = cli(&["status", "--server", url, "--wave", "room-a"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("pc01 ") && out.contains("pc02"), "{out}");
+    // Retry and sync need the admin token.
+    let (code, out) = cli(&["retry", "pc01", "--server", url]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("401"), "{out}");
+    let token_file = d.join("admin.token");
+    let tf = token_file.to_str().expect("utf-8");
+    let (code, out) = cli(&["retry", "pc01", "--server", url, "--token-file", tf]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(&["retry", "nobody", "--server", url, "--token-file", tf]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not in the fleet"), "{out}");
+    let (code, out) = cli(&["sync", "--server", url, "--token-file", tf]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(&["events", "--server", url]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("UnknownHostRegistered") && out.contains("Retry"),
+        "{out}"
+    );
+    // One host's page: its tasks and events.
+    let (code, body) = get(&format!("{url}/api/v1/hosts/ref-win10"));
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["tasks"][0]["task"]["kind"], "capture", "{v}");
+}
+
+/// Wake-on-LAN: a host that must boot for a task gets its magic packet on the site's
+/// interface, seen by a listener in another namespace on the same bridge.
+#[test]
+fn an_armed_host_that_may_be_woken_gets_its_magic_packet() {
+    let Some(mut lab) = crate::netlab::Lab::new() else {
+        return;
+    };
+    let pc = "52:54:00:28:00:31";
+    lab.host("srv", None, &["172.28.0.1/24"]);
+    lab.host("pc", Some(pc), &["172.28.0.31/24"]);
+    let fleet = format!(
+        "{}    wake: true\nhosts:\n  pc01: {{mac: \"{pc}\", site: lab, actions: {{inventory: {{generation: 1}}}}}}\n  pc02: {{mac: \"52:54:00:28:00:32\", site: lab, wake: false, actions: {{inventory: {{generation: 1}}}}}}\n",
+        crate::LAB_SITE
+    );
+    let dir = crate::netlab::workdir(&fleet);
+    let d = dir.path();
+    // The listener first: it takes whatever reaches UDP port 9 for 30 s.
+    let listener = lab
+        .cmd("pc", "python3")
+        .args([
+            "-c",
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('', 9))\n\
+             s.settimeout(30)\n\
+             seen = []\n\
+             try:\n\
+             \x20   while True:\n\
+             \x20       d, a = s.recvfrom(512)\n\
+             \x20       seen.append(d.hex())\n\
+             \x20       if len(seen) >= 1: break\n\
+             except socket.timeout:\n\
+             \x20   pass\n\
+             print('\\n'.join(seen))\n",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 listener");
+    std::thread::sleep(Duration::from_millis(300));
+    let args = crate::netlab::serve_args(d);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let serve = lab.serve("srv", &args);
+    let out = listener.wait_with_output().expect("listener");
+    let seen = String::from_utf8_lossy(&out.stdout).to_string();
+    let want: String = std::iter::repeat_n("ff".to_string(), 6)
+        .chain(std::iter::repeat_n(pc.replace(':', ""), 16))
+        .collect();
+    assert!(
+        seen.lines().any(|l| l == want),
+        "no magic packet for {pc}; got {seen:?}\nserver:\n{}",
+        serve.log()
+    );
+    // pc02 says `wake: false`: it is armed, and no packet is sent for it.
+    let events = lab
+        .cmd("srv", "busybox")
+        .args([
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://127.0.0.1:8080/api/v1/events",
+        ])
+        .output()
+        .expect("wget");
+    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    assert!(
+        events.contains("pc01: Wake-on-LAN packet 1 sent on eth0"),
+        "{events}"
+    );
+    assert!(events.contains("pc02: armed"), "{events}");
+    assert!(!events.contains("pc02: Wake"), "{events}");
+    drop(serve);
 }
