@@ -334,6 +334,22 @@ impl Controller {
             }
             Noted::Drifted(m) => {
                 self.event(Some(&name), "Drifted", m);
+                let heal = self
+                    .spec
+                    .as_ref()
+                    .and_then(|sp| sp.hosts.get(&name))
+                    .map(|h| h.heal);
+                if heal == Some(crate::spec::Heal::Redeploy)
+                    && let Some(s) = self.statuses.get_mut(&name)
+                {
+                    // Forget what it held: the plan deploys it again, in its wave.
+                    s.deployed = None;
+                    self.event(
+                        Some(&name),
+                        "Healing",
+                        format!("{name}: heal: redeploy; its version is deployed again"),
+                    );
+                }
                 self.finished(&name);
             }
         }
@@ -872,5 +888,155 @@ async fn sleep(d: Option<std::time::Duration>) {
     match d {
         Some(d) => tokio::time::sleep(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::TokioClock;
+    use crate::image::store::VersionRecord;
+
+    /// A controller on `fleet` (in a temporary directory), its clock starting at `start`,
+    /// running until the test ends; the channel to ask it for its status.
+    struct Running {
+        commands: mpsc::UnboundedSender<Command>,
+        boot: watch::Receiver<Arc<BootTable>>,
+        _dir: tempfile::TempDir,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    fn start(fleet: &str, start: u64) -> Running {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::write(d.join("fleet.yaml"), fleet).expect("write");
+        let rev = follow::read(&crate::source::watch::Origin::Dir(d.join("fleet.yaml")), d)
+            .expect("read");
+        assert!(rev.fleet.is_ok(), "{:?}", rev.fleet.err());
+        let store = ImageStore::open(&d.join("store")).expect("store");
+        store
+            .add_version(
+                "win10",
+                VersionRecord {
+                    digest: crate::spec::Digest([7; 32]),
+                    generation: 1,
+                    captured_at: 0,
+                    disk_bytes: 1 << 20,
+                    stored_bytes: 1 << 19,
+                },
+            )
+            .expect("version");
+        let db = d.join("state.db");
+        let state = crate::state::Store::open(&db).expect("state");
+        let reader = Arc::new(Reader::open(&db).expect("reader"));
+        let (_tap, observed) = mpsc::unbounded_channel();
+        let writer = state.into_writer();
+        let stop = CancellationToken::new();
+        let api = Arc::new(Api::new(ImageStore::open(&d.join("store")).expect("store")));
+        let (boot_tx, boot) = watch::channel(Arc::new(BootTable::default()));
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let controller = Controller::new(Parts {
+            api,
+            journal: writer.handle(),
+            reader,
+            image_store: Arc::new(store),
+            sessions: Arc::new(Sessions::new(d.join("store"), stop.clone())),
+            boot: boot_tx,
+            events: broadcast::channel(64).0,
+            dhcp: None,
+            dhcp_sites: Vec::new(),
+            clock: Arc::new(TokioClock::new(start)),
+            policy: RetryPolicy::default(),
+            source: "test".into(),
+        })
+        .expect("controller");
+        let (_rev_tx, revisions) = watch::channel(Some(Arc::new(rev)));
+        let inputs = Inputs {
+            revisions,
+            observed,
+            commands: commands_rx,
+        };
+        let s = stop.clone();
+        tokio::spawn(async move {
+            let _keep = (_rev_tx, _tap, writer);
+            controller.run(inputs, s).await;
+        });
+        Running {
+            commands,
+            boot,
+            _dir: dir,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    impl Running {
+        async fn host(&self, name: &str) -> HostView {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            self.commands
+                .send(Command::Status { reply })
+                .expect("controller running");
+            let s = rx.await.expect("status");
+            s.hosts
+                .into_iter()
+                .find(|h| h.name == name)
+                .expect("host in status")
+        }
+
+        fn armed(&self, mac: &str) -> bool {
+            let mac: Mac = mac.parse().expect("mac");
+            matches!(
+                self.boot.borrow().hosts.get(&mac),
+                Some(BootInstruction::Agent { .. })
+            )
+        }
+    }
+
+    const SAT_NOON: u64 = 1_796_472_000; // 2026-12-05 12:00 UTC, a Saturday
+
+    fn fleet(windows: &str) -> String {
+        let windows = if windows.is_empty() {
+            String::new()
+        } else {
+            format!("windows: [{windows}]")
+        };
+        format!(
+            "version: 1
+sites:
+  lab: {{interface: eth0, server: 172.28.0.1, subnet: 172.28.0.0/24, dhcp: {{mode: off}}}}
+images:
+  win10: {{os: windows}}
+hosts:
+  pc01: {{mac: \"52:54:00:00:00:01\", site: lab, image: win10, wave: w1}}
+waves:
+  w1: {{{windows}}}
+"
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deploy_due_outside_its_window_waits_and_is_armed_when_the_window_opens() {
+        let c = start(&fleet("\"Sat 22:00 - Sun 06:00\""), SAT_NOON);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let h = c.host("pc01").await;
+        assert_eq!(h.state, "Pending");
+        assert_eq!(h.reason.as_deref(), Some("OutsideWindow"));
+        assert_eq!(h.until, Some(SAT_NOON + 10 * 3600));
+        assert!(!c.armed("52:54:00:00:00:01"));
+        // Ten hours later, to the second, the window opens.
+        tokio::time::sleep(Duration::from_secs(10 * 3600 - 60)).await;
+        assert_eq!(c.host("pc01").await.state, "Pending");
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let h = c.host("pc01").await;
+        assert_eq!(h.state, "Armed", "{h:?}");
+        assert!(c.armed("52:54:00:00:00:01"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deploy_with_no_window_to_wait_for_is_armed_at_once() {
+        let c = start(&fleet(""), SAT_NOON);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(c.host("pc01").await.state, "Armed");
     }
 }

@@ -1352,6 +1352,10 @@ fn resolve_host(
     let wake = h
         .wake
         .or_else(|| group_entries.iter().find_map(|(_, g)| g.wake));
+    let heal = h
+        .heal
+        .or_else(|| group_entries.iter().find_map(|(_, g)| g.heal))
+        .unwrap_or_default();
     let mut labels = own_labels;
     for (_, g) in &group_entries {
         for (k, v) in &g.labels {
@@ -1453,6 +1457,7 @@ fn resolve_host(
         disk,
         suspend,
         wake,
+        heal,
         actions,
     })
 }

@@ -177,6 +177,9 @@ pub struct Host {
     /// true: wake the host (Wake-on-LAN) when it must boot for a task; false: never.
     /// Default: from its groups, else its site's `wake`.
     pub wake: Option<bool>,
+    /// When a verify finds drift: report it, or redeploy. Default: from its groups,
+    /// else report.
+    pub heal: Option<Heal>,
     /// One-shot actions; each runs once per `generation` bump.
     pub actions: Option<Actions>,
 }
@@ -234,6 +237,17 @@ pub enum WipeMode {
     Full,
 }
 
+/// What follows when a verify finds that a disk no longer holds its version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Heal {
+    /// Record it (condition `Drifted`) and change nothing.
+    #[default]
+    Report,
+    /// Record it and deploy the version again, in the host's wave.
+    Redeploy,
+}
+
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Generation {
@@ -257,6 +271,7 @@ pub struct Group {
     pub disk: Option<DiskSelector>,
     pub suspend: Option<bool>,
     pub wake: Option<bool>,
+    pub heal: Option<Heal>,
     /// Labels added to member hosts (a host's own label wins).
     #[serde(default)]
     #[schemars(schema_with = "labels")]

@@ -512,15 +512,16 @@ fn agent_run_follows_the_script_to_a_verified_disk_and_verify_actions_find_drift
     };
     let dev = disk.dev.clone();
     let pc = PC[0];
-    let fleet = |verify: Option<u64>| {
+    let fleet_healing = |verify: Option<u64>, heal: &str| {
         let actions = verify
             .map(|g| format!("actions: {{verify: {{generation: {g}}}}}, "))
             .unwrap_or_default();
         format!(
-            "{}images:\n  linux: {{os: linux}}\nhosts:\n  pc01: {{mac: \"{pc}\", site: lab, image: linux, {actions}disk: {{path: {dev}}}}}\n",
+            "{}images:\n  linux: {{os: linux}}\nhosts:\n  pc01: {{mac: \"{pc}\", site: lab, image: linux, heal: {heal}, {actions}disk: {{path: {dev}}}}}\n",
             crate::LAB_SITE
         )
     };
+    let fleet = |verify: Option<u64>| fleet_healing(verify, "report");
     std::fs::write(d.join("fleet.yaml"), fleet(None)).expect("write");
     let server = serve(
         d,
@@ -619,6 +620,25 @@ fn agent_run_follows_the_script_to_a_verified_disk_and_verify_actions_find_drift
     });
     // The default heal policy is to report: nothing is redeployed.
     assert!(s.hosts[0].task.is_none(), "{:?}", s.hosts[0]);
+
+    // With `heal: redeploy`, the next verify's drift brings the version back.
+    std::fs::write(d.join("fleet.yaml"), fleet_healing(Some(3), "redeploy")).expect("write");
+    let (_, code, out) = run("verify");
+    assert_eq!(code, 1, "{out}");
+    let (_, code, out) = run("deploy");
+    assert_eq!(code, 0, "{out}");
+    let s = wait_for(url, "healed", limit, |s| state_of(s, "pc01") == "Ready");
+    assert_eq!(s.hosts[0].deployed, Some(cap.digest));
+    fsck_clean(Path::new(&dev));
+    let (code, out) = cli(&[
+        "agent",
+        "verify",
+        &cap.digest.to_string(),
+        &dev,
+        "--store",
+        d.join("store").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{out}");
 }
 
 /// `fleetwave serve` as a process, so it can be killed with SIGKILL.
