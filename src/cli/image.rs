@@ -19,8 +19,9 @@ use crate::multicast;
 use crate::services::api::{Progress, TaskResult};
 use crate::spec::{Digest, Mac};
 
+/// An existing store: every command but capture only reads it or removes from it.
 fn open(store: &Path) -> Result<Store> {
-    Store::open(store).with_context(|| format!("cannot open the image store {}", store.display()))
+    Ok(Store::open_existing(store)?)
 }
 
 /// Where the agent's images are: a local store, or the server's through its API.
@@ -121,9 +122,11 @@ fn metered<T>(o: &Opened, label: &str, f: impl FnOnce(&Arc<Meter>) -> T) -> T {
     out
 }
 
-fn open_where(w: &Where) -> Result<Opened> {
+/// The store to work against; a local one is created only for a capture (`create`).
+fn open_where(w: &Where, create: bool) -> Result<Opened> {
     Ok(match w.server {
         Some((url, token, mac)) => Opened::Remote(Remote::new(url, token, mac)),
+        None if create => Opened::Local(Store::open(w.store)?),
         None => Opened::Local(open(w.store)?),
     })
 }
@@ -157,7 +160,10 @@ pub fn capture(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    let o = open_where(w)?;
+    // Before the store: a mistyped disk must not leave an empty store behind.
+    std::fs::metadata(disk)
+        .with_context(|| format!("cannot capture {}: check the disk's path", disk.display()))?;
+    let o = open_where(w, true)?;
     let r = metered(&o, "capture", |meter| {
         let opts = CaptureOptions {
             level,
@@ -224,7 +230,7 @@ pub fn deploy(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    let o = open_where(w)?;
+    let o = open_where(w, false)?;
     let digest = resolve(&o, spec)?;
     let m = o.repo().manifest(&digest)?;
     deploy_opened(&o, &digest, &m, target, via, json, out)
@@ -240,7 +246,7 @@ pub fn deploy_version(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    deploy_opened(&open_where(w)?, digest, m, target, via, json, out)
+    deploy_opened(&open_where(w, false)?, digest, m, target, via, json, out)
 }
 
 /// The group and interface a multicast deploy joins; `None` (and a note) when the
@@ -414,7 +420,7 @@ pub fn verify_disk(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    let o = open_where(w)?;
+    let o = open_where(w, false)?;
     let digest = resolve(&o, spec)?;
     let m = o.repo().manifest(&digest)?;
     verify_opened(&o, &digest, &m, disk, json, out)
@@ -429,7 +435,7 @@ pub fn verify_version(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    verify_opened(&open_where(w)?, digest, m, disk, json, out)
+    verify_opened(&open_where(w, false)?, digest, m, disk, json, out)
 }
 
 fn verify_opened(
