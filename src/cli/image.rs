@@ -249,13 +249,12 @@ pub fn deploy_version(
     deploy_opened(&open_where(w, false)?, digest, m, target, via, json, out)
 }
 
-/// The group and interface a multicast deploy joins; `None` (and a note) when the
-/// server has no session for it, so the deploy goes on by unicast.
+/// The group and interface a multicast deploy joins; `None` (and a note on stderr)
+/// when the server has no session for it, so the deploy goes on by unicast.
 fn join_of(
     o: &Opened,
     digest: &Digest,
     via: &Transport,
-    out: &mut dyn Write,
 ) -> Result<Option<multicast::ReceiveConfig>> {
     let Some(group) = via.multicast else {
         return Ok(None);
@@ -287,7 +286,8 @@ fn join_of(
                 (j.group, Some(r.mac()))
             }
             Err(e) => {
-                writeln!(out, "no multicast session ({e}); deploying by unicast")?;
+                // stderr: stdout may be a `--json` report.
+                eprintln!("fleetwave: no multicast session ({e}); deploying by unicast");
                 return Ok(None);
             }
         },
@@ -318,7 +318,7 @@ fn deploy_opened(
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(4);
-    let join = join_of(o, digest, via, out)?;
+    let join = join_of(o, digest, via)?;
     let mut received = None;
     let result = metered(o, "deploy", |meter| -> Result<image::DeployReport> {
         let t = image::Target::open(digest, m, target)?;
@@ -404,7 +404,14 @@ fn deploy_opened(
             if e.downcast_ref::<image::ImageError>()
                 .is_some_and(|x| matches!(x, image::ImageError::Verify { .. })) =>
         {
-            writeln!(out, "FAILED: {e}")?;
+            if json {
+                super::print_json(
+                    out,
+                    &serde_json::json!({"deploy": null, "multicast": received, "failed": e.to_string()}),
+                )?;
+            } else {
+                writeln!(out, "FAILED: {e}")?;
+            }
             Ok(exit::CHANGES)
         }
         Err(e) => Err(e),

@@ -487,13 +487,8 @@ fn an_interrupted_deploy_resumes_and_ends_verified() {
     assert!(v.bad >= 1);
 }
 
-#[test]
-fn an_ext4_last_partition_grows_with_the_disk() {
-    if !tools() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
+/// A 64 MiB GPT disk whose one partition, the last, is ext4 holding `a.txt`.
+fn ext4_last_partition_disk(d: &Path) -> PathBuf {
     let disk = d.join("d.raw");
     sh(Command::new("truncate").args(["-s", "64M"]).arg(&disk));
     sh(Command::new("sgdisk")
@@ -521,6 +516,17 @@ fn an_ext4_last_partition_grows_with_the_disk() {
         .arg(format!("if={}", part.display()))
         .arg(format!("of={}", disk.display()))
         .args(["bs=512", "seek=2048", "conv=notrunc", "status=none"]));
+    disk
+}
+
+#[test]
+fn an_ext4_last_partition_grows_with_the_disk() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let disk = ext4_last_partition_disk(d);
     let store = Store::open(&d.join("store")).expect("store");
     let r = image::capture(&disk, &store, None, CaptureOptions::default()).expect("capture");
     let big = d.join("big.raw");
@@ -553,6 +559,58 @@ fn an_ext4_last_partition_grows_with_the_disk() {
         .output()
         .expect("debugfs");
     assert_eq!(text.stdout, "grow me\n".repeat(50_000).into_bytes());
+}
+
+/// Regression: e2fsck's lines, printed while growing the filesystem, came before the
+/// report on stdout, so `--json` output did not parse.
+#[test]
+fn deploy_json_onto_a_larger_disk_prints_only_json() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let disk = ext4_last_partition_disk(d);
+    let store = d.join("store");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+            .args(args)
+            .arg("--store")
+            .arg(&store)
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    };
+    run(&[
+        "agent".as_ref(),
+        "capture".as_ref(),
+        disk.as_os_str(),
+        "--image".as_ref(),
+        "g".as_ref(),
+    ]);
+    let big = d.join("big.raw");
+    sh(Command::new("truncate").args(["-s", "128M"]).arg(&big));
+    let (stdout, stderr) = run(&[
+        "agent".as_ref(),
+        "deploy".as_ref(),
+        "g".as_ref(),
+        big.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{stdout}\nstderr:\n{stderr}"));
+    let grown = &report["deploy"]["grown"];
+    assert!(grown.is_object(), "not grown: {report}");
+    let note = grown["filesystem"].as_str().unwrap_or_default();
+    if !note.starts_with("resize2fs grew") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "not grown under CI: {note}"
+        );
+        eprintln!("skipping the resize2fs path: {note}");
+    }
 }
 
 /// A FAT32 EFI system partition on a GPT disk: this reader does not parse FAT, so its
