@@ -655,7 +655,22 @@ where
         .iter()
         .zip(results)
         .map(|((k, v), r)| (k.clone(), r, v.loc));
-    for (k, result, value_loc) in early.into_iter().chain(late) {
+    let mut all = early;
+    all.extend(late);
+    let misplaced = misplaced_fields::<T>(&all, section.kind, cx);
+    for (i, (k, result, value_loc)) in all.into_iter().enumerate() {
+        match misplaced.get(&i) {
+            Some(Misplaced::Field) => continue,
+            Some(Misplaced::Owner) if result.is_err() => {
+                // Its own error (missing fields, no mapping) follows from the same mistake.
+                if let Some(name) = k.scalar_text() {
+                    section.seen.entry(name.clone()).or_insert(k.loc);
+                    section.broken.insert(name);
+                }
+                continue;
+            }
+            _ => {}
+        }
         let Some(name) = k.scalar_text() else {
             cx.err(Diagnostic::new(
                 format!(
@@ -691,6 +706,114 @@ where
                 section.broken.insert(name);
             }
         }
+    }
+}
+
+/// An entry's part in an indentation mistake: the entry whose settings were meant, or
+/// one of those settings, written as an entry of its own.
+enum Misplaced {
+    Owner,
+    Field,
+}
+
+/// Entries named like a setting of the section's entries (`mac`, `site`) whose value is
+/// no mapping, right after another entry: settings not indented under their entry's
+/// name. Reported once for each run of them, with the entry they belong to; the
+/// index of each entry taking part is returned, so nothing else is said about them.
+fn misplaced_fields<T>(all: &[Early<T>], kind: &str, cx: &mut Cx) -> HashMap<usize, Misplaced>
+where
+    T: for<'de> serde::Deserialize<'de>,
+{
+    let mut out = HashMap::new();
+    let not_a_mapping = |r: &Result<Box<T>, DeError>| matches!(r, Err(e) if e.message.starts_with("wrong type: expected a mapping"));
+    if !all.iter().skip(1).any(|(_, r, _)| not_a_mapping(r)) {
+        return out;
+    }
+    let fields = field_names::<T>();
+    let is_field = |(k, r, _): &Early<T>| {
+        not_a_mapping(r) && k.scalar_str().is_some_and(|n| fields.contains(&n))
+    };
+    let mut i = 0;
+    while i + 1 < all.len() {
+        let run = all[i + 1..].iter().take_while(|e| is_field(e)).count();
+        if run == 0 || is_field(&all[i]) {
+            i += 1;
+            continue;
+        }
+        let owner = &all[i].0;
+        let owner_name = owner.scalar_text().unwrap_or_default();
+        let names: Vec<String> = all[i + 1..=i + run]
+            .iter()
+            .map(|(k, _, _)| format!("`{}`", k.scalar_text().unwrap_or_default()))
+            .collect();
+        let (first, last) = (all[i + 1].0.loc, all[i + run].0.loc);
+        let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
+        let (listed, are, they) = match names.split_last() {
+            Some((tail, head)) if !head.is_empty() => (
+                format!("{} and {tail}", head.join(", ")),
+                "are settings",
+                "they belong",
+            ),
+            _ => (names.concat(), "is a setting", "it belongs"),
+        };
+        let lines = if first.line == last.line {
+            format!("line {}", first.line)
+        } else {
+            format!("lines {}-{}", first.line, last.line)
+        };
+        cx.err(
+            Diagnostic::new(
+                format!(
+                    "{listed} {are} of {article} {kind}, not {}: not indented under `{owner_name}`",
+                    if run == 1 {
+                        format!("a {kind} name")
+                    } else {
+                        format!("{kind} names")
+                    }
+                ),
+                first,
+            )
+            .note(format!("the {kind} {they} to"), owner.loc)
+            .hint(format!(
+                "indent {lines} two spaces deeper than `{owner_name}:`"
+            )),
+        );
+        out.insert(i, Misplaced::Owner);
+        for j in i + 1..=i + run {
+            out.insert(j, Misplaced::Field);
+        }
+        i += run + 1;
+    }
+    out
+}
+
+/// The setting names `T` accepts, as its "unknown field" error lists them.
+fn field_names<T: for<'de> serde::Deserialize<'de>>() -> Vec<&'static str> {
+    let at = Loc::default();
+    let probe = Node {
+        value: Value::Map(vec![(
+            Node {
+                value: Value::Str("\u{1}".into()),
+                loc: at,
+            },
+            Node {
+                value: Value::Null,
+                loc: at,
+            },
+        )]),
+        loc: at,
+    };
+    match from_node::<T>(&probe) {
+        Err(e) => e
+            .unknown
+            .as_ref()
+            .map(|(_, f)| f.clone())
+            .unwrap_or_default(),
+        Ok(_) => Vec::new(),
     }
 }
 
