@@ -375,7 +375,11 @@ fn main() -> ExitCode {
                 multicast,
                 interface,
                 json,
-            } => match multicast.as_deref().map(parse_group).transpose() {
+            } => match multicast
+                .as_deref()
+                .map(|g| parse_group("--multicast", g))
+                .transpose()
+            {
                 Ok(multicast) => {
                     let via = cli::image::Transport {
                         multicast,
@@ -474,8 +478,9 @@ fn multicast_send(
     out: &mut dyn std::io::Write,
 ) -> anyhow::Result<u8> {
     use fleetwave::spec::{parse_duration, parse_rate};
-    let group =
-        parse_group(group)?.ok_or_else(|| anyhow::anyhow!("--group: write it as ADDRESS:PORT"))?;
+    let group = parse_group("--group", group)?.ok_or_else(|| {
+        anyhow::anyhow!("--group server: write the group as ADDRESS:PORT, e.g. 239.28.0.1:9000")
+    })?;
     let max_wait = parse_duration(max_wait).map_err(|e| anyhow::anyhow!("--max-wait: {e}"))?;
     let max_rate_bps = match max_rate {
         "0" => 0,
@@ -494,17 +499,18 @@ fn multicast_send(
     cli::multicast::send(&a, out)
 }
 
-/// `--multicast`'s value: `server` (the flag alone) or GROUP:PORT.
-fn parse_group(s: &str) -> anyhow::Result<Option<std::net::SocketAddrV4>> {
+/// The value of `flag` (`--multicast` or `--group`): `server` (`--multicast` alone)
+/// or GROUP:PORT.
+fn parse_group(flag: &str, s: &str) -> anyhow::Result<Option<std::net::SocketAddrV4>> {
     if s == "server" {
         return Ok(None);
     }
     let g: std::net::SocketAddrV4 = s.parse().map_err(|_| {
-        anyhow::anyhow!("--multicast {s:?}: write the group as ADDRESS:PORT, e.g. 239.28.0.1:9000")
+        anyhow::anyhow!("{flag} {s:?}: write the group as ADDRESS:PORT, e.g. 239.28.0.1:9000")
     })?;
     if !g.ip().is_multicast() {
         anyhow::bail!(
-            "--multicast {s}: {} is not a multicast address (224.0.0.0/4)",
+            "{flag} {s}: {} is not a multicast address (224.0.0.0/4)",
             g.ip()
         );
     }

@@ -118,3 +118,22 @@ fn image_commands_without_a_store_exit_2_naming_it_and_create_nothing() {
         "capture of a missing disk created {missing:?}"
     );
 }
+
+/// Regression: a malformed `--group` was reported as `--multicast`.
+#[test]
+fn multicast_send_names_group_when_it_is_malformed() {
+    let (code, _, err) = fleetwave(&[
+        "multicast",
+        "send",
+        "win10",
+        "--group",
+        "239.28.0.1",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--group \"239.28.0.1\": write the group as ADDRESS:PORT"),
+        "{err}"
+    );
+}
