@@ -37,6 +37,8 @@ pub enum StoreError {
          `fleetwave agent capture` creates one"
     )]
     NoStore { path: PathBuf },
+    #[error("server {url}: {why}")]
+    Server { url: String, why: String },
     #[error("chunk {0} is not in the store")]
     MissingChunk(Digest),
     #[error(

@@ -787,3 +787,93 @@ fn removing_an_image_frees_only_the_chunks_no_other_image_uses() {
     assert_eq!(d.verified, digests[1]);
     assert!(cli(&["image", "gc"]).contains("freed 0 manifests and 0 chunks"));
 }
+
+/// A file target that does not exist is created at the image's size, sparse; a missing
+/// name under /dev is a missing disk, never a file; `agent verify` of a file smaller
+/// than the image names both sizes (it said "failed to fill whole buffer").
+#[test]
+fn deploy_creates_a_missing_file_target_and_verify_names_the_sizes_of_a_short_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = d.join("src.raw");
+    std::fs::write(&src, crate::bytes(4 << 20, 7)).expect("write");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .expect("open");
+    f.set_len(16 << 20).expect("grow");
+    let store = d.join("store");
+    let store = store.to_str().expect("utf-8");
+    let path = |p: &Path| p.to_str().expect("utf-8").to_string();
+    let (code, out) = crate::fleetwave(&[
+        "agent",
+        "capture",
+        &path(&src),
+        "--image",
+        "t",
+        "--store",
+        store,
+    ]);
+    assert_eq!(code, 0, "{out}");
+
+    let target = d.join("new.raw");
+    let (code, out) = crate::fleetwave(&["agent", "deploy", "t", &path(&target), "--store", store]);
+    assert_eq!(code, 0, "{out}");
+    let meta = std::fs::metadata(&target).expect("created");
+    assert_eq!(meta.len(), 16 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < meta.len(),
+        "not sparse: {} of {} bytes allocated",
+        meta.blocks() * 512,
+        meta.len()
+    );
+
+    let (code, out) = crate::fleetwave(&[
+        "agent",
+        "deploy",
+        "t",
+        "/dev/fleetwave-no-such-disk",
+        "--store",
+        store,
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no disk /dev/fleetwave-no-such-disk"), "{out}");
+    assert!(!Path::new("/dev/fleetwave-no-such-disk").exists());
+
+    let short = d.join("short.raw");
+    std::fs::File::create(&short)
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("short file");
+    let (code, out) = crate::fleetwave(&["agent", "verify", "t", &path(&short), "--store", store]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("holds 4194304 bytes, fewer than the 16777216"),
+        "{out}"
+    );
+}
+
+/// The agent's errors when the server does not answer name the URL it tried.
+#[test]
+fn an_unreachable_server_is_named_by_its_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    let server = "http://127.0.0.1:1";
+    let cmdline = dir.path().join("cmdline");
+    std::fs::write(
+        &cmdline,
+        format!(
+            "quiet fleetwave.server={server} fleetwave.mac=52:54:00:00:00:01 fleetwave.token=t\n"
+        ),
+    )
+    .expect("write");
+    let (code, out) = crate::fleetwave(&[
+        "agent",
+        "run",
+        "--cmdline",
+        cmdline.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(&format!("{server}/api/v1/task")), "{out}");
+    assert!(out.contains("is the server running"), "{out}");
+}
