@@ -293,7 +293,7 @@ fn capture_then_deploy_to_the_same_size_and_to_a_larger_disk() {
         ..d
     };
     if !grown_fs {
-        eprintln!("note: {fs_note}");
+        crate::skipped(format!("the NTFS resize check: {fs_note}"));
         big_disk.p2 = (big_disk.p2.0, grown.old_bytes / SECTOR);
     }
     check_filesystems(&big_disk, &big);
@@ -539,7 +539,7 @@ fn an_ext4_last_partition_grows_with_the_disk() {
             std::env::var("CI").as_deref() != Ok("true"),
             "not grown under CI: {note}"
         );
-        eprintln!("skipping the filesystem check: {note}");
+        crate::skipped(format!("the filesystem check: {note}"));
         return;
     }
     let out = d.join("p1.img");
@@ -609,7 +609,7 @@ fn deploy_json_onto_a_larger_disk_prints_only_json() {
             std::env::var("CI").as_deref() != Ok("true"),
             "not grown under CI: {note}"
         );
-        eprintln!("skipping the resize2fs path: {note}");
+        crate::skipped(format!("the resize2fs path: {note}"));
     }
 }
 
@@ -630,7 +630,7 @@ fn a_fat_partition_is_captured_through_partclones_used_block_map() {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("CI runs as root: the loop device partclone reads through needs it");
         }
-        eprintln!("skipping: partclone reads the partition through a loop device (root)");
+        crate::skipped("partclone reads the partition through a loop device (root)".into());
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
