@@ -10,6 +10,7 @@ pub(crate) mod disk;
 pub mod gpt;
 pub mod growfs;
 pub mod layout;
+pub mod loopdev;
 pub mod manifest;
 pub mod remote;
 pub mod store;
