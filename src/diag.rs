@@ -5,7 +5,64 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::source::{Loc, Sources};
+/// A position in one of the loaded files: 1-based line and column, length in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Loc {
+    /// Index into [`Sources`].
+    pub file: u32,
+    pub line: u32,
+    pub col: u32,
+    pub len: u32,
+}
+
+impl Loc {
+    /// One integer, so a position crosses serde in a single call.
+    pub(crate) fn pack(self) -> u128 {
+        (u128::from(self.file) << 96)
+            | (u128::from(self.line) << 64)
+            | (u128::from(self.col) << 32)
+            | u128::from(self.len)
+    }
+
+    pub(crate) fn unpack(v: u128) -> Loc {
+        Loc {
+            file: (v >> 96) as u32,
+            line: (v >> 64) as u32,
+            col: (v >> 32) as u32,
+            len: v as u32,
+        }
+    }
+}
+
+/// One file that was read, kept for rendering source lines in messages.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// The path as the user should see it (relative to where they pointed us).
+    pub display: String,
+    pub text: String,
+}
+
+/// Every file read for one fleet, indexed by [`Loc::file`].
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub files: Vec<SourceFile>,
+}
+
+impl Sources {
+    pub fn display(&self, loc: Loc) -> String {
+        let path = self
+            .files
+            .get(loc.file as usize)
+            .map(|f| f.display.as_str())
+            .unwrap_or("?");
+        format!("{path}:{}:{}", loc.line, loc.col)
+    }
+
+    pub fn line_text(&self, loc: Loc) -> Option<&str> {
+        let file = self.files.get(loc.file as usize)?;
+        file.text.lines().nth((loc.line as usize).checked_sub(1)?)
+    }
+}
 
 /// One problem in the fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]

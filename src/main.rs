@@ -1,4 +1,4 @@
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,6 +26,7 @@ enum Command {
         /// The fleet file, or a directory holding fleet.yaml.
         #[arg(default_value = "fleet.yaml")]
         path: PathBuf,
+        /// Output: text for people, json for tools (each problem with file, line, column).
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -39,6 +40,7 @@ enum Command {
         /// (http://172.28.0.1); without it nothing is known yet.
         #[arg(long)]
         observed: Option<PathBuf>,
+        /// Output: text for people, markdown for a pull-request comment, json for tools.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         /// Compare two commits of this fleet repository instead (the pull-request view).
@@ -91,22 +93,27 @@ enum Command {
 enum ImageCommand {
     /// Images, their versions, logical and stored sizes and dedup ratio.
     Ls {
+        /// The image store's directory.
         #[arg(long, default_value = "/images")]
         store: PathBuf,
     },
     /// Re-hash every manifest and every chunk an image uses (exit 1 on any problem).
     Verify {
+        /// The image store's directory.
         #[arg(long, default_value = "/images")]
         store: PathBuf,
     },
     /// Remove an image (NAME) or one version (NAME@blake3:...), then unused chunks.
     Rm {
+        /// NAME (every version) or NAME@blake3:... (that version).
         spec: String,
+        /// The image store's directory.
         #[arg(long, default_value = "/images")]
         store: PathBuf,
     },
     /// Delete manifests and chunks no image uses.
     Gc {
+        /// The image store's directory.
         #[arg(long, default_value = "/images")]
         store: PathBuf,
     },
@@ -118,7 +125,9 @@ enum MulticastCommand {
     /// that join GROUP (`fleetwave agent deploy --multicast GROUP`); exit 0 when every
     /// receiver that stayed completed.
     Send {
+        /// The image version: NAME (its newest), NAME@blake3:... or blake3:...
         image: String,
+        /// The image store's directory.
         #[arg(long, default_value = "/images")]
         store: PathBuf,
         /// The multicast group and port, e.g. 239.28.0.1:9000.
@@ -127,6 +136,7 @@ enum MulticastCommand {
         /// This server's address on the receivers' network (multicast leaves there).
         #[arg(long)]
         bind: std::net::Ipv4Addr,
+        /// Start when this many receivers have joined (or at --max-wait).
         #[arg(long, default_value_t = 1)]
         min_receivers: u32,
         /// Start anyway this long after the session opened, e.g. 30s or 10m.
@@ -136,6 +146,7 @@ enum MulticastCommand {
         /// receivers keep up.
         #[arg(long, default_value = "900Mbit")]
         max_rate: String,
+        /// Print the report as JSON on stdout (anything else goes to stderr).
         #[arg(long)]
         json: bool,
     },
@@ -147,6 +158,7 @@ enum AgentCommand {
     Capture {
         /// Block device or disk image file.
         disk: PathBuf,
+        /// The image this capture is a new version of (created if it is new).
         #[arg(long)]
         image: String,
         /// The capture generation this version answers.
@@ -158,13 +170,17 @@ enum AgentCommand {
         level: i32,
         #[command(flatten)]
         repo: RepoArgs,
+        /// Print the report as JSON on stdout (anything else goes to stderr).
         #[arg(long)]
         json: bool,
     },
     /// Write an image version (NAME, NAME@blake3:..., or a digest) onto a disk, then
     /// read it back and verify it (exit 1 if verification fails).
     Deploy {
+        /// The image version: NAME (its newest), NAME@blake3:... or blake3:...; with
+        /// --server, blake3:...
         image: String,
+        /// Block device or disk image file (a missing file is created at the image's size).
         target: PathBuf,
         #[command(flatten)]
         repo: RepoArgs,
@@ -175,6 +191,7 @@ enum AgentCommand {
         /// The interface to join the multicast group on.
         #[arg(long, requires = "multicast")]
         interface: Option<String>,
+        /// Print the report as JSON on stdout (anything else goes to stderr).
         #[arg(long)]
         json: bool,
     },
@@ -182,23 +199,28 @@ enum AgentCommand {
     /// the disk and of each partition), `normal` (zeros everywhere) or `full` (random,
     /// then zeros); always read back.
     Wipe {
+        /// Block device or disk image file.
         disk: PathBuf,
-        #[arg(long)]
+        /// How thoroughly to wipe (see above).
+        #[arg(long, value_parser = ["fast", "normal", "full"])]
         mode: String,
         /// Confirm that the disk's data is to be destroyed.
         #[arg(long)]
         yes: bool,
+        /// Print the report as JSON on stdout (anything else goes to stderr).
         #[arg(long)]
         json: bool,
     },
     /// Carry out the task the kernel command line's fleetwave.server, .mac and .token
     /// name (what the netboot environment runs), and report to the server.
     Run {
+        /// Where to read fleetwave.server=, .mac= and .token= (a file in tests).
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
     },
     /// What this machine has: CPU, memory, disks, NICs, DMI identity.
     Inventory {
+        /// Print the report as JSON on stdout (anything else goes to stderr).
         #[arg(long)]
         json: bool,
     },
@@ -208,11 +230,13 @@ enum AgentCommand {
         /// Size range, e.g. `100G-1T` or `>=200G`.
         #[arg(long)]
         size: Option<String>,
+        /// The disk's serial number, exactly.
         #[arg(long)]
         serial: Option<String>,
         /// Glob over the model, e.g. `Samsung*`.
         #[arg(long)]
         model: Option<String>,
+        /// The disk's path, e.g. /dev/nvme0n1 or /dev/disk/by-id/...
         #[arg(long)]
         path: Option<String>,
         /// The image's disk size in bytes: smaller disks are never picked.
@@ -221,10 +245,14 @@ enum AgentCommand {
     },
     /// Check whether a disk still holds an image version (exit 1 when it drifted).
     Verify {
+        /// The image version: NAME (its newest), NAME@blake3:... or blake3:...; with
+        /// --server, blake3:...
         image: String,
+        /// Block device or disk image file.
         disk: PathBuf,
         #[command(flatten)]
         repo: RepoArgs,
+        /// Print the report as JSON on stdout (anything else goes to stderr).
         #[arg(long)]
         json: bool,
     },
@@ -280,7 +308,9 @@ fn main() -> ExitCode {
     fleetwave::par::one_shot_process();
     let stdout = std::io::stdout();
     let palette = Palette::for_stream(stdout.is_terminal());
-    let mut out = stdout.lock();
+    // Buffered: a plan of 100,000 hosts is millions of small writes (JSON took 640 ms
+    // to print unbuffered). `agent run` reports as it goes, so it writes through.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let result = match args.command {
         Command::Validate { path, format } => cli::validate(&path, format, &mut out, palette),
         Command::Plan {
@@ -333,7 +363,11 @@ fn main() -> ExitCode {
                 multicast,
                 interface,
                 json,
-            } => match multicast.as_deref().map(parse_group).transpose() {
+            } => match multicast
+                .as_deref()
+                .map(|g| parse_group("--multicast", g))
+                .transpose()
+            {
                 Ok(multicast) => {
                     let via = cli::image::Transport {
                         multicast,
@@ -354,7 +388,10 @@ fn main() -> ExitCode {
                 cli::image::verify_disk(w, &image, &disk, json, &mut out)
             }),
             AgentCommand::Inventory { json } => cli::agent::inventory(json, &mut out),
-            AgentCommand::Run { cmdline } => cli::agent::run(&cmdline, &mut out),
+            AgentCommand::Run { cmdline } => match out.flush() {
+                Ok(()) => cli::agent::run(&cmdline, &mut std::io::stdout().lock()),
+                Err(e) => Err(e.into()),
+            },
             AgentCommand::Wipe {
                 disk,
                 mode,
@@ -403,12 +440,15 @@ fn main() -> ExitCode {
             json,
             &mut out,
         ),
-        Command::Schema => {
-            use std::io::Write;
-            out.write_all(cli::schema().as_bytes())
-                .map(|_| exit::OK)
-                .map_err(Into::into)
-        }
+        Command::Schema => out
+            .write_all(cli::schema().as_bytes())
+            .map(|_| exit::OK)
+            .map_err(Into::into),
+    };
+    // The output before any error message; a write that fails here is an error too.
+    let result = match (result, out.flush()) {
+        (Ok(_), Err(e)) => Err(anyhow::Error::from(e).context("writing to stdout")),
+        (r, _) => r,
     };
     finish(result)
 }
@@ -426,8 +466,9 @@ fn multicast_send(
     out: &mut dyn std::io::Write,
 ) -> anyhow::Result<u8> {
     use fleetwave::spec::{parse_duration, parse_rate};
-    let group =
-        parse_group(group)?.ok_or_else(|| anyhow::anyhow!("--group: write it as ADDRESS:PORT"))?;
+    let group = parse_group("--group", group)?.ok_or_else(|| {
+        anyhow::anyhow!("--group server: write the group as ADDRESS:PORT, e.g. 239.28.0.1:9000")
+    })?;
     let max_wait = parse_duration(max_wait).map_err(|e| anyhow::anyhow!("--max-wait: {e}"))?;
     let max_rate_bps = match max_rate {
         "0" => 0,
@@ -446,17 +487,18 @@ fn multicast_send(
     cli::multicast::send(&a, out)
 }
 
-/// `--multicast`'s value: `server` (the flag alone) or GROUP:PORT.
-fn parse_group(s: &str) -> anyhow::Result<Option<std::net::SocketAddrV4>> {
+/// The value of `flag` (`--multicast` or `--group`): `server` (`--multicast` alone)
+/// or GROUP:PORT.
+fn parse_group(flag: &str, s: &str) -> anyhow::Result<Option<std::net::SocketAddrV4>> {
     if s == "server" {
         return Ok(None);
     }
     let g: std::net::SocketAddrV4 = s.parse().map_err(|_| {
-        anyhow::anyhow!("--multicast {s:?}: write the group as ADDRESS:PORT, e.g. 239.28.0.1:9000")
+        anyhow::anyhow!("{flag} {s:?}: write the group as ADDRESS:PORT, e.g. 239.28.0.1:9000")
     })?;
     if !g.ip().is_multicast() {
         anyhow::bail!(
-            "--multicast {s}: {} is not a multicast address (224.0.0.0/4)",
+            "{flag} {s}: {} is not a multicast address (224.0.0.0/4)",
             g.ip()
         );
     }
@@ -492,4 +534,31 @@ fn init_logs(filter: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every argument and option says what it is in `--help` (serve's are being
+    /// reworked with the controller and are checked there).
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "serve" && sub.get_name() != "help" {
+                    walk(sub, &format!("{path} {}", sub.get_name()), missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "fleetwave", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+    }
 }

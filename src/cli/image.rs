@@ -19,8 +19,9 @@ use crate::multicast;
 use crate::services::api::{Progress, TaskResult};
 use crate::spec::{Digest, Mac};
 
+/// An existing store: every command but capture only reads it or removes from it.
 fn open(store: &Path) -> Result<Store> {
-    Store::open(store).with_context(|| format!("cannot open the image store {}", store.display()))
+    Ok(Store::open_existing(store)?)
 }
 
 /// Where the agent's images are: a local store, or the server's through its API.
@@ -121,9 +122,11 @@ fn metered<T>(o: &Opened, label: &str, f: impl FnOnce(&Arc<Meter>) -> T) -> T {
     out
 }
 
-fn open_where(w: &Where) -> Result<Opened> {
+/// The store to work against; a local one is created only for a capture (`create`).
+fn open_where(w: &Where, create: bool) -> Result<Opened> {
     Ok(match w.server {
         Some((url, token, mac)) => Opened::Remote(Remote::new(url, token, mac)),
+        None if create => Opened::Local(Store::open(w.store)?),
         None => Opened::Local(open(w.store)?),
     })
 }
@@ -157,7 +160,10 @@ pub fn capture(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    let o = open_where(w)?;
+    // Before the store: a mistyped disk must not leave an empty store behind.
+    std::fs::metadata(disk)
+        .with_context(|| format!("cannot capture {}: check the disk's path", disk.display()))?;
+    let o = open_where(w, true)?;
     let r = metered(&o, "capture", |meter| {
         let opts = CaptureOptions {
             level,
@@ -226,7 +232,7 @@ pub fn deploy(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    let o = open_where(w)?;
+    let o = open_where(w, false)?;
     let digest = resolve(&o, spec)?;
     let m = o.repo().manifest(&digest)?;
     deploy_opened(&o, &digest, &m, target, via, json, out)
@@ -242,16 +248,15 @@ pub fn deploy_version(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    deploy_opened(&open_where(w)?, digest, m, target, via, json, out)
+    deploy_opened(&open_where(w, false)?, digest, m, target, via, json, out)
 }
 
-/// The group and interface a multicast deploy joins; `None` (and a note) when the
-/// server has no session for it, so the deploy goes on by unicast.
+/// The group and interface a multicast deploy joins; `None` (and a note on stderr)
+/// when the server has no session for it, so the deploy goes on by unicast.
 fn join_of(
     o: &Opened,
     digest: &Digest,
     via: &Transport,
-    out: &mut dyn Write,
 ) -> Result<Option<multicast::ReceiveConfig>> {
     let Some(group) = via.multicast else {
         return Ok(None);
@@ -283,7 +288,8 @@ fn join_of(
                 (j.group, Some(r.mac()))
             }
             Err(e) => {
-                writeln!(out, "no multicast session ({e}); deploying by unicast")?;
+                // stderr: stdout may be a `--json` report.
+                eprintln!("fleetwave: no multicast session ({e}); deploying by unicast");
                 return Ok(None);
             }
         },
@@ -314,7 +320,7 @@ fn deploy_opened(
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(4);
-    let join = join_of(o, digest, via, out)?;
+    let join = join_of(o, digest, via)?;
     let mut received = None;
     let result = metered(o, "deploy", |meter| -> Result<image::DeployReport> {
         let t = image::Target::open(digest, m, target)?;
@@ -402,7 +408,14 @@ fn deploy_opened(
             if e.downcast_ref::<image::ImageError>()
                 .is_some_and(|x| matches!(x, image::ImageError::Verify { .. })) =>
         {
-            writeln!(out, "FAILED: {e}")?;
+            if json {
+                super::print_json(
+                    out,
+                    &serde_json::json!({"deploy": null, "multicast": received, "failed": e.to_string()}),
+                )?;
+            } else {
+                writeln!(out, "FAILED: {e}")?;
+            }
             Ok(exit::CHANGES)
         }
         Err(e) => Err(e),
@@ -418,7 +431,7 @@ pub fn verify_disk(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    let o = open_where(w)?;
+    let o = open_where(w, false)?;
     let digest = resolve(&o, spec)?;
     let m = o.repo().manifest(&digest)?;
     verify_opened(&o, &digest, &m, disk, json, out)
@@ -433,7 +446,7 @@ pub fn verify_version(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
-    verify_opened(&open_where(w)?, digest, m, disk, json, out)
+    verify_opened(&open_where(w, false)?, digest, m, disk, json, out)
 }
 
 fn verify_opened(

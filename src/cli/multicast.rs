@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::exit;
 use crate::image::store::Store;
@@ -24,8 +24,7 @@ pub struct SendArgs<'a> {
 }
 
 pub fn send(a: &SendArgs, out: &mut dyn Write) -> Result<u8> {
-    let store = Store::open(a.store)
-        .with_context(|| format!("cannot open the image store {}", a.store.display()))?;
+    let store = Store::open_existing(a.store)?;
     let digest = store.resolve(a.image)?;
     let mut cfg = SendConfig::new(a.group, a.bind);
     cfg.min_receivers = a.min_receivers;

@@ -7,50 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use super::layout::Fs;
-
-/// A loop device over one partition's bytes of a disk image file or block device,
-/// detached when dropped. Needs root.
-pub struct PartitionLoop {
-    pub dev: String,
-}
-
-impl PartitionLoop {
-    pub fn attach(
-        disk: &Path,
-        start: u64,
-        bytes: u64,
-        read_only: bool,
-    ) -> Result<PartitionLoop, String> {
-        let mut cmd = Command::new("losetup");
-        cmd.args(["--find", "--show"]);
-        if read_only {
-            cmd.arg("--read-only");
-        }
-        let out = cmd
-            .arg("--offset")
-            .arg(start.to_string())
-            .arg("--sizelimit")
-            .arg(bytes.to_string())
-            .arg(disk)
-            .output()
-            .map_err(|e| format!("losetup: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "no loop device for the partition: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(PartitionLoop {
-            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        })
-    }
-}
-
-impl Drop for PartitionLoop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
+use super::loopdev::PartitionLoop;
 
 fn run(cmd: &mut Command, input: Option<&str>) -> Result<(), String> {
     let name = format!("{:?}", cmd.get_program());
@@ -69,17 +26,20 @@ fn run(cmd: &mut Command, input: Option<&str>) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let msg = String::from_utf8_lossy(&out.stdout);
-        Err(format!(
-            "{name} failed: {}",
-            err.trim()
-                .lines()
-                .chain(msg.trim().lines())
-                .last()
-                .unwrap_or("")
-        ))
+        Err(format!("{name} failed: {}", last_line(&out)))
     }
+}
+
+/// The line of a tool's output most likely to say why it failed.
+fn last_line(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let msg = String::from_utf8_lossy(&out.stdout);
+    err.trim()
+        .lines()
+        .chain(msg.trim().lines())
+        .last()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Grow the `fs` filesystem in `[start, start+bytes)` of `target` to fill it. Says
@@ -95,12 +55,20 @@ pub fn grow(target: &Path, start: u64, bytes: u64, fs: Fs) -> Result<String, Str
     let result = match fs {
         Fs::Ext4 => {
             // resize2fs wants a freshly checked filesystem; -p: repair nothing silently.
-            let check = Command::new("e2fsck").args(["-f", "-p", dev]).status();
+            // Its output is captured: stdout may be a `--json` report.
+            let check = Command::new("e2fsck")
+                .args(["-f", "-p", dev])
+                .stdin(Stdio::null())
+                .output();
             match check {
-                Ok(s) if s.code().is_some_and(|c| c <= 1) => {
+                Ok(o) if o.status.code().is_some_and(|c| c <= 1) => {
                     run(Command::new("resize2fs").arg(dev), None)
                 }
-                Ok(s) => Err(format!("e2fsck found problems ({s}); not resized")),
+                Ok(o) => Err(format!(
+                    "e2fsck found problems ({}): {}; not resized",
+                    o.status,
+                    last_line(&o)
+                )),
                 Err(e) => Err(format!("e2fsck: {e}")),
             }
         }

@@ -338,7 +338,7 @@ fn partclone_used(f: &File, start: u64, bytes: u64, fs: Fs) -> Option<Vec<(u64, 
     // The disk as this process opened it (a file or a block device), named for losetup.
     let source = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
     let lo =
-        super::growfs::PartitionLoop::attach(std::path::Path::new(&source), start, bytes, true)
+        super::loopdev::PartitionLoop::attach(std::path::Path::new(&source), start, bytes, true)
             .ok()?;
     let map = std::env::temp_dir().join(format!("fleetwave-{}-{start}.domain", std::process::id()));
     // Created here, exclusively: partclone then writes into our file, never through a

@@ -10,6 +10,7 @@ pub(crate) mod disk;
 pub mod gpt;
 pub mod growfs;
 pub mod layout;
+pub mod loopdev;
 pub mod manifest;
 pub mod remote;
 pub mod store;
@@ -43,6 +44,21 @@ pub enum ImageError {
          (a smaller one cannot hold it)"
     )]
     TooSmall { path: PathBuf, have: u64, need: u64 },
+    #[error(
+        "{path} holds {have} bytes, fewer than the {need} of image {digest}: it cannot hold \
+         this image (check the disk's path; a file target may have been cut short)"
+    )]
+    SmallerThanImage {
+        path: PathBuf,
+        digest: Digest,
+        have: u64,
+        need: u64,
+    },
+    #[error(
+        "no disk {path}: `fleetwave agent disk` lists this machine's disks (a file target is \
+         created, but never under /dev)"
+    )]
+    NoDevice { path: PathBuf },
     #[error(
         "verification failed on {path}: {bad} of {total} chunks differ from image {digest} \
          (first at disk offset {first_offset}); the disk does NOT hold this image"
@@ -518,7 +534,24 @@ impl Target {
     /// version so an interrupted deploy resumes.
     pub fn open(digest: &Digest, m: &Manifest, target: &Path) -> Result<Target> {
         let started = Instant::now();
-        let mut disk = disk::Disk::open(target, true).map_err(io_err(target))?;
+        let mut disk = match disk::Disk::open(target, true) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // A missing file target is made here, empty, and sized below (sparse).
+                // Under /dev a missing name is a missing disk: a file there would fill memory.
+                if target.starts_with("/dev") {
+                    return Err(ImageError::NoDevice {
+                        path: target.to_owned(),
+                    });
+                }
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(target)
+                    .map_err(io_err(target))?;
+                disk::Disk::open(target, true).map_err(io_err(target))?
+            }
+            r => r.map_err(io_err(target))?,
+        };
         let is_file = disk.file().metadata().is_ok_and(|x| x.is_file());
         if is_file && disk.size() == 0 {
             disk.set_len(m.disk_bytes).map_err(io_err(target))?;
@@ -887,6 +920,15 @@ pub fn verify_manifest(
     threads: usize,
 ) -> Result<VerifyReport> {
     let disk = disk::Disk::open(path, false).map_err(io_err(path))?;
+    // Reading past its end would fail as "failed to fill whole buffer".
+    if disk.size() < m.disk_bytes {
+        return Err(ImageError::SmallerThanImage {
+            path: path.to_owned(),
+            digest: *digest,
+            have: disk.size(),
+            need: m.disk_bytes,
+        });
+    }
     let mut r = compare(&disk, m, threads, None).map_err(io_err(path))?;
     r.digest = *digest;
     Ok(r)

@@ -2,7 +2,6 @@
 //! the agent in the netboot environment captures into and deploys from. Connections
 //! are kept alive and shared by the worker threads.
 
-use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,11 +20,19 @@ pub struct Remote {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-fn net(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Io {
-        path: PathBuf::from(what),
-        source: io::Error::other(e.to_string()),
-    }
+/// The request never got an answer: name the URL and what to check.
+fn unreachable(url: String, e: ureq::Error) -> StoreError {
+    let why = match e {
+        ureq::Error::Io(_)
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::HostNotFound
+        | ureq::Error::Timeout(_) => format!(
+            "{e}: is the server running and reachable from this machine? (the URL comes from \
+             --server or fleetwave.server=)"
+        ),
+        e => e.to_string(),
+    };
+    StoreError::Server { url, why }
 }
 
 impl Remote {
@@ -52,6 +59,14 @@ impl Remote {
         format!("{}/api/v1/{path}", self.base)
     }
 
+    /// A failure of the request to `path`, named by its URL.
+    fn net(&self, path: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Server {
+            url: self.url(path),
+            why: e.to_string(),
+        }
+    }
+
     fn auth(&self) -> (String, String) {
         (format!("Bearer {}", self.token), self.mac.to_string())
     }
@@ -59,7 +74,7 @@ impl Remote {
     /// Send `body` as JSON to `path` (POST), expecting `want`; the response body.
     pub fn post_json(&self, path: &str, body: &impl Serialize) -> Result<Vec<u8>> {
         let (auth, mac) = self.auth();
-        let text = serde_json::to_vec(body).map_err(|e| net(path, e))?;
+        let text = serde_json::to_vec(body).map_err(|e| self.net(path, e))?;
         let mut r = self
             .agent
             .post(self.url(path))
@@ -67,16 +82,16 @@ impl Remote {
             .header("X-Fleetwave-Mac", &mac)
             .header("Content-Type", "application/json")
             .send(&text[..])
-            .map_err(|e| net(path, e))?;
+            .map_err(|e| unreachable(self.url(path), e))?;
         let status = r.status().as_u16();
         let body = r
             .body_mut()
             .with_config()
             .limit(64 << 20)
             .read_to_vec()
-            .map_err(|e| net(path, e))?;
+            .map_err(|e| self.net(path, e))?;
         if !(200..300).contains(&status) {
-            return Err(net(
+            return Err(self.net(
                 path,
                 format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
             ));
@@ -92,14 +107,14 @@ impl Remote {
             .header("Authorization", &auth)
             .header("X-Fleetwave-Mac", &mac)
             .call()
-            .map_err(|e| net(path, e))?;
+            .map_err(|e| unreachable(self.url(path), e))?;
         let status = r.status().as_u16();
         let body = r
             .body_mut()
             .with_config()
             .limit(limit)
             .read_to_vec()
-            .map_err(|e| net(path, e))?;
+            .map_err(|e| self.net(path, e))?;
         Ok((status, body))
     }
 
@@ -107,12 +122,12 @@ impl Remote {
     pub fn task(&self) -> Result<crate::protocol::Assignment> {
         let (status, body) = self.get("task", 1 << 20)?;
         if status != 200 {
-            return Err(net(
+            return Err(self.net(
                 "task",
                 format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
             ));
         }
-        serde_json::from_slice(&body).map_err(|e| net("task", e))
+        serde_json::from_slice(&body).map_err(|e| self.net("task", e))
     }
 }
 
@@ -123,7 +138,8 @@ impl Repo for Remote {
 
     fn lacks_many(&self, ds: &[Digest]) -> Result<Vec<bool>> {
         let body = self.post_json("chunks/missing", &ds)?;
-        let missing: Vec<Digest> = serde_json::from_slice(&body).map_err(|e| net("missing", e))?;
+        let missing: Vec<Digest> =
+            serde_json::from_slice(&body).map_err(|e| self.net("chunks/missing", e))?;
         Ok(ds.iter().map(|d| missing.contains(d)).collect())
     }
 
@@ -136,11 +152,11 @@ impl Repo for Remote {
             .header("Authorization", &auth)
             .header("X-Fleetwave-Mac", &mac)
             .send(compressed)
-            .map_err(|e| net(&path, e))?;
+            .map_err(|e| unreachable(self.url(&path), e))?;
         let status = r.status().as_u16();
         if !(200..300).contains(&status) {
             let text = r.body_mut().read_to_string().unwrap_or_default();
-            return Err(net(&path, format!("HTTP {status}: {}", text.trim())));
+            return Err(self.net(&path, format!("HTTP {status}: {}", text.trim())));
         }
         Ok(compressed.len() as u64)
     }
@@ -152,7 +168,7 @@ impl Repo for Remote {
             200 => {}
             404 => return Err(StoreError::MissingChunk(*d)),
             s => {
-                return Err(net(
+                return Err(self.net(
                     &path,
                     format!("HTTP {s}: {}", String::from_utf8_lossy(&raw).trim()),
                 ));
@@ -177,7 +193,7 @@ impl Repo for Remote {
         match status {
             200 => {}
             404 => return Err(StoreError::MissingManifest(*d)),
-            s => return Err(net(&path, format!("HTTP {s}"))),
+            s => return Err(self.net(&path, format!("HTTP {s}"))),
         }
         if Manifest::digest_of(&body) != *d {
             return Err(StoreError::CorruptManifest {
@@ -186,7 +202,7 @@ impl Repo for Remote {
                 why: "what the server sent does not hash to its name".into(),
             });
         }
-        serde_json::from_slice(&body).map_err(|e| net(&path, e))
+        serde_json::from_slice(&body).map_err(|e| self.net(&path, e))
     }
 
     fn commit(&self, m: &Manifest, image: Option<(&str, u64)>) -> Result<(Digest, u64)> {
@@ -202,14 +218,14 @@ impl Repo for Remote {
             .header("X-Fleetwave-Mac", &mac)
             .header("Content-Type", "application/json")
             .send(&m.to_bytes()[..])
-            .map_err(|e| net("manifests", e))?;
+            .map_err(|e| unreachable(url.clone(), e))?;
         let status = r.status().as_u16();
         let body = r
             .body_mut()
             .read_to_vec()
-            .map_err(|e| net("manifests", e))?;
+            .map_err(|e| self.net("manifests", e))?;
         if status != 201 {
-            return Err(net(
+            return Err(self.net(
                 "manifests",
                 format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
             ));
@@ -219,7 +235,7 @@ impl Repo for Remote {
             digest: Digest,
             stored_bytes: u64,
         }
-        let c: Committed = serde_json::from_slice(&body).map_err(|e| net("manifests", e))?;
+        let c: Committed = serde_json::from_slice(&body).map_err(|e| self.net("manifests", e))?;
         Ok((c.digest, c.stored_bytes))
     }
 }

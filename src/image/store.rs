@@ -32,6 +32,13 @@ use crate::spec::Digest;
 pub enum StoreError {
     #[error("image store {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} holds no image store (no manifests/ or images/ there): check --store; \
+         `fleetwave agent capture` creates one"
+    )]
+    NoStore { path: PathBuf },
+    #[error("server {url}: {why}")]
+    Server { url: String, why: String },
     #[error("chunk {0} is not in the store")]
     MissingChunk(Digest),
     #[error(
@@ -139,6 +146,21 @@ impl Store {
             pending: Mutex::default(),
             flushing: Mutex::default(),
         })
+    }
+
+    /// Open the store at `root` without creating anything: commands that read (or
+    /// only remove) must not leave an empty store behind a mistyped path.
+    pub fn open_existing(root: &Path) -> Result<Store> {
+        if !["manifests", "images"]
+            .iter()
+            .all(|d| root.join(d).is_dir())
+        {
+            return Err(StoreError::NoStore {
+                path: root.to_owned(),
+            });
+        }
+        // A real store: open() only puts back a `tmp/` or `chunks/` someone removed.
+        Store::open(root)
     }
 
     pub fn root(&self) -> &Path {

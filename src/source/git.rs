@@ -7,16 +7,53 @@ use git2::{ObjectType, Repository, TreeWalkMode, TreeWalkResult};
 
 use super::{Tree, normalize_path};
 
+/// libgit2's own words, without its error class and code.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
-    #[error("cannot open git repository {path}")]
-    Open { path: String, source: git2::Error },
-    #[error("cannot resolve revision `{rev}` in {path}")]
+    #[error("cannot open git repository {path}: {why}")]
+    Open { path: String, why: String },
+    #[error("no revision `{rev}` in {path}; {known}")]
+    UnknownRev {
+        rev: String,
+        path: String,
+        /// The branches there are, and what else may be named.
+        known: String,
+    },
+    #[error("revision `{rev}` in {path}: {why}")]
     Rev {
         rev: String,
         path: String,
-        source: git2::Error,
+        why: String,
     },
+}
+
+/// The branches of `repo`, for a revision that names none of them.
+fn known_revisions(repo: &Repository) -> String {
+    let mut names: Vec<String> = repo
+        .branches(None)
+        .map(|branches| {
+            branches
+                .filter_map(|b| b.ok())
+                .filter_map(|(b, _)| b.name().ok().flatten().map(str::to_owned))
+                .filter(|n| !n.ends_with("/HEAD"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() {
+        return "it has no branches (no commit yet?)".into();
+    }
+    let more = names.len().saturating_sub(20);
+    names.truncate(20);
+    format!(
+        "its branches: {}{}; name a branch, a tag or a commit",
+        names.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
 }
 
 /// The files of one commit.
@@ -31,26 +68,27 @@ pub struct CommitTree {
 impl CommitTree {
     pub fn open(repo_path: &Path, rev: &str) -> Result<Self, GitError> {
         // From a subdirectory too, as `git` itself does.
-        let repo = Repository::discover(repo_path).map_err(|source| GitError::Open {
-            path: repo_path.display().to_string(),
-            source,
+        let path = || repo_path.display().to_string();
+        let repo = Repository::discover(repo_path).map_err(|e| GitError::Open {
+            path: path(),
+            why: e.message().to_string(),
         })?;
         let (files, commit) = {
-            let object = repo.revparse_single(rev).map_err(|source| GitError::Rev {
+            let rev_error = |e: git2::Error| GitError::Rev {
                 rev: rev.into(),
-                path: repo_path.display().to_string(),
-                source,
+                path: path(),
+                why: e.message().to_string(),
+            };
+            let object = repo.revparse_single(rev).map_err(|e| match e.code() {
+                git2::ErrorCode::NotFound | git2::ErrorCode::InvalidSpec => GitError::UnknownRev {
+                    rev: rev.into(),
+                    path: path(),
+                    known: known_revisions(&repo),
+                },
+                _ => rev_error(e),
             })?;
-            let commit = object.peel_to_commit().map_err(|source| GitError::Rev {
-                rev: rev.into(),
-                path: repo_path.display().to_string(),
-                source,
-            })?;
-            let tree = commit.tree().map_err(|source| GitError::Rev {
-                rev: rev.into(),
-                path: repo_path.display().to_string(),
-                source,
-            })?;
+            let commit = object.peel_to_commit().map_err(rev_error)?;
+            let tree = commit.tree().map_err(rev_error)?;
             let mut files = Vec::new();
             // A walk error can only come from a corrupt object; the files seen so far stay usable.
             let _ = tree.walk(TreeWalkMode::PreOrder, |dir, entry| {

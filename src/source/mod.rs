@@ -2,6 +2,7 @@
 //! and the YAML node trees read from them with every position kept.
 
 pub mod git;
+pub mod syntax;
 pub mod watch;
 pub mod yaml;
 
@@ -13,36 +14,10 @@ use std::path::{Component, Path, PathBuf};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 
 use crate::diag::Diagnostic;
+// Positions and file texts live with the diagnostics that show them (so `diag` needs
+// nothing from here); named here too, where the loader makes them.
+pub use crate::diag::{Loc, SourceFile, Sources};
 use yaml::{Node, Value};
-
-/// A position in one of the loaded files: 1-based line and column, length in characters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
-pub struct Loc {
-    /// Index into [`Sources`].
-    pub file: u32,
-    pub line: u32,
-    pub col: u32,
-    pub len: u32,
-}
-
-impl Loc {
-    /// One integer, so a position crosses serde in a single call.
-    pub(crate) fn pack(self) -> u128 {
-        (u128::from(self.file) << 96)
-            | (u128::from(self.line) << 64)
-            | (u128::from(self.col) << 32)
-            | u128::from(self.len)
-    }
-
-    pub(crate) fn unpack(v: u128) -> Loc {
-        Loc {
-            file: (v >> 96) as u32,
-            line: (v >> 64) as u32,
-            col: (v >> 32) as u32,
-            len: v as u32,
-        }
-    }
-}
 
 /// A value with the position it was read from. Wire types use it for every field a
 /// later check may need to point at.
@@ -141,36 +116,6 @@ impl<T: schemars::JsonSchema> schemars::JsonSchema for Sp<T> {
     }
     fn inline_schema() -> bool {
         T::inline_schema()
-    }
-}
-
-/// One file that was read, kept for rendering source lines in messages.
-#[derive(Debug, Clone)]
-pub struct SourceFile {
-    /// The path as the user should see it (relative to where they pointed us).
-    pub display: String,
-    pub text: String,
-}
-
-/// Every file read for one fleet, indexed by [`Loc::file`].
-#[derive(Debug, Clone, Default)]
-pub struct Sources {
-    pub files: Vec<SourceFile>,
-}
-
-impl Sources {
-    pub fn display(&self, loc: Loc) -> String {
-        let path = self
-            .files
-            .get(loc.file as usize)
-            .map(|f| f.display.as_str())
-            .unwrap_or("?");
-        format!("{path}:{}:{}", loc.line, loc.col)
-    }
-
-    pub fn line_text(&self, loc: Loc) -> Option<&str> {
-        let file = self.files.get(loc.file as usize)?;
-        file.text.lines().nth((loc.line as usize).checked_sub(1)?)
     }
 }
 

@@ -82,7 +82,7 @@ pub struct SyntaxError {
     pub line: u32,
     pub col: u32,
     /// What to do, when we know better than "fix the syntax".
-    pub hint: Option<&'static str>,
+    pub hint: Option<String>,
 }
 
 /// Receives each entry of a mapping under a top-level key (a host under `hosts:`, say)
@@ -99,6 +99,10 @@ pub type EntrySink<'s> = dyn FnMut(&Node, Node, Node) -> Option<(Node, Node)> + 
 /// Plain scalars are typed by the YAML 1.2 core schema, without the 1.1 surprises
 /// (`no` stays text, `0123` stays text, `52:54:00:28:00:11` stays text).
 pub fn parse_with(text: &str, file: u32, sink: &mut EntrySink) -> Result<Node, SyntaxError> {
+    parse_events(text, file, sink).map_err(|e| super::syntax::explain(text, e))
+}
+
+fn parse_events(text: &str, file: u32, sink: &mut EntrySink) -> Result<Node, SyntaxError> {
     if text.len() < PIPELINE_BYTES {
         let mut parser = Parser::new_from_str(text);
         let events =
@@ -206,7 +210,7 @@ fn build_tree<'a>(
                         line: loc.line,
                         col: loc.col,
                         hint: Some(
-                            "a fleet file holds one document: move the others into their own files and `include:` them",
+                            "a fleet file holds one document: move the others into their own files and `include:` them".into(),
                         ),
                     });
                 }
@@ -234,7 +238,9 @@ fn build_tree<'a>(
                         message: "alias to an anchor that is not defined before it".into(),
                         line: loc.line,
                         col: loc.col,
-                        hint: Some("define the anchor (`&name`) before using the alias (`*name`)"),
+                        hint: Some(
+                            "define the anchor (`&name`) before using the alias (`*name`)".into(),
+                        ),
                     });
                 }
             },

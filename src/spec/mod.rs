@@ -3,7 +3,7 @@
 //! Pure: no I/O, no clock. Everything past [`build`] can trust its input: names
 //! resolve, addresses fit their subnets, waves form a DAG.
 
-mod build;
+mod resolve;
 pub mod types;
 pub mod wire;
 
@@ -14,7 +14,7 @@ use indexmap::IndexMap;
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
-pub use build::{ReadDocument, build, read_file};
+pub use resolve::{ReadDocument, build, read_file};
 pub use types::{Digest, IpRange, Mac, SizeRange, Window, parse_duration, parse_rate};
 pub use wire::{DhcpMode, Heal, Os, Transport, UnknownHosts, WipeMode};
 

@@ -8,8 +8,16 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// A MAC address, printed lower-case with colons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Mac(pub [u8; 6]);
+
+/// The display form, so that logs (`mac = ?x`) and `{:?}` of structs holding one read
+/// as an address, not as six numbers.
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
 
 impl FromStr for Mac {
     type Err = String;
@@ -283,8 +291,15 @@ impl fmt::Display for IpRange {
 
 /// An image version's name: the BLAKE3 hash of its manifest, written
 /// `blake3:<64 hex digits>`. Held as the 32 bytes: plans copy it for every host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
+
+/// The display form: `Digest([30, 93, ...])` in a log line helps nobody.
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
 
 impl Digest {
     /// The first 12 hex digits, as people read them.
@@ -496,6 +511,16 @@ impl FromStr for Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Logs write fields with `?`: what they show must be what people read elsewhere.
+    #[test]
+    fn digests_and_macs_debug_print_as_displayed() {
+        let d = Digest([0xab; 32]);
+        let m: Mac = "52:54:00:28:00:11".parse().expect("mac");
+        assert_eq!(format!("{:?}", Some(d)), format!("Some({d})"));
+        assert!(format!("{d:?}").starts_with("blake3:abab"));
+        assert_eq!(format!("{m:?}"), "52:54:00:28:00:11");
+    }
 
     #[test]
     fn weekend_window_wraps_into_sunday() {

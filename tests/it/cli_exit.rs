@@ -72,3 +72,68 @@ fn no_colour_when_not_a_terminal() {
     let (_, out, _) = fleetwave(&["validate", "tests/fixtures/snapshots/many_problems.yaml"]);
     assert!(!out.contains('\x1b'), "escape codes in piped output");
 }
+
+/// Regression: these commands created an empty store at a mistyped `--store`, and
+/// `image verify` then reported "0 chunks checked, 0 problems" with exit 0.
+#[test]
+fn image_commands_without_a_store_exit_2_naming_it_and_create_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("no-store");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    for store in [&missing, &empty] {
+        let s = store.to_str().expect("utf-8");
+        let runs: [&[&str]; 6] = [
+            &["image", "ls", "--store", s],
+            &["image", "verify", "--store", s],
+            &["image", "rm", "win10", "--store", s],
+            &["image", "gc", "--store", s],
+            &["agent", "verify", "win10", "Cargo.toml", "--store", s],
+            &["agent", "deploy", "win10", "Cargo.toml", "--store", s],
+        ];
+        for args in runs {
+            let (code, out, err) = fleetwave(args);
+            assert_eq!(code, 2, "{args:?}: {out}{err}");
+            assert!(err.contains(&format!("{s} holds no image store")), "{err}");
+        }
+    }
+    assert!(!missing.exists(), "a store was created at {missing:?}");
+    let left = std::fs::read_dir(&empty).expect("read").count();
+    assert_eq!(left, 0, "files were created in {empty:?}");
+
+    let s = missing.to_str().expect("utf-8");
+    let (code, _, err) = fleetwave(&[
+        "agent",
+        "capture",
+        "no/such/disk",
+        "--image",
+        "x",
+        "--store",
+        s,
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no/such/disk"), "{err}");
+    assert!(
+        !missing.exists(),
+        "capture of a missing disk created {missing:?}"
+    );
+}
+
+/// Regression: a malformed `--group` was reported as `--multicast`.
+#[test]
+fn multicast_send_names_group_when_it_is_malformed() {
+    let (code, _, err) = fleetwave(&[
+        "multicast",
+        "send",
+        "win10",
+        "--group",
+        "239.28.0.1",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--group \"239.28.0.1\": write the group as ADDRESS:PORT"),
+        "{err}"
+    );
+}

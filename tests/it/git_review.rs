@@ -181,8 +181,9 @@ fn an_invalid_head_is_an_error_that_names_the_revision() {
     assert!(text.contains("HEAD:rooms/a.yaml:4:15"), "{text}");
 }
 
+/// The revision, the branches there are, and none of libgit2's error class and code.
 #[test]
-fn an_unknown_revision_is_an_error() {
+fn an_unknown_revision_is_an_error_that_lists_the_branches() {
     let dir = lab_repo();
     let repo = dir.path();
     let mut out = Vec::new();
@@ -194,5 +195,8 @@ fn an_unknown_revision_is_an_error() {
     };
     let err = cli::plan_git(&args, None, Format::Text, &mut out, Palette::PLAIN)
         .expect_err("unknown revision");
-    assert!(err.to_string().contains("no-such-branch"), "{err}");
+    let text = format!("{err:#}");
+    assert!(text.contains("no revision `no-such-branch`"), "{text}");
+    assert!(text.contains("its branches: main"), "{text}");
+    assert!(!text.contains("class="), "{text}");
 }

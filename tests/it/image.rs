@@ -293,7 +293,7 @@ fn capture_then_deploy_to_the_same_size_and_to_a_larger_disk() {
         ..d
     };
     if !grown_fs {
-        eprintln!("note: {fs_note}");
+        crate::skipped(format!("the NTFS resize check: {fs_note}"));
         big_disk.p2 = (big_disk.p2.0, grown.old_bytes / SECTOR);
     }
     check_filesystems(&big_disk, &big);
@@ -487,13 +487,8 @@ fn an_interrupted_deploy_resumes_and_ends_verified() {
     assert!(v.bad >= 1);
 }
 
-#[test]
-fn an_ext4_last_partition_grows_with_the_disk() {
-    if !tools() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
+/// A 64 MiB GPT disk whose one partition, the last, is ext4 holding `a.txt`.
+fn ext4_last_partition_disk(d: &Path) -> PathBuf {
     let disk = d.join("d.raw");
     sh(Command::new("truncate").args(["-s", "64M"]).arg(&disk));
     sh(Command::new("sgdisk")
@@ -521,6 +516,17 @@ fn an_ext4_last_partition_grows_with_the_disk() {
         .arg(format!("if={}", part.display()))
         .arg(format!("of={}", disk.display()))
         .args(["bs=512", "seek=2048", "conv=notrunc", "status=none"]));
+    disk
+}
+
+#[test]
+fn an_ext4_last_partition_grows_with_the_disk() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let disk = ext4_last_partition_disk(d);
     let store = Store::open(&d.join("store")).expect("store");
     let r = image::capture(&disk, &store, None, CaptureOptions::default()).expect("capture");
     let big = d.join("big.raw");
@@ -533,7 +539,7 @@ fn an_ext4_last_partition_grows_with_the_disk() {
             std::env::var("CI").as_deref() != Ok("true"),
             "not grown under CI: {note}"
         );
-        eprintln!("skipping the filesystem check: {note}");
+        crate::skipped(format!("the filesystem check: {note}"));
         return;
     }
     let out = d.join("p1.img");
@@ -555,6 +561,58 @@ fn an_ext4_last_partition_grows_with_the_disk() {
     assert_eq!(text.stdout, "grow me\n".repeat(50_000).into_bytes());
 }
 
+/// Regression: e2fsck's lines, printed while growing the filesystem, came before the
+/// report on stdout, so `--json` output did not parse.
+#[test]
+fn deploy_json_onto_a_larger_disk_prints_only_json() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let disk = ext4_last_partition_disk(d);
+    let store = d.join("store");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+            .args(args)
+            .arg("--store")
+            .arg(&store)
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    };
+    run(&[
+        "agent".as_ref(),
+        "capture".as_ref(),
+        disk.as_os_str(),
+        "--image".as_ref(),
+        "g".as_ref(),
+    ]);
+    let big = d.join("big.raw");
+    sh(Command::new("truncate").args(["-s", "128M"]).arg(&big));
+    let (stdout, stderr) = run(&[
+        "agent".as_ref(),
+        "deploy".as_ref(),
+        "g".as_ref(),
+        big.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{stdout}\nstderr:\n{stderr}"));
+    let grown = &report["deploy"]["grown"];
+    assert!(grown.is_object(), "not grown: {report}");
+    let note = grown["filesystem"].as_str().unwrap_or_default();
+    if !note.starts_with("resize2fs grew") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "not grown under CI: {note}"
+        );
+        crate::skipped(format!("the resize2fs path: {note}"));
+    }
+}
+
 /// A FAT32 EFI system partition on a GPT disk: this reader does not parse FAT, so its
 /// used blocks come from partclone's map. Deleted files' clusters are not captured, and
 /// the deployed filesystem checks clean with its file intact.
@@ -572,7 +630,7 @@ fn a_fat_partition_is_captured_through_partclones_used_block_map() {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("CI runs as root: the loop device partclone reads through needs it");
         }
-        eprintln!("skipping: partclone reads the partition through a loop device (root)");
+        crate::skipped("partclone reads the partition through a loop device (root)".into());
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -728,4 +786,94 @@ fn removing_an_image_frees_only_the_chunks_no_other_image_uses() {
     let d = image::deploy(&store, &digests[1], &t, threads()).expect("deploy b");
     assert_eq!(d.verified, digests[1]);
     assert!(cli(&["image", "gc"]).contains("freed 0 manifests and 0 chunks"));
+}
+
+/// A file target that does not exist is created at the image's size, sparse; a missing
+/// name under /dev is a missing disk, never a file; `agent verify` of a file smaller
+/// than the image names both sizes (it said "failed to fill whole buffer").
+#[test]
+fn deploy_creates_a_missing_file_target_and_verify_names_the_sizes_of_a_short_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = d.join("src.raw");
+    std::fs::write(&src, crate::bytes(4 << 20, 7)).expect("write");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .expect("open");
+    f.set_len(16 << 20).expect("grow");
+    let store = d.join("store");
+    let store = store.to_str().expect("utf-8");
+    let path = |p: &Path| p.to_str().expect("utf-8").to_string();
+    let (code, out) = crate::fleetwave(&[
+        "agent",
+        "capture",
+        &path(&src),
+        "--image",
+        "t",
+        "--store",
+        store,
+    ]);
+    assert_eq!(code, 0, "{out}");
+
+    let target = d.join("new.raw");
+    let (code, out) = crate::fleetwave(&["agent", "deploy", "t", &path(&target), "--store", store]);
+    assert_eq!(code, 0, "{out}");
+    let meta = std::fs::metadata(&target).expect("created");
+    assert_eq!(meta.len(), 16 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < meta.len(),
+        "not sparse: {} of {} bytes allocated",
+        meta.blocks() * 512,
+        meta.len()
+    );
+
+    let (code, out) = crate::fleetwave(&[
+        "agent",
+        "deploy",
+        "t",
+        "/dev/fleetwave-no-such-disk",
+        "--store",
+        store,
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no disk /dev/fleetwave-no-such-disk"), "{out}");
+    assert!(!Path::new("/dev/fleetwave-no-such-disk").exists());
+
+    let short = d.join("short.raw");
+    std::fs::File::create(&short)
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("short file");
+    let (code, out) = crate::fleetwave(&["agent", "verify", "t", &path(&short), "--store", store]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("holds 4194304 bytes, fewer than the 16777216"),
+        "{out}"
+    );
+}
+
+/// The agent's errors when the server does not answer name the URL it tried.
+#[test]
+fn an_unreachable_server_is_named_by_its_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    let server = "http://127.0.0.1:1";
+    let cmdline = dir.path().join("cmdline");
+    std::fs::write(
+        &cmdline,
+        format!(
+            "quiet fleetwave.server={server} fleetwave.mac=52:54:00:00:00:01 fleetwave.token=t\n"
+        ),
+    )
+    .expect("write");
+    let (code, out) = crate::fleetwave(&[
+        "agent",
+        "run",
+        "--cmdline",
+        cmdline.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(&format!("{server}/api/v1/task")), "{out}");
+    assert!(out.contains("is the server running"), "{out}");
 }

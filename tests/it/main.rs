@@ -16,7 +16,9 @@ mod schema;
 mod snapshots;
 mod tftp;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// A path inside the repository.
 pub fn repo(rel: &str) -> PathBuf {
@@ -31,8 +33,45 @@ pub fn tool(name: &str, path: &str) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{name} ({path}) is missing; .ci/run installs it");
     }
-    eprintln!("skipping: {name} is not installed ({path}); apt-get install {name}");
+    skipped(format!(
+        "{name} is not installed ({path}); apt-get install {name}"
+    ));
     false
+}
+
+/// What this run skipped: test and why.
+static SKIPPED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Note that the calling test skipped all or part of its work (callers fail instead
+/// under CI=true). Passing tests' output is hidden, so the list is printed again when
+/// the test binary exits, after the results: a partial run does not pass for a full one.
+pub fn skipped(why: String) {
+    eprintln!("skipping: {why}");
+    // libtest names each test's thread after the test.
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let mut list = SKIPPED.lock().unwrap_or_else(|p| p.into_inner());
+    if list.is_empty() {
+        // SAFETY: registers a plain function, once; it only locks and writes.
+        unsafe { libc::atexit(print_skipped) };
+    }
+    list.push(format!("{test}: {why}"));
+}
+
+/// At exit: written to the descriptor itself, past libtest's output capture.
+extern "C" fn print_skipped() {
+    let list = SKIPPED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut text = format!(
+        "\nNOT A FULL RUN: {} test{} skipped work (CI=true makes that a failure):\n",
+        list.len(),
+        if list.len() == 1 { "" } else { "s" }
+    );
+    for line in list.iter() {
+        text.push_str(&format!("  skipped {line}\n"));
+    }
+    let _ = std::io::stderr().write_all(text.as_bytes());
 }
 
 /// Run the real binary; its exit code and everything it printed.
@@ -124,10 +163,10 @@ impl Loop {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            eprintln!(
-                "skipping: loop devices need root ({})",
+            skipped(format!(
+                "loop devices need root ({})",
                 String::from_utf8_lossy(&out.stderr).trim()
-            );
+            ));
             return None;
         }
         Some(Loop {

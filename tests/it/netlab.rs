@@ -50,7 +50,7 @@ impl Lab {
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!("cannot create a network namespace under CI: {e}");
             }
-            eprintln!("skipping: network namespaces need root ({e})");
+            crate::skipped(format!("network namespaces need root ({e})"));
             return None;
         }
         let lan = lab.ns("lan");

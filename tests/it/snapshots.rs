@@ -122,3 +122,24 @@ fn plan_of_the_campus() {
     });
     insta::assert_snapshot!(text);
 }
+
+#[test]
+fn indentation_and_syntax_errors_name_the_line_to_fix() {
+    let dir = repo("tests/fixtures/invalid");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("fixtures")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("yaml_") && n.ends_with(".yaml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 12, "{names:?}");
+    let mut all = String::new();
+    for name in names {
+        let (code, text) =
+            run(|o| cli::validate(&dir.join(&name), Format::Text, o, Palette::PLAIN));
+        assert_eq!(code, 1, "{name}");
+        all.push_str(&format!("=== {name}\n{text}\n"));
+    }
+    insta::assert_snapshot!(all);
+}
