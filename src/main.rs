@@ -71,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: MulticastCommand,
     },
+    /// The netboot environment PXE-booted machines run: kernel, initramfs, agent.
+    Netboot {
+        #[command(subcommand)]
+        command: NetbootCommand,
+    },
     /// Run the boot services (DHCP, TFTP, HTTP with the agent API) of the fleet's sites
     /// until SIGINT/SIGTERM.
     Serve {
@@ -104,6 +109,33 @@ enum Command {
         /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug`.
         #[arg(long, env = "FLEETWAVE_LOG", default_value = "info")]
         log: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetbootCommand {
+    /// Build vmlinuz, initrd.img and manifest.json from Debian's kernel package,
+    /// busybox and a statically linked agent (docs/netboot.md).
+    Build {
+        /// Where the build goes: `serve --files-dir` hands it out.
+        #[arg(long, default_value = "/var/lib/fleetwave/netboot")]
+        out: PathBuf,
+        /// Downloaded and unpacked kernel packages, reused by later builds.
+        #[arg(long, default_value = "/var/cache/fleetwave/netboot")]
+        cache: PathBuf,
+        /// The agent binary, statically linked; default: this program, if it is.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// zstd level of the initramfs (1-19).
+        #[arg(long, default_value_t = 19)]
+        level: i32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that a directory holds a complete build (exit 1, saying what to do, if not).
+    Check {
+        #[arg(default_value = "/var/lib/fleetwave/netboot")]
+        dir: PathBuf,
     },
 }
 
@@ -214,6 +246,17 @@ enum AgentCommand {
     /// Carry out the task the kernel command line's fleetwave.server, .mac and .token
     /// name (what the netboot environment runs), and report to the server.
     Run {
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+    },
+    /// Report the task named on the kernel command line as failed, with a reason and
+    /// the tail of a log (what the netboot environment does when a step fails).
+    Fail {
+        #[arg(long)]
+        reason: String,
+        /// The log whose last lines go with the report.
+        #[arg(long)]
+        log: Option<PathBuf>,
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
     },
@@ -395,6 +438,11 @@ fn main() -> ExitCode {
             }),
             AgentCommand::Inventory { json } => cli::agent::inventory(json, &mut out),
             AgentCommand::Run { cmdline } => cli::agent::run(&cmdline, &mut out),
+            AgentCommand::Fail {
+                reason,
+                log,
+                cmdline,
+            } => cli::netboot::agent_fail(&cmdline, &reason, log.as_deref(), &mut out),
             AgentCommand::Wipe {
                 disk,
                 mode,
@@ -443,6 +491,25 @@ fn main() -> ExitCode {
             json,
             &mut out,
         ),
+        Command::Netboot { command } => match command {
+            NetbootCommand::Build {
+                out: dir,
+                cache,
+                agent,
+                level,
+                json,
+            } => {
+                let a = cli::netboot::BuildArgs {
+                    out: dir,
+                    cache,
+                    agent,
+                    level,
+                    json,
+                };
+                cli::netboot::build(&a, &mut out)
+            }
+            NetbootCommand::Check { dir } => cli::netboot::check(&dir, &mut out),
+        },
         Command::Schema => {
             use std::io::Write;
             out.write_all(cli::schema().as_bytes())
