@@ -126,8 +126,9 @@ enum NetbootCommand {
         /// The agent binary, statically linked; default: this program, if it is.
         #[arg(long)]
         agent: Option<PathBuf>,
-        /// zstd level of the initramfs (1-19).
-        #[arg(long, default_value_t = 19)]
+        /// zstd level of the initramfs (1-19): 9 is 10 % larger than 19 and ten
+        /// times faster.
+        #[arg(long, default_value_t = 9)]
         level: i32,
         #[arg(long)]
         json: bool,

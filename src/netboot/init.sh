@@ -37,7 +37,7 @@ fail() {
     if [ "$rc" -ge 126 ]; then
         # The agent binary itself could not run: a short report by busybox wget.
         safe=$(echo "$*" | tr -cd 'A-Za-z0-9 ._:/=-')
-        wget -q -O /dev/null -T 10 \
+        wget -q -O /dev/null \
             --header "Authorization: Bearer $(arg token)" \
             --header "X-Fleetwave-Mac: $MAC" \
             --header "Content-Type: application/json" \

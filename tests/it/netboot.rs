@@ -1,0 +1,381 @@
+//! The netboot environment end to end, in QEMU under TCG: a VM PXE-boots from today's
+//! `fleetwave serve` in a namespace LAN (firmware → the NIC's iPXE ROM → its script →
+//! kernel and initrd from `fleetwave netboot build` → /init → `fleetwave agent run`),
+//! deploys an image captured from a disk file, and reboots. Judged by the serial
+//! console, what the server logged, and the VM's disk against the image.
+//!
+//! Needs root (namespaces, taps), QEMU, Debian's kernel package through apt, and a
+//! statically linked agent (built here into /var/tmp/fleetwave-static-target, or
+//! FLEETWAVE_NETBOOT_AGENT). Skipped by hand without them; a failure under CI=true.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use fleetwave::image::store::Store;
+
+use crate::netlab::Lab;
+use crate::{fleetwave, tool};
+
+/// Downloaded kernels and the last build, kept between runs (CI on one machine too).
+const CACHE: &str = "/var/tmp/fleetwave-netboot-cache";
+/// The static agent's own target directory: its flags differ from the tests' build.
+const STATIC_TARGET: &str = "/var/tmp/fleetwave-static-target";
+/// A VM that has not finished by then is stuck (a whole run takes about a minute).
+const VM_LIMIT: Duration = Duration::from_secs(900);
+
+fn ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+fn skip(why: &str) -> bool {
+    if ci() {
+        panic!("{why}; under CI=true this test must run (.ci/run installs what it needs)");
+    }
+    eprintln!("skipping: {why}");
+    false
+}
+
+/// Everything the test needs on this machine.
+fn ready() -> bool {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !is_root {
+        return skip("PXE in QEMU needs root (namespaces and taps)");
+    }
+    tool("qemu-system-x86", "/usr/bin/qemu-system-x86_64")
+        && tool("qemu-utils", "/usr/bin/qemu-img")
+        && tool("ipxe-qemu", "/usr/lib/ipxe/qemu/pxe-e1000.rom")
+        && tool("ipxe", "/usr/lib/ipxe/undionly.kpxe")
+        && tool("busybox-static", "/bin/busybox")
+        && tool("kmod", "/usr/bin/kmod")
+        && tool("gdisk", "/usr/sbin/sgdisk")
+        && tool("e2fsprogs", "/usr/sbin/mkfs.ext4")
+}
+
+/// The agent, statically linked: FLEETWAVE_NETBOOT_AGENT, or a release build made here
+/// (incremental after the first).
+fn static_agent() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEETWAVE_NETBOOT_AGENT") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "--locked", "--release", "--bin", "fleetwave"])
+        .args(["--target", "x86_64-unknown-linux-gnu"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CARGO_TARGET_DIR", STATIC_TARGET)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        // --target keeps these flags off build scripts and proc macros.
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "the static agent did not build:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Path::new(STATIC_TARGET).join("x86_64-unknown-linux-gnu/release/fleetwave")
+}
+
+/// The netboot build, made once per test run and reused across runs while the agent
+/// binary is the same.
+fn netboot_build() -> PathBuf {
+    static ONCE: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut done = ONCE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = &*done {
+        return p.clone();
+    }
+    let agent = static_agent();
+    let out = Path::new(CACHE).join("test-build");
+    let agent_sum = std::fs::read(&agent)
+        .map(|b| blake3::hash(&b).to_hex().to_string())
+        .expect("the static agent");
+    let stamp = out.join("agent.blake3");
+    let fresh = std::fs::read_to_string(&stamp).is_ok_and(|s| s == agent_sum)
+        && fleetwave::netboot::check_files_dir(&out).is_ok();
+    if !fresh {
+        let started = Instant::now();
+        let (code, text) = fleetwave(&[
+            "netboot",
+            "build",
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--cache",
+            CACHE,
+            "--agent",
+            agent.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(code, 0, "netboot build:\n{text}");
+        eprintln!(
+            "{text}netboot build: {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        std::fs::write(&stamp, agent_sum).expect("stamp");
+    }
+    *done = Some(out.clone());
+    out
+}
+
+/// A disk image file: GPT, one ext4 partition with files in it.
+fn reference_disk(dir: &Path, bytes: u64) -> PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("etc")).expect("mkdir");
+    std::fs::write(src.join("etc/hostname"), "golden\n").expect("write");
+    std::fs::write(src.join("noise.bin"), crate::bytes(3 << 20, 7)).expect("write");
+    std::fs::write(src.join("text.txt"), "the golden image\n".repeat(100_000)).expect("write");
+    let disk = dir.join("reference.raw");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(bytes))
+        .expect("disk file");
+    let run = |c: &mut Command| {
+        let out = c.output().expect("runs");
+        assert!(
+            out.status.success(),
+            "{c:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("sgdisk")
+        .args(["-n1:2048:0", "-t1:8300"])
+        .arg(&disk));
+    // The partition runs from 1 MiB to 34 sectors before the end (the backup GPT).
+    let fs_kib = (bytes / 512 - 2048 - 34) / 2;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "offset=1048576", "-d"])
+        .arg(&src)
+        .arg(&disk)
+        .arg(format!("{fs_kib}k")));
+    disk
+}
+
+/// What `serve` needs to send `mac` to deploy the image: the fleet, and (today) the
+/// version through --observed. One place to change when serve reads versions from
+/// the store.
+fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str) -> Vec<String> {
+    let record = Store::open(store)
+        .and_then(|s| s.image(image))
+        .expect("store")
+        .expect("the image was captured");
+    let v = record.versions.last().expect("a version");
+    let fleet = format!(
+        "{}images:\n  {image}: {{os: linux}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab, image: {image}}}\n",
+        crate::LAB_SITE
+    );
+    let observed = format!(
+        r#"{{"images": {{"{image}": {{"versions": [{{"digest": "{}", "generation": 1, "disk_bytes": {}, "stored_bytes": {}}}]}}}}}}"#,
+        v.digest, v.disk_bytes, v.stored_bytes
+    );
+    std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
+    std::fs::write(dir.join("observed.json"), observed).expect("observed");
+    let p = |s: &str| dir.join(s).display().to_string();
+    vec![
+        "--fleet".into(),
+        p("fleet.yaml"),
+        "--observed".into(),
+        p("observed.json"),
+        "--image-store".into(),
+        store.display().to_string(),
+        "--state-dir".into(),
+        p("state"),
+    ]
+}
+
+/// A QEMU process, killed when dropped (a failing test leaves no VM behind).
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// When each console marker first appeared, in seconds since power-on.
+struct Timeline {
+    marks: Vec<(&'static str, f64)>,
+}
+
+/// Run the VM to its end, noting when the markers appear on the console.
+fn run_vm(mut vm: Vm, console: &Path, markers: &[&'static str]) -> Timeline {
+    let started = Instant::now();
+    let mut marks = Vec::new();
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        for m in markers {
+            if !marks.iter().any(|(k, _)| k == m) && text.contains(m) {
+                marks.push((*m, started.elapsed().as_secs_f64()));
+            }
+        }
+        if let Some(status) = vm.0.try_wait().expect("wait") {
+            marks.push(("qemu exited", started.elapsed().as_secs_f64()));
+            eprintln!("qemu: {status}");
+            return Timeline { marks };
+        }
+        if started.elapsed() > VM_LIMIT {
+            panic!(
+                "the VM was still running after {VM_LIMIT:?}; console:\n{}",
+                tail(&text, 6000)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let mut at = s.len().saturating_sub(n);
+    while !s.is_char_boundary(at) {
+        at += 1;
+    }
+    &s[at..]
+}
+
+#[test]
+fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
+    if !ready() {
+        return;
+    }
+    let Some(mut lab) = Lab::new() else {
+        return;
+    };
+    let files = netboot_build();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("state")).expect("mkdir");
+
+    // The image: captured from a disk file into the store serve hands out.
+    let disk_bytes: u64 = 48 << 20;
+    let reference = reference_disk(d, disk_bytes);
+    let store = d.join("store");
+    let (code, out) = fleetwave(&[
+        "agent",
+        "capture",
+        reference.to_str().expect("utf-8"),
+        "--image",
+        "golden",
+        "--store",
+        store.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+
+    let mac = "52:54:00:28:00:31";
+    lab.host("srv", None, &["172.28.0.1/24"]);
+    lab.ip("lan", &["tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    lab.ip("lan", &["link", "set", "tap0", "master", "br0", "up"]);
+    let mut args = serve_setup(d, mac, &store, "golden");
+    let files_arg = files.display().to_string();
+    args.extend(
+        [
+            "--ipxe-dir",
+            "/usr/lib/ipxe",
+            "--files-dir",
+            &files_arg,
+            "--http-port",
+            "8080",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut serve = lab.serve("srv", &args);
+
+    // The VM: BIOS, e1000 with its iPXE ROM, one SATA disk, serial console to a file.
+    let vm_disk = d.join("vm.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&vm_disk)
+        .arg(disk_bytes.to_string())
+        .status();
+    assert!(made.is_ok_and(|s| s.success()), "qemu-img create");
+    // SeaBIOS and iPXE write to the serial port too with this fw_cfg file.
+    let sercon = d.join("sercon.bin");
+    std::fs::write(&sercon, [0xf8, 0x03]).expect("sercon");
+    let console = d.join("console.log");
+    let vm = lab
+        .cmd("lan", "qemu-system-x86_64")
+        .args(["-accel", "tcg", "-machine", "q35", "-m", "768", "-smp", "1"])
+        .args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-reboot",
+            "-monitor",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-fw_cfg")
+        .arg(format!("name=etc/sercon-port,file={}", sercon.display()))
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+        .arg("-device")
+        .arg(format!("e1000,netdev=n0,mac={mac},bootindex=1"))
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=d0,format=qcow2",
+            vm_disk.display()
+        ))
+        .args(["-device", "ide-hd,drive=d0,bus=ide.0"])
+        .args(["-boot", "order=n,strict=on,reboot-timeout=0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu starts");
+    let timeline = run_vm(
+        Vm(vm),
+        &console,
+        &[
+            "iPXE",
+            "Linux version",
+            "fleetwave-init: started",
+            "fleetwave-init: running the agent",
+            "deployed and verified",
+            "fleetwave-init: agent finished: ok",
+            "fleetwave-init: rebooting",
+        ],
+    );
+    for (m, t) in &timeline.marks {
+        eprintln!("{t:7.1} s  {m}");
+    }
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    // Kept for reading after the run (the temporary directory goes).
+    let _ = std::fs::write(Path::new(CACHE).join("bios-e1000-sata.console.log"), &text);
+    serve.wait_for("task done", Duration::from_secs(10));
+    let (_, log) = serve.stop();
+    assert!(
+        text.contains("fleetwave-init: agent finished: ok")
+            && text.contains("fleetwave-init: rebooting"),
+        "console:\n{}\nserve:\n{}",
+        tail(&text, 8000),
+        tail(&log, 4000)
+    );
+    assert!(!log.contains("task FAILED"), "{log}");
+
+    // The VM's disk is the reference disk, byte for byte, and the agent says so too.
+    let raw = d.join("vm.raw");
+    let converted = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&vm_disk)
+        .arg(&raw)
+        .status();
+    assert!(converted.is_ok_and(|s| s.success()), "qemu-img convert");
+    let (a, b) = (
+        std::fs::read(&reference).expect("read"),
+        std::fs::read(&raw).expect("read"),
+    );
+    assert_eq!(a.len(), b.len());
+    let first_diff = a.iter().zip(&b).position(|(x, y)| x != y);
+    assert_eq!(first_diff, None, "the VM's disk differs from the image");
+    let (code, out) = fleetwave(&[
+        "agent",
+        "verify",
+        "golden",
+        raw.to_str().expect("utf-8"),
+        "--store",
+        store.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+}
