@@ -156,14 +156,14 @@ fn reference_disk(dir: &Path, bytes: u64) -> PathBuf {
 /// What `serve` needs to send `mac` to deploy the image: the fleet, and (today) the
 /// version through --observed. One place to change when serve reads versions from
 /// the store.
-fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str) -> Vec<String> {
+fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &str) -> Vec<String> {
     let record = Store::open(store)
         .and_then(|s| s.image(image))
         .expect("store")
         .expect("the image was captured");
     let v = record.versions.last().expect("a version");
     let fleet = format!(
-        "{}images:\n  {image}: {{os: linux}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab, image: {image}}}\n",
+        "{}images:\n  {image}: {{os: linux}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab, image: {image}{host_extra}}}\n",
         crate::LAB_SITE
     );
     let observed = format!(
@@ -234,14 +234,49 @@ fn tail(s: &str, n: usize) -> &str {
     &s[at..]
 }
 
-#[test]
-fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
+/// The machine a case boots.
+#[derive(Clone, Copy)]
+enum Firmware {
+    Bios,
+    /// OVMF, with a fresh copy of its variables.
+    Uefi,
+}
+
+struct Case {
+    /// Names the console log kept in the cache directory.
+    name: &'static str,
+    firmware: Firmware,
+    /// QEMU's NIC device: its iPXE ROM is what PXE-boots.
+    nic: &'static str,
+    /// QEMU's disk device for drive d0.
+    disk: &'static str,
+    /// Extra fields of the host in fleet.yaml, e.g. a disk selector.
+    host_extra: &'static str,
+}
+
+/// What a run left to judge.
+struct Run {
+    /// Holds the files below until the test ends.
+    _dir: tempfile::TempDir,
+    console: String,
+    serve_log: String,
+    reference: PathBuf,
+    store: PathBuf,
+    vm_raw: PathBuf,
+}
+
+const MAC: &str = "52:54:00:28:00:31";
+
+/// Capture the reference disk, start serve in a namespace LAN, boot the VM to its end.
+/// `None` when the machine cannot run it (a skip).
+fn pxe_run(case: &Case) -> Option<Run> {
     if !ready() {
-        return;
+        return None;
     }
-    let Some(mut lab) = Lab::new() else {
-        return;
-    };
+    // One TCG VM takes a whole core: the cases run one after another.
+    static ONE_VM: Mutex<()> = Mutex::new(());
+    let _turn = ONE_VM.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::new()?;
     let files = netboot_build();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
@@ -262,11 +297,10 @@ fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
     ]);
     assert_eq!(code, 0, "{out}");
 
-    let mac = "52:54:00:28:00:31";
     lab.host("srv", None, &["172.28.0.1/24"]);
     lab.ip("lan", &["tuntap", "add", "dev", "tap0", "mode", "tap"]);
     lab.ip("lan", &["link", "set", "tap0", "master", "br0", "up"]);
-    let mut args = serve_setup(d, mac, &store, "golden");
+    let mut args = serve_setup(d, MAC, &store, "golden", case.host_extra);
     let files_arg = files.display().to_string();
     args.extend(
         [
@@ -280,9 +314,8 @@ fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
         .map(String::from),
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut serve = lab.serve("srv", &args);
+    let serve = lab.serve("srv", &args);
 
-    // The VM: BIOS, e1000 with its iPXE ROM, one SATA disk, serial console to a file.
     let vm_disk = d.join("vm.qcow2");
     let made = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -290,13 +323,9 @@ fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
         .arg(disk_bytes.to_string())
         .status();
     assert!(made.is_ok_and(|s| s.success()), "qemu-img create");
-    // SeaBIOS and iPXE write to the serial port too with this fw_cfg file.
-    let sercon = d.join("sercon.bin");
-    std::fs::write(&sercon, [0xf8, 0x03]).expect("sercon");
     let console = d.join("console.log");
-    let vm = lab
-        .cmd("lan", "qemu-system-x86_64")
-        .args(["-accel", "tcg", "-machine", "q35", "-m", "768", "-smp", "1"])
+    let mut qemu = lab.cmd("lan", "qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-machine", "q35", "-m", "768", "-smp", "1"])
         .args([
             "-display",
             "none",
@@ -306,18 +335,39 @@ fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
             "none",
         ])
         .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-fw_cfg")
-        .arg(format!("name=etc/sercon-port,file={}", sercon.display()))
+        .arg(format!("file:{}", console.display()));
+    match case.firmware {
+        Firmware::Bios => {
+            // SeaBIOS and iPXE write to the serial port too with this fw_cfg file.
+            let sercon = d.join("sercon.bin");
+            std::fs::write(&sercon, [0xf8, 0x03]).expect("sercon");
+            qemu.arg("-fw_cfg")
+                .arg(format!("name=etc/sercon-port,file={}", sercon.display()));
+        }
+        Firmware::Uefi => {
+            let vars = d.join("vars.fd");
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF vars");
+            qemu.args([
+                "-drive",
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
+        }
+    }
+    let vm = qemu
         .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
         .arg("-device")
-        .arg(format!("e1000,netdev=n0,mac={mac},bootindex=1"))
+        .arg(format!("{},netdev=n0,mac={MAC},bootindex=1", case.nic))
         .arg("-drive")
         .arg(format!(
             "file={},if=none,id=d0,format=qcow2",
             vm_disk.display()
         ))
-        .args(["-device", "ide-hd,drive=d0,bus=ide.0"])
+        .args(["-device", case.disk])
         .args(["-boot", "order=n,strict=on,reboot-timeout=0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -329,42 +379,70 @@ fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
         &console,
         &[
             "iPXE",
+            // iPXE prints the address once DHCP (and its IPv6 wait) is over.
+            "net0: 172.28.0.",
+            "/files/initrd.img... ok",
             "Linux version",
             "fleetwave-init: started",
             "fleetwave-init: running the agent",
             "deployed and verified",
             "fleetwave-init: agent finished: ok",
+            "fleetwave-init: FAILED",
             "fleetwave-init: rebooting",
         ],
     );
+    eprintln!("{}: seconds since power-on", case.name);
     for (m, t) in &timeline.marks {
-        eprintln!("{t:7.1} s  {m}");
+        eprintln!("{t:7.1}  {m}");
     }
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     // Kept for reading after the run (the temporary directory goes).
-    let _ = std::fs::write(Path::new(CACHE).join("bios-e1000-sata.console.log"), &text);
-    serve.wait_for("task done", Duration::from_secs(10));
-    let (_, log) = serve.stop();
-    assert!(
-        text.contains("fleetwave-init: agent finished: ok")
-            && text.contains("fleetwave-init: rebooting"),
-        "console:\n{}\nserve:\n{}",
-        tail(&text, 8000),
-        tail(&log, 4000)
+    let _ = std::fs::write(
+        Path::new(CACHE).join(format!("{}.console.log", case.name)),
+        &text,
     );
-    assert!(!log.contains("task FAILED"), "{log}");
-
-    // The VM's disk is the reference disk, byte for byte, and the agent says so too.
-    let raw = d.join("vm.raw");
+    // The server logs the result a moment after the VM sent it.
+    let settled = Instant::now();
+    while !["task done", "task FAILED"]
+        .iter()
+        .any(|m| serve.log().contains(m))
+        && settled.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, serve_log) = serve.stop();
+    let vm_raw = d.join("vm.raw");
     let converted = Command::new("qemu-img")
         .args(["convert", "-O", "raw"])
         .arg(&vm_disk)
-        .arg(&raw)
+        .arg(&vm_raw)
         .status();
     assert!(converted.is_ok_and(|s| s.success()), "qemu-img convert");
+    Some(Run {
+        _dir: dir,
+        console: text,
+        serve_log,
+        reference,
+        store,
+        vm_raw,
+    })
+}
+
+/// The run deployed: the console and the server say so, the VM's disk is the
+/// reference disk byte for byte, and the agent verifies it against the store.
+fn assert_deployed(r: &Run) {
+    assert!(
+        r.console.contains("fleetwave-init: agent finished: ok")
+            && r.console.contains("fleetwave-init: rebooting"),
+        "console:\n{}\nserve:\n{}",
+        tail(&r.console, 8000),
+        tail(&r.serve_log, 4000)
+    );
+    assert!(r.serve_log.contains("task done"), "{}", r.serve_log);
+    assert!(!r.serve_log.contains("task FAILED"), "{}", r.serve_log);
     let (a, b) = (
-        std::fs::read(&reference).expect("read"),
-        std::fs::read(&raw).expect("read"),
+        std::fs::read(&r.reference).expect("read"),
+        std::fs::read(&r.vm_raw).expect("read"),
     );
     assert_eq!(a.len(), b.len());
     let first_diff = a.iter().zip(&b).position(|(x, y)| x != y);
@@ -373,9 +451,66 @@ fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
         "agent",
         "verify",
         "golden",
-        raw.to_str().expect("utf-8"),
+        r.vm_raw.to_str().expect("utf-8"),
         "--store",
-        store.to_str().expect("utf-8"),
+        r.store.to_str().expect("utf-8"),
     ]);
     assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
+    let case = Case {
+        name: "bios-e1000-sata",
+        firmware: Firmware::Bios,
+        nic: "e1000",
+        disk: "ide-hd,drive=d0,bus=ide.0",
+        host_extra: "",
+    };
+    if let Some(r) = pxe_run(&case) {
+        assert_deployed(&r);
+    }
+}
+
+#[test]
+fn uefi_virtio_nvme_pxe_boots_the_agent_which_deploys_and_verifies() {
+    if !tool("ovmf", "/usr/share/OVMF/OVMF_CODE_4M.fd") {
+        return;
+    }
+    let case = Case {
+        name: "uefi-virtio-nvme",
+        firmware: Firmware::Uefi,
+        nic: "virtio-net-pci",
+        disk: "nvme,drive=d0,serial=fleetwave0",
+        host_extra: "",
+    };
+    if let Some(r) = pxe_run(&case) {
+        assert_deployed(&r);
+    }
+}
+
+/// A disk selector that matches nothing: the server records a failure, never success,
+/// the disk is untouched, and the VM still reboots.
+#[test]
+fn a_task_that_cannot_be_done_is_reported_failed_never_done() {
+    let case = Case {
+        name: "bios-failing-task",
+        firmware: Firmware::Bios,
+        nic: "e1000",
+        disk: "ide-hd,drive=d0,bus=ide.0",
+        host_extra: ", disk: {serial: no-such-disk}",
+    };
+    let Some(r) = pxe_run(&case) else {
+        return;
+    };
+    assert!(
+        r.console.contains("fleetwave-init: FAILED")
+            && r.console.contains("fleetwave-init: rebooting"),
+        "console:\n{}",
+        tail(&r.console, 8000)
+    );
+    assert!(r.serve_log.contains("task FAILED"), "{}", r.serve_log);
+    assert!(!r.serve_log.contains("task done"), "{}", r.serve_log);
+    let disk = std::fs::read(&r.vm_raw).expect("read");
+    assert!(disk.iter().all(|b| *b == 0), "the disk was written");
 }
