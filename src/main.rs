@@ -133,6 +133,13 @@ enum NetbootCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Answer IPv6 router solicitations with "no router, nothing to configure", so
+    /// iPXE stops waiting for IPv6 on a site without an IPv6 router (until SIGTERM).
+    Ra {
+        /// The interface of the PXE clients' network.
+        #[arg(long)]
+        interface: String,
+    },
     /// Check that a directory holds a complete build (exit 1, saying what to do, if not).
     Check {
         #[arg(default_value = "/var/lib/fleetwave/netboot")]
@@ -510,6 +517,7 @@ fn main() -> ExitCode {
                 cli::netboot::build(&a, &mut out)
             }
             NetbootCommand::Check { dir } => cli::netboot::check(&dir, &mut out),
+            NetbootCommand::Ra { interface } => cli::netboot::ra(&interface, &mut out),
         },
         Command::Schema => {
             use std::io::Write;

@@ -95,6 +95,19 @@ pub fn check(dir: &Path, out: &mut dyn Write) -> Result<u8> {
     }
 }
 
+/// `fleetwave netboot ra`: answer router solicitations on `interface` with "nothing to
+/// configure" until SIGINT/SIGTERM, so iPXE stops waiting for IPv6.
+pub fn ra(interface: &str, out: &mut dyn Write) -> Result<u8> {
+    let stop = super::stop_flag();
+    writeln!(
+        out,
+        "{interface}: answering router solicitations (no router, no DHCPv6)"
+    )?;
+    out.flush()?;
+    netboot::ra::serve(interface, stop)?;
+    Ok(exit::OK)
+}
+
 /// `fleetwave agent fail`: report the task as failed, with `reason` and the tail of
 /// `log`, using the token on the kernel command line. Exit 0 when the server took
 /// it; 1 when it refused (a spent token: the agent reported the result itself) or

@@ -7,6 +7,7 @@
 
 pub mod cpio;
 mod kernel;
+pub mod ra;
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};

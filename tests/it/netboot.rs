@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use fleetwave::image::store::Store;
 
 use crate::netlab::Lab;
-use crate::{fleetwave, tool};
+use crate::tool;
 
 /// Downloaded kernels and the last build, kept between runs (CI on one machine too).
 const CACHE: &str = "/var/tmp/fleetwave-netboot-cache";
@@ -62,6 +62,11 @@ fn static_agent() -> PathBuf {
     if let Ok(p) = std::env::var("FLEETWAVE_NETBOOT_AGENT") {
         return PathBuf::from(p);
     }
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_static_agent).clone()
+}
+
+fn build_static_agent() -> PathBuf {
     let out = Command::new(env!("CARGO"))
         .args(["build", "--locked", "--release", "--bin", "fleetwave"])
         .args(["--target", "x86_64-unknown-linux-gnu"])
@@ -80,6 +85,54 @@ fn static_agent() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     Path::new(STATIC_TARGET).join("x86_64-unknown-linux-gnu/release/fleetwave")
+}
+
+/// The static agent, run by the test too (capture, serve, build, verify): the binary
+/// under test is the one inside the initramfs, and it is this worktree's own (the
+/// shared target directory's `fleetwave` may be another checkout's by now).
+fn fleetwave(args: &[&str]) -> (i32, String) {
+    let out = Command::new(static_agent())
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `fleetwave serve` in namespace `host`, logging to `log`, once it listens.
+fn serve(lab: &Lab, host: &str, args: &[String], log: &Path) -> Vm {
+    let file = std::fs::File::create(log).expect("serve log");
+    let child = lab
+        .cmd(host, static_agent().to_str().expect("utf-8"))
+        .arg("serve")
+        .args(args)
+        .env("FLEETWAVE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("fleetwave serve starts");
+    let mut vm = Vm(child);
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("HTTP listening") {
+            return vm;
+        }
+        if let Some(status) = vm.0.try_wait().expect("wait") {
+            panic!("fleetwave serve exited ({status}):\n{text}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "fleetwave serve never listened:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The netboot build, made once per test run and reused across runs while the agent
@@ -185,7 +238,7 @@ fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &st
     ]
 }
 
-/// A QEMU process, killed when dropped (a failing test leaves no VM behind).
+/// A QEMU (or helper) process, killed when dropped (a failing test leaves no VM behind).
 struct Vm(Child);
 
 impl Drop for Vm {
@@ -252,6 +305,9 @@ struct Case {
     disk: &'static str,
     /// Extra fields of the host in fleet.yaml, e.g. a disk selector.
     host_extra: &'static str,
+    /// Answer router solicitations (`fleetwave netboot ra`), so iPXE does not wait
+    /// for IPv6.
+    ra: bool,
 }
 
 /// What a run left to judge.
@@ -313,8 +369,17 @@ fn pxe_run(case: &Case) -> Option<Run> {
         ]
         .map(String::from),
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let serve = lab.serve("srv", &args);
+    let serve_log = d.join("serve.log");
+    let server = serve(&lab, "srv", &args, &serve_log);
+    // Killed with the lab's namespaces at the end.
+    let _ra = case.ra.then(|| {
+        lab.cmd("srv", static_agent().to_str().expect("utf-8"))
+            .args(["netboot", "ra", "--interface", "eth0"])
+            .stdout(Stdio::null())
+            .spawn()
+            .map(Vm)
+            .expect("fleetwave netboot ra starts")
+    });
 
     let vm_disk = d.join("vm.qcow2");
     let made = Command::new("qemu-img")
@@ -405,12 +470,13 @@ fn pxe_run(case: &Case) -> Option<Run> {
     let settled = Instant::now();
     while !["task done", "task FAILED"]
         .iter()
-        .any(|m| serve.log().contains(m))
+        .any(|m| std::fs::read_to_string(&serve_log).is_ok_and(|t| t.contains(m)))
         && settled.elapsed() < Duration::from_secs(10)
     {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (_, serve_log) = serve.stop();
+    drop(server);
+    let serve_log = std::fs::read_to_string(&serve_log).unwrap_or_default();
     let vm_raw = d.join("vm.raw");
     let converted = Command::new("qemu-img")
         .args(["convert", "-O", "raw"])
@@ -466,6 +532,7 @@ fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
         nic: "e1000",
         disk: "ide-hd,drive=d0,bus=ide.0",
         host_extra: "",
+        ra: true,
     };
     if let Some(r) = pxe_run(&case) {
         assert_deployed(&r);
@@ -483,6 +550,7 @@ fn uefi_virtio_nvme_pxe_boots_the_agent_which_deploys_and_verifies() {
         nic: "virtio-net-pci",
         disk: "nvme,drive=d0,serial=fleetwave0",
         host_extra: "",
+        ra: true,
     };
     if let Some(r) = pxe_run(&case) {
         assert_deployed(&r);
@@ -499,6 +567,7 @@ fn a_task_that_cannot_be_done_is_reported_failed_never_done() {
         nic: "e1000",
         disk: "ide-hd,drive=d0,bus=ide.0",
         host_extra: ", disk: {serial: no-such-disk}",
+        ra: true,
     };
     let Some(r) = pxe_run(&case) else {
         return;
