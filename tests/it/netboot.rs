@@ -206,10 +206,29 @@ fn reference_disk(dir: &Path, bytes: u64) -> PathBuf {
     disk
 }
 
-/// What `serve` needs to send `mac` to deploy the image: the fleet, and (today) the
-/// version through --observed. One place to change when serve reads versions from
+/// What `serve` needs to send `mac` to deploy the image in `store`, or to capture it
+/// when the store does not exist yet: the fleet, and (today) the version through
+/// --observed. One place to change when serve reads versions from
 /// the store.
 fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &str) -> Vec<String> {
+    let p = |s: &str| dir.join(s).display().to_string();
+    let mut args = vec![
+        "--fleet".into(),
+        p("fleet.yaml"),
+        "--image-store".into(),
+        store.display().to_string(),
+        "--state-dir".into(),
+        p("state"),
+    ];
+    if !store.exists() {
+        // Nothing captured yet: the host is the image's reference machine.
+        let fleet = format!(
+            "{}images:\n  {image}: {{os: linux, capture: {{from: vm1, generation: 1}}}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab{host_extra}}}\n",
+            crate::LAB_SITE
+        );
+        std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
+        return args;
+    }
     let record = Store::open(store)
         .and_then(|s| s.image(image))
         .expect("store")
@@ -225,17 +244,8 @@ fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &st
     );
     std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
     std::fs::write(dir.join("observed.json"), observed).expect("observed");
-    let p = |s: &str| dir.join(s).display().to_string();
-    vec![
-        "--fleet".into(),
-        p("fleet.yaml"),
-        "--observed".into(),
-        p("observed.json"),
-        "--image-store".into(),
-        store.display().to_string(),
-        "--state-dir".into(),
-        p("state"),
-    ]
+    args.extend(["--observed".into(), p("observed.json")]);
+    args
 }
 
 /// A QEMU (or helper) process, killed when dropped (a failing test leaves no VM behind).
@@ -308,6 +318,18 @@ struct Case {
     /// Answer router solicitations (`fleetwave netboot ra`), so iPXE does not wait
     /// for IPv6.
     ra: bool,
+    /// What the VM does with the image.
+    role: Role,
+}
+
+enum Role {
+    /// Deploy the reference disk's image to a blank disk: captured from a file made
+    /// here, or an earlier run's store and the reference disk it holds.
+    Deploy {
+        captured: Option<(PathBuf, PathBuf)>,
+    },
+    /// Capture its disk, a copy of the reference disk, into an empty store.
+    Capture,
 }
 
 /// What a run left to judge.
@@ -340,18 +362,27 @@ fn pxe_run(case: &Case) -> Option<Run> {
 
     // The image: captured from a disk file into the store serve hands out.
     let disk_bytes: u64 = 48 << 20;
-    let reference = reference_disk(d, disk_bytes);
-    let store = d.join("store");
-    let (code, out) = fleetwave(&[
-        "agent",
-        "capture",
-        reference.to_str().expect("utf-8"),
-        "--image",
-        "golden",
-        "--store",
-        store.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(code, 0, "{out}");
+    let (reference, store) = match &case.role {
+        Role::Deploy {
+            captured: Some((store, reference)),
+        } => (reference.clone(), store.clone()),
+        Role::Deploy { captured: None } => {
+            let reference = reference_disk(d, disk_bytes);
+            let store = d.join("store");
+            let (code, out) = fleetwave(&[
+                "agent",
+                "capture",
+                reference.to_str().expect("utf-8"),
+                "--image",
+                "golden",
+                "--store",
+                store.to_str().expect("utf-8"),
+            ]);
+            assert_eq!(code, 0, "{out}");
+            (reference, store)
+        }
+        Role::Capture => (reference_disk(d, disk_bytes), d.join("store")),
+    };
 
     lab.host("srv", None, &["172.28.0.1/24"]);
     lab.ip("lan", &["tuntap", "add", "dev", "tap0", "mode", "tap"]);
@@ -382,12 +413,19 @@ fn pxe_run(case: &Case) -> Option<Run> {
     });
 
     let vm_disk = d.join("vm.qcow2");
-    let made = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&vm_disk)
-        .arg(disk_bytes.to_string())
-        .status();
-    assert!(made.is_ok_and(|s| s.success()), "qemu-img create");
+    let mut img = Command::new("qemu-img");
+    match case.role {
+        Role::Capture => img
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&reference)
+            .arg(&vm_disk),
+        Role::Deploy { .. } => img
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&vm_disk)
+            .arg(disk_bytes.to_string()),
+    };
+    let made = img.status();
+    assert!(made.is_ok_and(|s| s.success()), "qemu-img");
     let console = d.join("console.log");
     let mut qemu = lab.cmd("lan", "qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-machine", "q35", "-m", "768", "-smp", "1"])
@@ -533,6 +571,7 @@ fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
         disk: "ide-hd,drive=d0,bus=ide.0",
         host_extra: "",
         ra: true,
+        role: Role::Deploy { captured: None },
     };
     if let Some(r) = pxe_run(&case) {
         assert_deployed(&r);
@@ -551,6 +590,7 @@ fn uefi_virtio_nvme_pxe_boots_the_agent_which_deploys_and_verifies() {
         disk: "nvme,drive=d0,serial=fleetwave0",
         host_extra: "",
         ra: true,
+        role: Role::Deploy { captured: None },
     };
     if let Some(r) = pxe_run(&case) {
         assert_deployed(&r);
@@ -568,6 +608,7 @@ fn a_task_that_cannot_be_done_is_reported_failed_never_done() {
         disk: "ide-hd,drive=d0,bus=ide.0",
         host_extra: ", disk: {serial: no-such-disk}",
         ra: true,
+        role: Role::Deploy { captured: None },
     };
     let Some(r) = pxe_run(&case) else {
         return;
@@ -582,4 +623,50 @@ fn a_task_that_cannot_be_done_is_reported_failed_never_done() {
     assert!(!r.serve_log.contains("task done"), "{}", r.serve_log);
     let disk = std::fs::read(&r.vm_raw).expect("read");
     assert!(disk.iter().all(|b| *b == 0), "the disk was written");
+}
+
+/// A capture from a VM's disk, then a deploy of that capture to another VM.
+#[test]
+fn a_vm_captures_its_disk_and_another_vm_gets_that_capture() {
+    let capture = Case {
+        name: "bios-capture",
+        firmware: Firmware::Bios,
+        nic: "e1000",
+        disk: "ide-hd,drive=d0,bus=ide.0",
+        host_extra: "",
+        ra: true,
+        role: Role::Capture,
+    };
+    let Some(first) = pxe_run(&capture) else {
+        return;
+    };
+    assert!(
+        first.console.contains("fleetwave-init: agent finished: ok"),
+        "console:\n{}\nserve:\n{}",
+        tail(&first.console, 8000),
+        tail(&first.serve_log, 4000)
+    );
+    assert!(
+        first.serve_log.contains("image version committed"),
+        "{}",
+        first.serve_log
+    );
+    assert!(first.serve_log.contains("task done"), "{}", first.serve_log);
+    let record = Store::open(&first.store)
+        .and_then(|s| s.image("golden"))
+        .expect("store")
+        .expect("the capture recorded the image");
+    assert_eq!(record.versions.len(), 1);
+    assert_eq!(record.versions[0].generation, 1);
+
+    let deploy = Case {
+        name: "bios-deploy-of-a-vm-capture",
+        role: Role::Deploy {
+            captured: Some((first.store.clone(), first.reference.clone())),
+        },
+        ..capture
+    };
+    if let Some(second) = pxe_run(&deploy) {
+        assert_deployed(&second);
+    }
 }
