@@ -13,6 +13,8 @@
 //! - [`image`]: the content-addressed image store; capture, deploy and verify of disks.
 //! - [`multicast`]: multicast sessions: the sender and the receiver of a deploy to
 //!   many machines at once.
+//! - [`netboot`]: the environment PXE-booted machines run (kernel, initramfs with the
+//!   agent), built from Debian's packages.
 //! - [`services`]: the network services a site runs: DHCP, TFTP, HTTP boot and the
 //!   agent API.
 //! - [`state`]: the server's durable state (leases, observations) in SQLite.
@@ -25,6 +27,7 @@ pub mod clock;
 pub mod diag;
 pub mod image;
 pub mod multicast;
+pub mod netboot;
 pub mod observed;
 pub mod par;
 pub mod plan;

@@ -74,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         command: MulticastCommand,
     },
+    /// The netboot environment PXE-booted machines run: kernel, initramfs, agent.
+    Netboot {
+        #[command(subcommand)]
+        command: NetbootCommand,
+    },
     /// Run the controller and the boot services (DHCP, TFTP, HTTP with the agent and
     /// operator APIs) of the fleet's sites until SIGINT/SIGTERM.
     Serve(cli::serve::ServeCli),
@@ -87,6 +92,41 @@ enum Command {
     Retry(cli::status::RetryArgs),
     /// Make the server read its fleet source now.
     Sync(cli::status::SyncArgs),
+}
+
+#[derive(Subcommand)]
+enum NetbootCommand {
+    /// Build vmlinuz, initrd.img and manifest.json from Debian's kernel package,
+    /// busybox and a statically linked agent (docs/netboot.md).
+    Build {
+        /// Where the build goes: `serve --files-dir` hands it out.
+        #[arg(long, default_value = "/var/lib/fleetwave/netboot")]
+        out: PathBuf,
+        /// Downloaded and unpacked kernel packages, reused by later builds.
+        #[arg(long, default_value = "/var/cache/fleetwave/netboot")]
+        cache: PathBuf,
+        /// The agent binary, statically linked; default: this program, if it is.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// zstd level of the initramfs (1-19): 9 is 10 % larger than 19 and ten
+        /// times faster.
+        #[arg(long, default_value_t = 9)]
+        level: i32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Answer IPv6 router solicitations with "no router, nothing to configure", so
+    /// iPXE stops waiting for IPv6 on a site without an IPv6 router (until SIGTERM).
+    Ra {
+        /// The interface of the PXE clients' network.
+        #[arg(long)]
+        interface: String,
+    },
+    /// Check that a directory holds a complete build (exit 1, saying what to do, if not).
+    Check {
+        #[arg(default_value = "/var/lib/fleetwave/netboot")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -215,6 +255,17 @@ enum AgentCommand {
     /// name (what the netboot environment runs), and report to the server.
     Run {
         /// Where to read fleetwave.server=, .mac= and .token= (a file in tests).
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+    },
+    /// Report the task named on the kernel command line as failed, with a reason and
+    /// the tail of a log (what the netboot environment does when a step fails).
+    Fail {
+        #[arg(long)]
+        reason: String,
+        /// The log whose last lines go with the report.
+        #[arg(long)]
+        log: Option<PathBuf>,
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
     },
@@ -392,6 +443,11 @@ fn main() -> ExitCode {
                 Ok(()) => cli::agent::run(&cmdline, &mut std::io::stdout().lock()),
                 Err(e) => Err(e.into()),
             },
+            AgentCommand::Fail {
+                reason,
+                log,
+                cmdline,
+            } => cli::netboot::agent_fail(&cmdline, &reason, log.as_deref(), &mut out),
             AgentCommand::Wipe {
                 disk,
                 mode,
@@ -440,6 +496,26 @@ fn main() -> ExitCode {
             json,
             &mut out,
         ),
+        Command::Netboot { command } => match command {
+            NetbootCommand::Build {
+                out: dir,
+                cache,
+                agent,
+                level,
+                json,
+            } => {
+                let a = cli::netboot::BuildArgs {
+                    out: dir,
+                    cache,
+                    agent,
+                    level,
+                    json,
+                };
+                cli::netboot::build(&a, &mut out)
+            }
+            NetbootCommand::Check { dir } => cli::netboot::check(&dir, &mut out),
+            NetbootCommand::Ra { interface } => cli::netboot::ra(&interface, &mut out),
+        },
         Command::Schema => out
             .write_all(cli::schema().as_bytes())
             .map(|_| exit::OK)

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod image;
 pub mod multicast;
+pub mod netboot;
 pub mod serve;
 pub mod status;
 

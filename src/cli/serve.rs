@@ -218,13 +218,9 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
                 .map(|s| PathBuf::from(&s.image_store))
         })
         .unwrap_or_else(|| PathBuf::from("/images"));
-    if !args.files_dir.join("vmlinuz").is_file() || !args.files_dir.join("initrd.img").is_file() {
-        warn!(
-            "{} holds no netboot build (vmlinuz, initrd.img): machines told to boot the \
-             agent will fail; run `fleetwave netboot build --out {}`",
-            args.files_dir.display(),
-            args.files_dir.display()
-        );
+    match crate::netboot::check_files_dir(&args.files_dir) {
+        Ok(m) => info!(kernel = %m.kernel_version, "netboot build in {}", args.files_dir.display()),
+        Err(why) => warn!("{why}"),
     }
     let sites = args.sites.clone();
     let listeners = Listeners {

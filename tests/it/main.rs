@@ -10,6 +10,7 @@ mod git_review;
 mod http;
 mod image;
 mod multicast;
+mod netboot;
 mod netlab;
 mod plan_props;
 mod schema;

@@ -1,0 +1,203 @@
+//! `fleetwave netboot build|check`, and `fleetwave agent fail` (what the netboot
+//! environment's /init runs when something went wrong before or around the agent).
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+
+use super::exit;
+use crate::netboot::{self, BuildOptions};
+use crate::spec::Mac;
+
+/// How much of the log's end a failure report carries.
+const LOG_TAIL_BYTES: u64 = 3000;
+
+pub struct BuildArgs {
+    pub out: PathBuf,
+    pub cache: PathBuf,
+    /// None: this very binary, when it is statically linked.
+    pub agent: Option<PathBuf>,
+    pub level: i32,
+    pub json: bool,
+}
+
+pub fn build(a: &BuildArgs, out: &mut dyn Write) -> Result<u8> {
+    let started = std::time::Instant::now();
+    let agent = match &a.agent {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("cannot find this program to use as the agent")?,
+    };
+    let opts = BuildOptions {
+        out: a.out.clone(),
+        cache: a.cache.clone(),
+        agent,
+        level: a.level,
+    };
+    let mut progress = std::io::stderr();
+    let m = netboot::build(&opts, &mut progress)?;
+    if a.json {
+        super::print_json(out, &m)?;
+        return Ok(exit::OK);
+    }
+    let size = |n: &str| m.files.get(n).map_or(0, |f| f.bytes);
+    let initrd = size("initrd.img");
+    writeln!(
+        out,
+        "netboot build in {}: kernel {} ({:.1} MB), initramfs {:.1} MB ({:.1} MB unpacked, \
+         target < {:.0} MB), {} module files, agent {}, {:.1} s",
+        a.out.display(),
+        m.kernel_version,
+        size("vmlinuz") as f64 / 1e6,
+        initrd as f64 / 1e6,
+        m.initrd_uncompressed_bytes as f64 / 1e6,
+        netboot::TARGET_BYTES as f64 / 1e6,
+        m.module_files.len(),
+        m.agent_version,
+        started.elapsed().as_secs_f64()
+    )?;
+    if !m.tools_missing.is_empty() {
+        writeln!(
+            out,
+            "not found here, so not included: {} (docs/netboot.md says what needs them)",
+            m.tools_missing.join(", ")
+        )?;
+    }
+    if initrd > netboot::TARGET_BYTES {
+        writeln!(
+            out,
+            "warning: the initramfs is over its {} byte target",
+            netboot::TARGET_BYTES
+        )?;
+    }
+    Ok(exit::OK)
+}
+
+/// Exit 0 when `dir` holds a complete build, 1 (with what to do) when not.
+pub fn check(dir: &Path, out: &mut dyn Write) -> Result<u8> {
+    match netboot::check_files_dir(dir) {
+        Ok(m) => {
+            writeln!(
+                out,
+                "{}: kernel {}, {}, {} module files",
+                dir.display(),
+                m.kernel_version,
+                m.agent_version,
+                m.module_files.len()
+            )?;
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            writeln!(out, "{e}")?;
+            Ok(exit::CHANGES)
+        }
+    }
+}
+
+/// `fleetwave netboot ra`: answer router solicitations on `interface` with "nothing to
+/// configure" until SIGINT/SIGTERM, so iPXE stops waiting for IPv6.
+pub fn ra(interface: &str, out: &mut dyn Write) -> Result<u8> {
+    let stop = super::stop_flag();
+    writeln!(
+        out,
+        "{interface}: answering router solicitations (no router, no DHCPv6)"
+    )?;
+    out.flush()?;
+    netboot::ra::serve(interface, stop)?;
+    Ok(exit::OK)
+}
+
+/// `fleetwave agent fail`: report the task as failed, with `reason` and the tail of
+/// `log`, using the token on the kernel command line. Exit 0 when the server took
+/// it; 1 when it refused (a spent token: the agent reported the result itself) or
+/// could not be reached.
+pub fn agent_fail(
+    cmdline: &Path,
+    reason: &str,
+    log: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    use crate::image::remote::Remote;
+    use crate::services::api::TaskResult;
+
+    let text = std::fs::read_to_string(cmdline)
+        .with_context(|| format!("cannot read the kernel command line {}", cmdline.display()))?;
+    let args: HashMap<&str, &str> = text
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("fleetwave."))
+        .filter_map(|w| w.split_once('='))
+        .collect();
+    let need = |k: &str| {
+        args.get(k).copied().ok_or_else(|| {
+            anyhow!(
+                "fleetwave.{k}= is missing from {}: the failure cannot be reported",
+                cmdline.display()
+            )
+        })
+    };
+    let mac: Mac = need("mac")?
+        .parse()
+        .map_err(|e| anyhow!("fleetwave.mac: {e}"))?;
+    let remote = Remote::new(need("server")?, need("token")?, mac);
+    let mut message = format!("netboot: {reason}");
+    if let Some(log) = log {
+        match tail(log, LOG_TAIL_BYTES) {
+            Ok(t) => message.push_str(&format!("\n--- last lines of {} ---\n{t}", log.display())),
+            Err(e) => message.push_str(&format!("\n(no log: {}: {e})", log.display())),
+        }
+    }
+    let result = TaskResult {
+        ok: false,
+        digest: None,
+        message,
+    };
+    match remote.post_json("result", &result) {
+        Ok(_) => {
+            writeln!(out, "reported the failure to the server")?;
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            let why = e.to_string();
+            let note = if why.contains("401") {
+                " (a spent token: the agent had reported this task's result already)"
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "the server did not take the failure report: {why}{note}"
+            )?;
+            Ok(exit::CHANGES)
+        }
+    }
+}
+
+/// The last `n` bytes of `path`, from a line start, as text.
+fn tail(path: &Path, n: u64) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(n);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(match (start > 0, text.find('\n')) {
+        (true, Some(i)) => text[i + 1..].to_string(),
+        _ => text,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_starts_at_a_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("log");
+        std::fs::write(&p, "first line\nsecond\nthird\n").expect("write");
+        assert_eq!(tail(&p, 1000).expect("tail"), "first line\nsecond\nthird\n");
+        assert_eq!(tail(&p, 10).expect("tail"), "third\n");
+    }
+}

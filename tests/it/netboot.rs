@@ -1,0 +1,665 @@
+//! The netboot environment end to end, in QEMU under TCG: a VM PXE-boots from today's
+//! `fleetwave serve` in a namespace LAN (firmware → the NIC's iPXE ROM → its script →
+//! kernel and initrd from `fleetwave netboot build` → /init → `fleetwave agent run`),
+//! deploys an image captured from a disk file, and reboots. Judged by the serial
+//! console, what the server logged, and the VM's disk against the image.
+//!
+//! Needs root (namespaces, taps), QEMU, Debian's kernel package through apt, and a
+//! statically linked agent (built here into /var/tmp/fleetwave-static-target, or
+//! FLEETWAVE_NETBOOT_AGENT). Skipped by hand without them; a failure under CI=true.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use fleetwave::image::store::Store;
+
+use crate::netlab::Lab;
+use crate::tool;
+
+/// Downloaded kernels and the last build, kept between runs (CI on one machine too).
+const CACHE: &str = "/var/tmp/fleetwave-netboot-cache";
+/// The static agent's own target directory: its flags differ from the tests' build.
+const STATIC_TARGET: &str = "/var/tmp/fleetwave-static-target";
+/// A VM that has not finished by then is stuck (a whole run takes about a minute).
+const VM_LIMIT: Duration = Duration::from_secs(900);
+
+fn ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+fn skip(why: &str) -> bool {
+    if ci() {
+        panic!("{why}; under CI=true this test must run (.ci/run installs what it needs)");
+    }
+    eprintln!("skipping: {why}");
+    false
+}
+
+/// Everything the test needs on this machine.
+fn ready() -> bool {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !is_root {
+        return skip("PXE in QEMU needs root (namespaces and taps)");
+    }
+    tool("qemu-system-x86", "/usr/bin/qemu-system-x86_64")
+        && tool("qemu-utils", "/usr/bin/qemu-img")
+        && tool("ipxe-qemu", "/usr/lib/ipxe/qemu/pxe-e1000.rom")
+        && tool("ipxe", "/usr/lib/ipxe/undionly.kpxe")
+        && tool("busybox-static", "/bin/busybox")
+        && tool("kmod", "/usr/bin/kmod")
+        && tool("gdisk", "/usr/sbin/sgdisk")
+        && tool("e2fsprogs", "/usr/sbin/mkfs.ext4")
+}
+
+/// The agent, statically linked: FLEETWAVE_NETBOOT_AGENT, or a release build made here
+/// (incremental after the first).
+fn static_agent() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEETWAVE_NETBOOT_AGENT") {
+        return PathBuf::from(p);
+    }
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_static_agent).clone()
+}
+
+fn build_static_agent() -> PathBuf {
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "--locked", "--release", "--bin", "fleetwave"])
+        .args(["--target", "x86_64-unknown-linux-gnu"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CARGO_TARGET_DIR", STATIC_TARGET)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        // --target keeps these flags off build scripts and proc macros.
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "the static agent did not build:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Path::new(STATIC_TARGET).join("x86_64-unknown-linux-gnu/release/fleetwave")
+}
+
+/// The static agent, run by the test too (capture, serve, build, verify): the binary
+/// under test is the one inside the initramfs, and it is this worktree's own (the
+/// shared target directory's `fleetwave` may be another checkout's by now).
+fn fleetwave(args: &[&str]) -> (i32, String) {
+    let out = Command::new(static_agent())
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `fleetwave serve` in namespace `host`, logging to `log`, once it listens.
+fn serve(lab: &Lab, host: &str, args: &[String], log: &Path) -> Vm {
+    let file = std::fs::File::create(log).expect("serve log");
+    let child = lab
+        .cmd(host, static_agent().to_str().expect("utf-8"))
+        .arg("serve")
+        .args(args)
+        .env("FLEETWAVE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("fleetwave serve starts");
+    let mut vm = Vm(child);
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("HTTP listening") {
+            return vm;
+        }
+        if let Some(status) = vm.0.try_wait().expect("wait") {
+            panic!("fleetwave serve exited ({status}):\n{text}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "fleetwave serve never listened:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The netboot build, made once per test run and reused across runs while the agent
+/// binary is the same.
+fn netboot_build() -> PathBuf {
+    static ONCE: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut done = ONCE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = &*done {
+        return p.clone();
+    }
+    let agent = static_agent();
+    let out = Path::new(CACHE).join("test-build");
+    let agent_sum = std::fs::read(&agent)
+        .map(|b| blake3::hash(&b).to_hex().to_string())
+        .expect("the static agent");
+    let stamp = out.join("agent.blake3");
+    let fresh = std::fs::read_to_string(&stamp).is_ok_and(|s| s == agent_sum)
+        && fleetwave::netboot::check_files_dir(&out).is_ok();
+    if !fresh {
+        let started = Instant::now();
+        let (code, text) = fleetwave(&[
+            "netboot",
+            "build",
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--cache",
+            CACHE,
+            "--agent",
+            agent.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(code, 0, "netboot build:\n{text}");
+        eprintln!(
+            "{text}netboot build: {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        std::fs::write(&stamp, agent_sum).expect("stamp");
+    }
+    *done = Some(out.clone());
+    out
+}
+
+/// A disk image file: GPT, one ext4 partition with files in it.
+fn reference_disk(dir: &Path, bytes: u64) -> PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("etc")).expect("mkdir");
+    std::fs::write(src.join("etc/hostname"), "golden\n").expect("write");
+    std::fs::write(src.join("noise.bin"), crate::bytes(3 << 20, 7)).expect("write");
+    std::fs::write(src.join("text.txt"), "the golden image\n".repeat(100_000)).expect("write");
+    let disk = dir.join("reference.raw");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(bytes))
+        .expect("disk file");
+    let run = |c: &mut Command| {
+        let out = c.output().expect("runs");
+        assert!(
+            out.status.success(),
+            "{c:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("sgdisk")
+        .args(["-n1:2048:0", "-t1:8300"])
+        .arg(&disk));
+    // The partition runs from 1 MiB to 34 sectors before the end (the backup GPT).
+    let fs_kib = (bytes / 512 - 2048 - 34) / 2;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "offset=1048576", "-d"])
+        .arg(&src)
+        .arg(&disk)
+        .arg(format!("{fs_kib}k")));
+    disk
+}
+
+/// What `serve` needs to send `mac` to deploy the image in `store`, or to capture it
+/// when the store does not exist yet: the fleet (the controller reads the image's
+/// versions from the store).
+fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &str) -> Vec<String> {
+    let p = |s: &str| dir.join(s).display().to_string();
+    let mut args = vec![
+        "--fleet".into(),
+        p("fleet.yaml"),
+        "--image-store".into(),
+        store.display().to_string(),
+        "--state-dir".into(),
+        p("state"),
+    ];
+    if !store.exists() {
+        // Nothing captured yet: the host is the image's reference machine.
+        let fleet = format!(
+            "{}images:\n  {image}: {{os: linux, capture: {{from: vm1, generation: 1}}}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab{host_extra}}}\n",
+            crate::LAB_SITE
+        );
+        std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
+        return args;
+    }
+    let record = Store::open(store)
+        .and_then(|s| s.image(image))
+        .expect("store")
+        .expect("the image was captured");
+    assert!(!record.versions.is_empty(), "the image has no version");
+    let fleet = format!(
+        "{}images:\n  {image}: {{os: linux}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab, image: {image}{host_extra}}}\n",
+        crate::LAB_SITE
+    );
+    std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
+    args
+}
+
+/// A QEMU (or helper) process, killed when dropped (a failing test leaves no VM behind).
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// When each console marker first appeared, in seconds since power-on.
+struct Timeline {
+    marks: Vec<(&'static str, f64)>,
+}
+
+/// Run the VM to its end, noting when the markers appear on the console.
+fn run_vm(mut vm: Vm, console: &Path, markers: &[&'static str]) -> Timeline {
+    let started = Instant::now();
+    let mut marks = Vec::new();
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        for m in markers {
+            if !marks.iter().any(|(k, _)| k == m) && text.contains(m) {
+                marks.push((*m, started.elapsed().as_secs_f64()));
+            }
+        }
+        if let Some(status) = vm.0.try_wait().expect("wait") {
+            marks.push(("qemu exited", started.elapsed().as_secs_f64()));
+            eprintln!("qemu: {status}");
+            return Timeline { marks };
+        }
+        if started.elapsed() > VM_LIMIT {
+            panic!(
+                "the VM was still running after {VM_LIMIT:?}; console:\n{}",
+                tail(&text, 6000)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let mut at = s.len().saturating_sub(n);
+    while !s.is_char_boundary(at) {
+        at += 1;
+    }
+    &s[at..]
+}
+
+/// The machine a case boots.
+#[derive(Clone, Copy)]
+enum Firmware {
+    Bios,
+    /// OVMF, with a fresh copy of its variables.
+    Uefi,
+}
+
+struct Case {
+    /// Names the console log kept in the cache directory.
+    name: &'static str,
+    firmware: Firmware,
+    /// QEMU's NIC device: its iPXE ROM is what PXE-boots.
+    nic: &'static str,
+    /// QEMU's disk device for drive d0.
+    disk: &'static str,
+    /// Extra fields of the host in fleet.yaml, e.g. a disk selector.
+    host_extra: &'static str,
+    /// Answer router solicitations (`fleetwave netboot ra`), so iPXE does not wait
+    /// for IPv6.
+    ra: bool,
+    /// What the VM does with the image.
+    role: Role,
+}
+
+enum Role {
+    /// Deploy the reference disk's image to a blank disk: captured from a file made
+    /// here, or an earlier run's store and the reference disk it holds.
+    Deploy {
+        captured: Option<(PathBuf, PathBuf)>,
+    },
+    /// Capture its disk, a copy of the reference disk, into an empty store.
+    Capture,
+}
+
+/// What a run left to judge.
+struct Run {
+    /// Holds the files below until the test ends.
+    _dir: tempfile::TempDir,
+    console: String,
+    serve_log: String,
+    reference: PathBuf,
+    store: PathBuf,
+    vm_raw: PathBuf,
+}
+
+const MAC: &str = "52:54:00:28:00:31";
+
+/// Capture the reference disk, start serve in a namespace LAN, boot the VM to its end.
+/// `None` when the machine cannot run it (a skip).
+fn pxe_run(case: &Case) -> Option<Run> {
+    if !ready() {
+        return None;
+    }
+    // One TCG VM takes a whole core: the cases run one after another.
+    static ONE_VM: Mutex<()> = Mutex::new(());
+    let _turn = ONE_VM.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::new()?;
+    let files = netboot_build();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("state")).expect("mkdir");
+
+    // The image: captured from a disk file into the store serve hands out.
+    let disk_bytes: u64 = 48 << 20;
+    let (reference, store) = match &case.role {
+        Role::Deploy {
+            captured: Some((store, reference)),
+        } => (reference.clone(), store.clone()),
+        Role::Deploy { captured: None } => {
+            let reference = reference_disk(d, disk_bytes);
+            let store = d.join("store");
+            let (code, out) = fleetwave(&[
+                "agent",
+                "capture",
+                reference.to_str().expect("utf-8"),
+                "--image",
+                "golden",
+                "--store",
+                store.to_str().expect("utf-8"),
+            ]);
+            assert_eq!(code, 0, "{out}");
+            (reference, store)
+        }
+        Role::Capture => (reference_disk(d, disk_bytes), d.join("store")),
+    };
+
+    lab.host("srv", None, &["172.28.0.1/24"]);
+    lab.ip("lan", &["tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    lab.ip("lan", &["link", "set", "tap0", "master", "br0", "up"]);
+    let mut args = serve_setup(d, MAC, &store, "golden", case.host_extra);
+    let files_arg = files.display().to_string();
+    args.extend(
+        [
+            "--ipxe-dir",
+            "/usr/lib/ipxe",
+            "--files-dir",
+            &files_arg,
+            "--http-port",
+            "8080",
+        ]
+        .map(String::from),
+    );
+    let serve_log = d.join("serve.log");
+    let server = serve(&lab, "srv", &args, &serve_log);
+    // Killed with the lab's namespaces at the end.
+    let _ra = case.ra.then(|| {
+        lab.cmd("srv", static_agent().to_str().expect("utf-8"))
+            .args(["netboot", "ra", "--interface", "eth0"])
+            .stdout(Stdio::null())
+            .spawn()
+            .map(Vm)
+            .expect("fleetwave netboot ra starts")
+    });
+
+    let vm_disk = d.join("vm.qcow2");
+    let mut img = Command::new("qemu-img");
+    match case.role {
+        Role::Capture => img
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&reference)
+            .arg(&vm_disk),
+        Role::Deploy { .. } => img
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&vm_disk)
+            .arg(disk_bytes.to_string()),
+    };
+    let made = img.status();
+    assert!(made.is_ok_and(|s| s.success()), "qemu-img");
+    let console = d.join("console.log");
+    let mut qemu = lab.cmd("lan", "qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-machine", "q35", "-m", "768", "-smp", "1"])
+        .args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-reboot",
+            "-monitor",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()));
+    match case.firmware {
+        Firmware::Bios => {
+            // SeaBIOS and iPXE write to the serial port too with this fw_cfg file.
+            let sercon = d.join("sercon.bin");
+            std::fs::write(&sercon, [0xf8, 0x03]).expect("sercon");
+            qemu.arg("-fw_cfg")
+                .arg(format!("name=etc/sercon-port,file={}", sercon.display()));
+        }
+        Firmware::Uefi => {
+            let vars = d.join("vars.fd");
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF vars");
+            qemu.args([
+                "-drive",
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
+        }
+    }
+    let vm = qemu
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+        .arg("-device")
+        .arg(format!("{},netdev=n0,mac={MAC},bootindex=1", case.nic))
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=d0,format=qcow2",
+            vm_disk.display()
+        ))
+        .args(["-device", case.disk])
+        .args(["-boot", "order=n,strict=on,reboot-timeout=0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu starts");
+    let timeline = run_vm(
+        Vm(vm),
+        &console,
+        &[
+            "iPXE",
+            // iPXE prints the address once DHCP (and its IPv6 wait) is over.
+            "net0: 172.28.0.",
+            "/files/initrd.img... ok",
+            "Linux version",
+            "fleetwave-init: started",
+            "fleetwave-init: running the agent",
+            "deployed and verified",
+            "fleetwave-init: agent finished: ok",
+            "fleetwave-init: FAILED",
+            "fleetwave-init: rebooting",
+        ],
+    );
+    eprintln!("{}: seconds since power-on", case.name);
+    for (m, t) in &timeline.marks {
+        eprintln!("{t:7.1}  {m}");
+    }
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    // Kept for reading after the run (the temporary directory goes).
+    let _ = std::fs::write(
+        Path::new(CACHE).join(format!("{}.console.log", case.name)),
+        &text,
+    );
+    // The server logs the result a moment after the VM sent it.
+    let settled = Instant::now();
+    while !["task done", "task FAILED"]
+        .iter()
+        .any(|m| std::fs::read_to_string(&serve_log).is_ok_and(|t| t.contains(m)))
+        && settled.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(server);
+    let serve_log = std::fs::read_to_string(&serve_log).unwrap_or_default();
+    let vm_raw = d.join("vm.raw");
+    let converted = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&vm_disk)
+        .arg(&vm_raw)
+        .status();
+    assert!(converted.is_ok_and(|s| s.success()), "qemu-img convert");
+    Some(Run {
+        _dir: dir,
+        console: text,
+        serve_log,
+        reference,
+        store,
+        vm_raw,
+    })
+}
+
+/// The run deployed: the console and the server say so, the VM's disk is the
+/// reference disk byte for byte, and the agent verifies it against the store.
+fn assert_deployed(r: &Run) {
+    assert!(
+        r.console.contains("fleetwave-init: agent finished: ok")
+            && r.console.contains("fleetwave-init: rebooting"),
+        "console:\n{}\nserve:\n{}",
+        tail(&r.console, 8000),
+        tail(&r.serve_log, 4000)
+    );
+    assert!(r.serve_log.contains("task done"), "{}", r.serve_log);
+    assert!(!r.serve_log.contains("task FAILED"), "{}", r.serve_log);
+    let (a, b) = (
+        std::fs::read(&r.reference).expect("read"),
+        std::fs::read(&r.vm_raw).expect("read"),
+    );
+    assert_eq!(a.len(), b.len());
+    let first_diff = a.iter().zip(&b).position(|(x, y)| x != y);
+    assert_eq!(first_diff, None, "the VM's disk differs from the image");
+    let (code, out) = fleetwave(&[
+        "agent",
+        "verify",
+        "golden",
+        r.vm_raw.to_str().expect("utf-8"),
+        "--store",
+        r.store.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
+    let case = Case {
+        name: "bios-e1000-sata",
+        firmware: Firmware::Bios,
+        nic: "e1000",
+        disk: "ide-hd,drive=d0,bus=ide.0",
+        host_extra: "",
+        ra: true,
+        role: Role::Deploy { captured: None },
+    };
+    if let Some(r) = pxe_run(&case) {
+        assert_deployed(&r);
+    }
+}
+
+#[test]
+fn uefi_virtio_nvme_pxe_boots_the_agent_which_deploys_and_verifies() {
+    if !tool("ovmf", "/usr/share/OVMF/OVMF_CODE_4M.fd") {
+        return;
+    }
+    let case = Case {
+        name: "uefi-virtio-nvme",
+        firmware: Firmware::Uefi,
+        nic: "virtio-net-pci",
+        disk: "nvme,drive=d0,serial=fleetwave0",
+        host_extra: "",
+        ra: true,
+        role: Role::Deploy { captured: None },
+    };
+    if let Some(r) = pxe_run(&case) {
+        assert_deployed(&r);
+    }
+}
+
+/// A disk selector that matches nothing: the server records a failure, never success,
+/// the disk is untouched, and the VM still reboots.
+#[test]
+fn a_task_that_cannot_be_done_is_reported_failed_never_done() {
+    let case = Case {
+        name: "bios-failing-task",
+        firmware: Firmware::Bios,
+        nic: "e1000",
+        disk: "ide-hd,drive=d0,bus=ide.0",
+        host_extra: ", disk: {serial: no-such-disk}",
+        ra: true,
+        role: Role::Deploy { captured: None },
+    };
+    let Some(r) = pxe_run(&case) else {
+        return;
+    };
+    assert!(
+        r.console.contains("fleetwave-init: FAILED")
+            && r.console.contains("fleetwave-init: rebooting"),
+        "console:\n{}",
+        tail(&r.console, 8000)
+    );
+    assert!(r.serve_log.contains("task FAILED"), "{}", r.serve_log);
+    assert!(!r.serve_log.contains("task done"), "{}", r.serve_log);
+    let disk = std::fs::read(&r.vm_raw).expect("read");
+    assert!(disk.iter().all(|b| *b == 0), "the disk was written");
+}
+
+/// A capture from a VM's disk, then a deploy of that capture to another VM.
+#[test]
+fn a_vm_captures_its_disk_and_another_vm_gets_that_capture() {
+    let capture = Case {
+        name: "bios-capture",
+        firmware: Firmware::Bios,
+        nic: "e1000",
+        disk: "ide-hd,drive=d0,bus=ide.0",
+        host_extra: "",
+        ra: true,
+        role: Role::Capture,
+    };
+    let Some(first) = pxe_run(&capture) else {
+        return;
+    };
+    assert!(
+        first.console.contains("fleetwave-init: agent finished: ok"),
+        "console:\n{}\nserve:\n{}",
+        tail(&first.console, 8000),
+        tail(&first.serve_log, 4000)
+    );
+    assert!(
+        first.serve_log.contains("image version committed"),
+        "{}",
+        first.serve_log
+    );
+    assert!(first.serve_log.contains("task done"), "{}", first.serve_log);
+    let record = Store::open(&first.store)
+        .and_then(|s| s.image("golden"))
+        .expect("store")
+        .expect("the capture recorded the image");
+    assert_eq!(record.versions.len(), 1);
+    assert_eq!(record.versions[0].generation, 1);
+
+    let deploy = Case {
+        name: "bios-deploy-of-a-vm-capture",
+        role: Role::Deploy {
+            captured: Some((first.store.clone(), first.reference.clone())),
+        },
+        ..capture
+    };
+    if let Some(second) = pxe_run(&deploy) {
+        assert_deployed(&second);
+    }
+}
