@@ -121,10 +121,12 @@ fn http() -> ureq::Agent {
         .into()
 }
 
+/// The token of `mac`'s script if it boots the agent for a task whose summary
+/// contains `task`.
 fn token(agent: &ureq::Agent, url: &str, mac: &str, task: &str) -> Option<String> {
     let mut r = agent.get(format!("{url}/boot/{mac}.ipxe")).call().ok()?;
     let text = r.body_mut().read_to_string().ok()?;
-    if !text.contains(&format!("fleetwave.task={task}")) {
+    if !text.lines().nth(1).is_some_and(|l| l.contains(task)) {
         return None;
     }
     text.split_whitespace()
@@ -159,7 +161,10 @@ fn latency(a: &Args, url: &str, repo: &Path, generation: u64, hook: Option<&str>
     }
     let probe = mac(0xffffff);
     loop {
-        if let Some(t) = token(&agent, url, &probe, "inventory") {
+        // This generation's task, not the last one (whose result the controller may
+        // not have taken in yet).
+        let task = format!("inventory (generation {generation})");
+        if let Some(t) = token(&agent, url, &probe, &task) {
             let secs = start.elapsed().as_secs_f64();
             // Spend it, so the next bump arms a new one.
             let boot = Boot {
@@ -319,7 +324,7 @@ fn main() {
                         return;
                     };
                     let m = mac(i);
-                    let Some(t) = token(&agent, &url, &m, "deploy") else {
+                    let Some(t) = token(&agent, &url, &m, "deploy win10@") else {
                         // Its wave is not open yet.
                         queue.lock().expect("queue").push_back(i);
                         std::thread::sleep(Duration::from_millis(20));
