@@ -142,7 +142,7 @@ fn latency(a: &Args, url: &str, repo: &Path, generation: u64, hook: Option<&str>
     let start = Instant::now();
     git(repo, &["push", "-q", "origin", "main"]);
     if let Some(secret) = hook {
-        use hmac::Mac as _;
+        use hmac::{KeyInit as _, Mac as _};
         let body = br#"{"ref":"refs/heads/main"}"#;
         let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("hmac");
         m.update(body);

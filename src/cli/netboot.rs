@@ -140,17 +140,16 @@ pub fn agent_fail(
         .parse()
         .map_err(|e| anyhow!("fleetwave.mac: {e}"))?;
     let remote = Remote::new(need("server")?, need("token")?, mac);
-    let mut message = format!("netboot: {reason}");
-    if let Some(log) = log {
-        match tail(log, LOG_TAIL_BYTES) {
-            Ok(t) => message.push_str(&format!("\n--- last lines of {} ---\n{t}", log.display())),
-            Err(e) => message.push_str(&format!("\n(no log: {}: {e})", log.display())),
-        }
-    }
+    let message = format!("netboot: {reason}");
+    let log_tail = log.map(|log| match tail(log, LOG_TAIL_BYTES) {
+        Ok(t) => format!("--- last lines of {} ---\n{t}", log.display()),
+        Err(e) => format!("(no log: {}: {e})", log.display()),
+    });
     let result = TaskResult {
         ok: false,
         digest: None,
         message,
+        log_tail,
     };
     match remote.post_json("result", &result) {
         Ok(_) => {

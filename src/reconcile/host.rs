@@ -489,7 +489,10 @@ pub fn observe(
                     s.phase = Phase::Pending;
                     return Noted::Drifted(message);
                 }
-                let why = format!("{summary} failed: {}", result.message);
+                let why = match &result.log_tail {
+                    Some(t) => format!("{summary} failed: {}\n{t}", result.message),
+                    None => format!("{summary} failed: {}", result.message),
+                };
                 fail(s, &why, policy, now, jitter);
                 return Noted::Failed(why);
             }

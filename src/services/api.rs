@@ -494,7 +494,8 @@ async fn result(
         info!(mac = %a.mac, host = ?a.host, task = a.task.kind(),
             digest = ?r.digest.map(|d| d.to_string()), "task done: {}", r.message);
     } else {
-        warn!(mac = %a.mac, host = ?a.host, task = a.task.kind(), "task FAILED: {}", r.message);
+        warn!(mac = %a.mac, host = ?a.host, task = a.task.kind(), "task FAILED: {}{}", r.message,
+            r.log_tail.as_deref().map(|t| format!("\n{t}")).unwrap_or_default());
     }
     api.update(&token, |g| g.spent = true);
     let ops = vec![

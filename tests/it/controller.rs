@@ -471,7 +471,7 @@ fn a_commit_converges_the_lab_wave_by_wave_through_capture_and_verified_deploys(
     assert_eq!(hook("sha256=0000"), 401);
     // The next good commit recovers: a new generation captures again.
     let good = repo.commit(&lab_fleet(2), "capture again");
-    use hmac::Mac as _;
+    use hmac::{KeyInit as _, Mac as _};
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("hmac");
     mac.update(body.as_bytes());
     let sig: String = mac

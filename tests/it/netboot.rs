@@ -211,7 +211,7 @@ fn reference_disk(dir: &Path, bytes: u64) -> PathBuf {
 /// versions from the store).
 fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &str) -> Vec<String> {
     let p = |s: &str| dir.join(s).display().to_string();
-    let mut args = vec![
+    let args = vec![
         "--fleet".into(),
         p("fleet.yaml"),
         "--image-store".into(),
@@ -613,6 +613,8 @@ fn a_task_that_cannot_be_done_is_reported_failed_never_done() {
         tail(&r.console, 8000)
     );
     assert!(r.serve_log.contains("task FAILED"), "{}", r.serve_log);
+    // With the tail of the agent's log.
+    assert!(r.serve_log.contains("--- last lines of"), "{}", r.serve_log);
     assert!(!r.serve_log.contains("task done"), "{}", r.serve_log);
     let disk = std::fs::read(&r.vm_raw).expect("read");
     assert!(disk.iter().all(|b| *b == 0), "the disk was written");
