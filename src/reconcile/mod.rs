@@ -527,6 +527,14 @@ impl Controller {
             if due.is_empty() {
                 break;
             }
+            // A gate that was waiting for this moment (a window opening) is decided
+            // again before its hosts are.
+            let now = now_ms / 1000;
+            if due.iter().any(|h| {
+                matches!(self.gates.get(h), Some(Gate::Wait { until: Some(t), .. }) if *t <= now)
+            }) {
+                self.replan();
+            }
             for name in due {
                 self.reconcile_host(&name);
             }
