@@ -112,6 +112,7 @@ enum NetbootCommand {
         /// times faster.
         #[arg(long, default_value_t = 9)]
         level: i32,
+        /// Print the manifest as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -124,6 +125,7 @@ enum NetbootCommand {
     },
     /// Check that a directory holds a complete build (exit 1, saying what to do, if not).
     Check {
+        /// The build's directory (`serve --files-dir`).
         #[arg(default_value = "/var/lib/fleetwave/netboot")]
         dir: PathBuf,
     },
@@ -261,11 +263,13 @@ enum AgentCommand {
     /// Report the task named on the kernel command line as failed, with a reason and
     /// the tail of a log (what the netboot environment does when a step fails).
     Fail {
+        /// What went wrong, in one line (the report's message).
         #[arg(long)]
         reason: String,
         /// The log whose last lines go with the report.
         #[arg(long)]
         log: Option<PathBuf>,
+        /// The kernel command line with fleetwave.server=, .mac= and .token=.
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
     },
@@ -616,8 +620,7 @@ fn init_logs(filter: &str) {
 mod tests {
     use clap::CommandFactory;
 
-    /// Every argument and option says what it is in `--help` (serve's are being
-    /// reworked with the controller and are checked there).
+    /// Every argument and option says what it is in `--help`.
     #[test]
     fn every_argument_has_a_help_line() {
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
@@ -628,7 +631,7 @@ mod tests {
                 }
             }
             for sub in cmd.get_subcommands() {
-                if sub.get_name() != "serve" && sub.get_name() != "help" {
+                if sub.get_name() != "help" {
                     walk(sub, &format!("{path} {}", sub.get_name()), missing);
                 }
             }
