@@ -44,10 +44,15 @@ impl Opened {
         }
     }
 
-    /// Tell the server how the task ended (a no-op for a local store).
+    /// Tell the server how the task ended (a no-op for a local store); a failure
+    /// carries the tail of the netboot log when there is one.
     fn report(&self, result: &TaskResult) {
+        let mut result = result.clone();
+        if !result.ok && result.log_tail.is_none() {
+            result.log_tail = crate::agent::run::log_tail();
+        }
         if let Opened::Remote(r) = self
-            && let Err(e) = r.post_json("result", result)
+            && let Err(e) = r.post_json("result", &result)
         {
             eprintln!("fleetwave: could not report the result to the server: {e}");
         }

@@ -2,17 +2,15 @@
 //! environment's /init runs when something went wrong before or around the agent).
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 
 use super::exit;
+use crate::agent::run::LOG_TAIL_BYTES;
 use crate::netboot::{self, BuildOptions};
 use crate::spec::Mac;
-
-/// How much of the log's end a failure report carries.
-const LOG_TAIL_BYTES: u64 = 3000;
 
 pub struct BuildArgs {
     pub out: PathBuf,
@@ -141,7 +139,7 @@ pub fn agent_fail(
         .map_err(|e| anyhow!("fleetwave.mac: {e}"))?;
     let remote = Remote::new(need("server")?, need("token")?, mac);
     let message = format!("netboot: {reason}");
-    let log_tail = log.map(|log| match tail(log, LOG_TAIL_BYTES) {
+    let log_tail = log.map(|log| match crate::agent::run::tail(log, LOG_TAIL_BYTES) {
         Ok(t) => format!("--- last lines of {} ---\n{t}", log.display()),
         Err(e) => format!("(no log: {}: {e})", log.display()),
     });
@@ -169,34 +167,5 @@ pub fn agent_fail(
             )?;
             Ok(exit::CHANGES)
         }
-    }
-}
-
-/// The last `n` bytes of `path`, from a line start, as text.
-fn tail(path: &Path, n: u64) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
-    let start = len.saturating_sub(n);
-    f.seek(SeekFrom::Start(start))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    Ok(match (start > 0, text.find('\n')) {
-        (true, Some(i)) => text[i + 1..].to_string(),
-        _ => text,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_tail_starts_at_a_line() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("log");
-        std::fs::write(&p, "first line\nsecond\nthird\n").expect("write");
-        assert_eq!(tail(&p, 1000).expect("tail"), "first line\nsecond\nthird\n");
-        assert_eq!(tail(&p, 10).expect("tail"), "third\n");
     }
 }

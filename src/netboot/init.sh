@@ -93,7 +93,7 @@ main() {
     }
     wait_for 100 has_disk || say "no disk found yet (a registration needs none)"
     say "running the agent at $(up) s"
-    fleetwave agent run
+    fleetwave agent run --log "$LOG"
     rc=$?
     if [ "$rc" -ne 0 ]; then
         fail "fleetwave agent run exited with $rc"
