@@ -453,6 +453,30 @@ mod tests {
     }
 
     #[test]
+    fn the_scripts_parse_in_busybox_sh() {
+        let busybox = Path::new("/bin/busybox");
+        if !busybox.exists() {
+            eprintln!("skipping: busybox is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in [("init", INIT), ("udhcpc", UDHCPC)] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            let out = Command::new(busybox)
+                .args(["sh", "-n"])
+                .arg(&p)
+                .output()
+                .expect("busybox");
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
     fn a_damaged_elf_header_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("bad");

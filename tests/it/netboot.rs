@@ -670,3 +670,75 @@ fn a_vm_captures_its_disk_and_another_vm_gets_that_capture() {
         assert_deployed(&second);
     }
 }
+
+/// The tools the build copied from this machine run inside the initramfs with the
+/// libraries it copied beside them (`ldd`'s list was complete), and so does the agent.
+#[test]
+fn the_initramfs_tools_run_with_the_libraries_it_holds() {
+    if !ready() {
+        return;
+    }
+    let files = netboot_build();
+    let manifest = fleetwave::netboot::check_files_dir(&files).expect("a complete build");
+    let root = tempfile::tempdir().expect("tempdir");
+    let packed = std::fs::read(files.join("initrd.img")).expect("initrd");
+    let cpio = zstd::stream::decode_all(&packed[..]).expect("zstd");
+    unpack_newc(&cpio, root.path());
+    let mut programs: Vec<&str> = manifest.tools.iter().map(String::as_str).collect();
+    programs.push("/usr/bin/fleetwave");
+    for p in programs {
+        let out = Command::new("chroot")
+            .arg(root.path())
+            .args([p, "--version"])
+            .output()
+            .expect("chroot");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A missing library is the loader's error, whatever the tool thinks of --version.
+        assert!(
+            !text.contains("error while loading shared libraries")
+                && out.status.code() != Some(127),
+            "{p}: {text}"
+        );
+    }
+}
+
+/// Files, directories and symlinks of a newc archive under `root`.
+fn unpack_newc(data: &[u8], root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut at = 0;
+    loop {
+        let field = |i: usize| {
+            let s = std::str::from_utf8(&data[at + 6 + i * 8..at + 14 + i * 8]).expect("hex");
+            usize::from_str_radix(s, 16).expect("hex")
+        };
+        assert_eq!(&data[at..at + 6], b"070701", "a newc header at {at}");
+        let (mode, size, namesize) = (field(1), field(6), field(11));
+        let name = std::str::from_utf8(&data[at + 110..at + 110 + namesize - 1]).expect("name");
+        at += (110 + namesize).div_ceil(4) * 4;
+        let body = &data[at..at + size];
+        at += size.div_ceil(4) * 4;
+        if name == "TRAILER!!!" {
+            return;
+        }
+        let path = root.join(name);
+        match mode & 0o170000 {
+            0o040000 => std::fs::create_dir_all(&path).expect("dir"),
+            0o120000 => {
+                std::os::unix::fs::symlink(std::str::from_utf8(body).expect("target"), &path)
+                    .expect("symlink")
+            }
+            _ => {
+                std::fs::write(&path, body).expect("file");
+                std::fs::set_permissions(
+                    &path,
+                    std::fs::Permissions::from_mode(mode as u32 & 0o7777),
+                )
+                .expect("mode");
+            }
+        }
+    }
+}
