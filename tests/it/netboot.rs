@@ -206,11 +206,18 @@ fn reference_disk(dir: &Path, bytes: u64) -> PathBuf {
     disk
 }
 
-/// What `serve` needs to send `mac` to deploy the image in `store`, or to capture it
-/// when the store does not exist yet: the fleet, and (today) the version through
-/// --observed. One place to change when serve reads versions from
+/// What `serve` needs to send `mac` to deploy the image in `store` (or, `missing`, a
+/// version the store does not hold), or to capture it when the store does not exist
+/// yet: the fleet, and (today) the version through --observed. One place to change when serve reads versions from
 /// the store.
-fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &str) -> Vec<String> {
+fn serve_setup(
+    dir: &Path,
+    mac: &str,
+    store: &Path,
+    image: &str,
+    host_extra: &str,
+    missing: bool,
+) -> Vec<String> {
     let p = |s: &str| dir.join(s).display().to_string();
     let mut args = vec![
         "--fleet".into(),
@@ -233,7 +240,12 @@ fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &st
         .and_then(|s| s.image(image))
         .expect("store")
         .expect("the image was captured");
-    let v = record.versions.last().expect("a version");
+    let mut v = record.versions.last().expect("a version").clone();
+    if missing {
+        v.digest = format!("blake3:{}", "ab".repeat(32))
+            .parse()
+            .expect("digest");
+    }
     let fleet = format!(
         "{}images:\n  {image}: {{os: linux}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab, image: {image}{host_extra}}}\n",
         crate::LAB_SITE
@@ -330,6 +342,8 @@ enum Role {
     },
     /// Capture its disk, a copy of the reference disk, into an empty store.
     Capture,
+    /// Deploy a version the server's store does not hold.
+    DeployMissing,
 }
 
 /// What a run left to judge.
@@ -366,7 +380,7 @@ fn pxe_run(case: &Case) -> Option<Run> {
         Role::Deploy {
             captured: Some((store, reference)),
         } => (reference.clone(), store.clone()),
-        Role::Deploy { captured: None } => {
+        Role::Deploy { captured: None } | Role::DeployMissing => {
             let reference = reference_disk(d, disk_bytes);
             let store = d.join("store");
             let (code, out) = fleetwave(&[
@@ -387,7 +401,14 @@ fn pxe_run(case: &Case) -> Option<Run> {
     lab.host("srv", None, &["172.28.0.1/24"]);
     lab.ip("lan", &["tuntap", "add", "dev", "tap0", "mode", "tap"]);
     lab.ip("lan", &["link", "set", "tap0", "master", "br0", "up"]);
-    let mut args = serve_setup(d, MAC, &store, "golden", case.host_extra);
+    let mut args = serve_setup(
+        d,
+        MAC,
+        &store,
+        "golden",
+        case.host_extra,
+        matches!(case.role, Role::DeployMissing),
+    );
     let files_arg = files.display().to_string();
     args.extend(
         [
@@ -419,7 +440,7 @@ fn pxe_run(case: &Case) -> Option<Run> {
             .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
             .arg(&reference)
             .arg(&vm_disk),
-        Role::Deploy { .. } => img
+        Role::Deploy { .. } | Role::DeployMissing => img
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&vm_disk)
             .arg(disk_bytes.to_string()),
@@ -741,4 +762,48 @@ fn unpack_newc(data: &[u8], root: &Path) {
             }
         }
     }
+}
+
+/// The agent fails before it reports (the version is not in the server's store):
+/// /init reports the failure itself, with the tail of its log.
+#[test]
+fn a_failure_the_agent_does_not_report_is_reported_by_init_with_its_log() {
+    let case = Case {
+        name: "bios-version-not-in-store",
+        firmware: Firmware::Bios,
+        nic: "e1000",
+        disk: "ide-hd,drive=d0,bus=ide.0",
+        host_extra: "",
+        ra: true,
+        role: Role::DeployMissing,
+    };
+    let Some(r) = pxe_run(&case) else {
+        return;
+    };
+    assert!(
+        r.console.contains("reported the failure to the server"),
+        "console:\n{}\nserve:\n{}",
+        tail(&r.console, 8000),
+        tail(&r.serve_log, 4000)
+    );
+    assert!(
+        r.serve_log
+            .contains("task FAILED: netboot: fleetwave agent run exited with 2"),
+        "{}",
+        r.serve_log
+    );
+    assert!(
+        r.serve_log
+            .contains("--- last lines of /run/fleetwave.log ---"),
+        "{}",
+        r.serve_log
+    );
+    assert!(
+        r.serve_log.contains("fleetwave-init: running the agent"),
+        "{}",
+        r.serve_log
+    );
+    assert!(!r.serve_log.contains("task done"), "{}", r.serve_log);
+    let disk = std::fs::read(&r.vm_raw).expect("read");
+    assert!(disk.iter().all(|b| *b == 0), "the disk was written");
 }
