@@ -23,6 +23,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod clock;
 pub mod diag;
 pub mod image;
 pub mod multicast;
@@ -30,6 +31,9 @@ pub mod netboot;
 pub mod observed;
 pub mod par;
 pub mod plan;
+pub mod protocol;
+pub mod reconcile;
+pub mod server;
 pub mod services;
 pub mod source;
 pub mod spec;

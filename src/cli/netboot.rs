@@ -45,14 +45,14 @@ pub fn build(a: &BuildArgs, out: &mut dyn Write) -> Result<u8> {
     let initrd = size("initrd.img");
     writeln!(
         out,
-        "netboot build in {}: kernel {} ({:.1} MB), initramfs {:.1} MB ({:.1} MB unpacked, \
-         target < {:.0} MB), {} module files, agent {}, {:.1} s",
+        "netboot build in {}: kernel {} ({:.1} MB), initramfs {:.1} MB (target < {:.0} MB; \
+         {:.1} MB unpacked), {} module files, agent {}, {:.1} s",
         a.out.display(),
         m.kernel_version,
         size("vmlinuz") as f64 / 1e6,
         initrd as f64 / 1e6,
-        m.initrd_uncompressed_bytes as f64 / 1e6,
         netboot::TARGET_BYTES as f64 / 1e6,
+        m.initrd_uncompressed_bytes as f64 / 1e6,
         m.module_files.len(),
         m.agent_version,
         started.elapsed().as_secs_f64()
@@ -119,7 +119,7 @@ pub fn agent_fail(
     out: &mut dyn Write,
 ) -> Result<u8> {
     use crate::image::remote::Remote;
-    use crate::services::api::TaskResult;
+    use crate::protocol::TaskResult;
 
     let text = std::fs::read_to_string(cmdline)
         .with_context(|| format!("cannot read the kernel command line {}", cmdline.display()))?;
@@ -140,17 +140,15 @@ pub fn agent_fail(
         .parse()
         .map_err(|e| anyhow!("fleetwave.mac: {e}"))?;
     let remote = Remote::new(need("server")?, need("token")?, mac);
-    let mut message = format!("netboot: {reason}");
-    if let Some(log) = log {
-        match tail(log, LOG_TAIL_BYTES) {
-            Ok(t) => message.push_str(&format!("\n--- last lines of {} ---\n{t}", log.display())),
-            Err(e) => message.push_str(&format!("\n(no log: {}: {e})", log.display())),
-        }
-    }
+    let log_tail = log.map(|log| match tail(log, LOG_TAIL_BYTES) {
+        Ok(t) => format!("--- last lines of {} ---\n{t}", log.display()),
+        Err(e) => format!("(no log: {}: {e})", log.display()),
+    });
     let result = TaskResult {
         ok: false,
         digest: None,
-        message,
+        message: format!("netboot: {reason}"),
+        log_tail,
     };
     match remote.post_json("result", &result) {
         Ok(_) => {

@@ -2,6 +2,7 @@
 //! and the YAML node trees read from them with every position kept.
 
 pub mod git;
+pub mod watch;
 pub mod yaml;
 
 use std::borrow::Cow;

@@ -961,6 +961,7 @@ fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
                         .map(|u| u.value)
                         .unwrap_or(UnknownHosts::Register),
                     image_store,
+                    wake: s.wake.unwrap_or(false),
                 },
             );
         }
@@ -1348,6 +1349,13 @@ fn resolve_host(
         .suspend
         .or_else(|| group_entries.iter().find_map(|(_, g)| g.suspend))
         .unwrap_or(false);
+    let wake = h
+        .wake
+        .or_else(|| group_entries.iter().find_map(|(_, g)| g.wake));
+    let heal = h
+        .heal
+        .or_else(|| group_entries.iter().find_map(|(_, g)| g.heal))
+        .unwrap_or_default();
     let mut labels = own_labels;
     for (_, g) in &group_entries {
         for (k, v) in &g.labels {
@@ -1448,6 +1456,8 @@ fn resolve_host(
         wave: wave.map(|w| w.value.clone()).unwrap_or_default(),
         disk,
         suspend,
+        wake,
+        heal,
         actions,
     })
 }

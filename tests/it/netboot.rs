@@ -206,58 +206,32 @@ fn reference_disk(dir: &Path, bytes: u64) -> PathBuf {
     disk
 }
 
-/// What `serve` needs to send `mac` to deploy the image in `store` (or, `missing`, a
-/// version the store does not hold), or to capture it when the store does not exist
-/// yet: the fleet, and (today) the version through --observed. One place to change when serve reads versions from
-/// the store.
-fn serve_setup(
-    dir: &Path,
-    mac: &str,
-    store: &Path,
-    image: &str,
-    host_extra: &str,
-    missing: bool,
-) -> Vec<String> {
+/// What `serve` needs to send `mac` to deploy the image in `store`, or to capture it
+/// when the store does not exist yet: the fleet (the controller arms the task from it
+/// and the versions in the store).
+fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &str) -> Vec<String> {
+    let fleet = if store.exists() {
+        format!(
+            "{}images:\n  {image}: {{os: linux}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab, image: {image}{host_extra}}}\n",
+            crate::LAB_SITE
+        )
+    } else {
+        // Nothing captured yet: the host is the image's reference machine.
+        format!(
+            "{}images:\n  {image}: {{os: linux, capture: {{from: vm1, generation: 1}}}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab{host_extra}}}\n",
+            crate::LAB_SITE
+        )
+    };
+    std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
     let p = |s: &str| dir.join(s).display().to_string();
-    let mut args = vec![
+    vec![
         "--fleet".into(),
         p("fleet.yaml"),
         "--image-store".into(),
         store.display().to_string(),
         "--state-dir".into(),
         p("state"),
-    ];
-    if !store.exists() {
-        // Nothing captured yet: the host is the image's reference machine.
-        let fleet = format!(
-            "{}images:\n  {image}: {{os: linux, capture: {{from: vm1, generation: 1}}}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab{host_extra}}}\n",
-            crate::LAB_SITE
-        );
-        std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
-        return args;
-    }
-    let record = Store::open(store)
-        .and_then(|s| s.image(image))
-        .expect("store")
-        .expect("the image was captured");
-    let mut v = record.versions.last().expect("a version").clone();
-    if missing {
-        v.digest = format!("blake3:{}", "ab".repeat(32))
-            .parse()
-            .expect("digest");
-    }
-    let fleet = format!(
-        "{}images:\n  {image}: {{os: linux}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab, image: {image}{host_extra}}}\n",
-        crate::LAB_SITE
-    );
-    let observed = format!(
-        r#"{{"images": {{"{image}": {{"versions": [{{"digest": "{}", "generation": 1, "disk_bytes": {}, "stored_bytes": {}}}]}}}}}}"#,
-        v.digest, v.disk_bytes, v.stored_bytes
-    );
-    std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
-    std::fs::write(dir.join("observed.json"), observed).expect("observed");
-    args.extend(["--observed".into(), p("observed.json")]);
-    args
+    ]
 }
 
 /// A QEMU (or helper) process, killed when dropped (a failing test leaves no VM behind).
@@ -342,8 +316,6 @@ enum Role {
     },
     /// Capture its disk, a copy of the reference disk, into an empty store.
     Capture,
-    /// Deploy a version the server's store does not hold.
-    DeployMissing,
 }
 
 /// What a run left to judge.
@@ -380,7 +352,7 @@ fn pxe_run(case: &Case) -> Option<Run> {
         Role::Deploy {
             captured: Some((store, reference)),
         } => (reference.clone(), store.clone()),
-        Role::Deploy { captured: None } | Role::DeployMissing => {
+        Role::Deploy { captured: None } => {
             let reference = reference_disk(d, disk_bytes);
             let store = d.join("store");
             let (code, out) = fleetwave(&[
@@ -401,14 +373,7 @@ fn pxe_run(case: &Case) -> Option<Run> {
     lab.host("srv", None, &["172.28.0.1/24"]);
     lab.ip("lan", &["tuntap", "add", "dev", "tap0", "mode", "tap"]);
     lab.ip("lan", &["link", "set", "tap0", "master", "br0", "up"]);
-    let mut args = serve_setup(
-        d,
-        MAC,
-        &store,
-        "golden",
-        case.host_extra,
-        matches!(case.role, Role::DeployMissing),
-    );
+    let mut args = serve_setup(d, MAC, &store, "golden", case.host_extra);
     let files_arg = files.display().to_string();
     args.extend(
         [
@@ -440,7 +405,7 @@ fn pxe_run(case: &Case) -> Option<Run> {
             .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
             .arg(&reference)
             .arg(&vm_disk),
-        Role::Deploy { .. } | Role::DeployMissing => img
+        Role::Deploy { .. } => img
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&vm_disk)
             .arg(disk_bytes.to_string()),
@@ -762,48 +727,4 @@ fn unpack_newc(data: &[u8], root: &Path) {
             }
         }
     }
-}
-
-/// The agent fails before it reports (the version is not in the server's store):
-/// /init reports the failure itself, with the tail of its log.
-#[test]
-fn a_failure_the_agent_does_not_report_is_reported_by_init_with_its_log() {
-    let case = Case {
-        name: "bios-version-not-in-store",
-        firmware: Firmware::Bios,
-        nic: "e1000",
-        disk: "ide-hd,drive=d0,bus=ide.0",
-        host_extra: "",
-        ra: true,
-        role: Role::DeployMissing,
-    };
-    let Some(r) = pxe_run(&case) else {
-        return;
-    };
-    assert!(
-        r.console.contains("reported the failure to the server"),
-        "console:\n{}\nserve:\n{}",
-        tail(&r.console, 8000),
-        tail(&r.serve_log, 4000)
-    );
-    assert!(
-        r.serve_log
-            .contains("task FAILED: netboot: fleetwave agent run exited with 2"),
-        "{}",
-        r.serve_log
-    );
-    assert!(
-        r.serve_log
-            .contains("--- last lines of /run/fleetwave.log ---"),
-        "{}",
-        r.serve_log
-    );
-    assert!(
-        r.serve_log.contains("fleetwave-init: running the agent"),
-        "{}",
-        r.serve_log
-    );
-    assert!(!r.serve_log.contains("task done"), "{}", r.serve_log);
-    let disk = std::fs::read(&r.vm_raw).expect("read");
-    assert!(disk.iter().all(|b| *b == 0), "the disk was written");
 }
