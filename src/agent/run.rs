@@ -85,7 +85,8 @@ pub fn run(boot: &Boot, out: &mut dyn Write) -> Result<Outcome> {
                 ok,
                 digest: None,
                 message,
-                log_tail: None,
+                // In the netboot environment a failure carries the tail of /init's log.
+                log_tail: if ok { None } else { crate::netboot::log_tail() },
             },
         );
         if let Err(e) = r {

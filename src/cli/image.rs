@@ -45,8 +45,13 @@ impl Opened {
 
     /// Tell the server how the task ended (a no-op for a local store).
     fn report(&self, result: &TaskResult) {
+        // In the netboot environment a failure carries the tail of /init's log.
+        let mut result = result.clone();
+        if !result.ok && result.log_tail.is_none() {
+            result.log_tail = crate::netboot::log_tail();
+        }
         if let Opened::Remote(r) = self
-            && let Err(e) = r.post_json("result", result)
+            && let Err(e) = r.post_json("result", &result)
         {
             eprintln!("fleetwave: could not report the result to the server: {e}");
         }

@@ -2,7 +2,7 @@
 //! environment's /init runs when something went wrong before or around the agent).
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
@@ -10,9 +10,6 @@ use anyhow::{Context, Result, anyhow};
 use super::exit;
 use crate::netboot::{self, BuildOptions};
 use crate::spec::Mac;
-
-/// How much of the log's end a failure report carries.
-const LOG_TAIL_BYTES: u64 = 3000;
 
 pub struct BuildArgs {
     pub out: PathBuf,
@@ -140,7 +137,7 @@ pub fn agent_fail(
         .parse()
         .map_err(|e| anyhow!("fleetwave.mac: {e}"))?;
     let remote = Remote::new(need("server")?, need("token")?, mac);
-    let log_tail = log.map(|log| match tail(log, LOG_TAIL_BYTES) {
+    let log_tail = log.map(|log| match netboot::tail(log, netboot::LOG_TAIL_BYTES) {
         Ok(t) => format!("--- last lines of {} ---\n{t}", log.display()),
         Err(e) => format!("(no log: {}: {e})", log.display()),
     });
@@ -171,24 +168,9 @@ pub fn agent_fail(
     }
 }
 
-/// The last `n` bytes of `path`, from a line start, as text.
-fn tail(path: &Path, n: u64) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
-    let start = len.saturating_sub(n);
-    f.seek(SeekFrom::Start(start))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    Ok(match (start > 0, text.find('\n')) {
-        (true, Some(i)) => text[i + 1..].to_string(),
-        _ => text,
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::netboot::tail;
 
     #[test]
     fn the_tail_starts_at_a_line() {

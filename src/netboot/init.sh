@@ -9,6 +9,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 LOG=/run/fleetwave.log
+# The agent's own failure reports carry this log's tail.
+export FLEETWAVE_NETBOOT_LOG="$LOG"
 # Everything from here on goes to the console and to $LOG (whose tail a failure report carries).
 mkfifo /run/console.fifo
 tee -a "$LOG" </run/console.fifo &

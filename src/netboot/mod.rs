@@ -239,6 +239,38 @@ pub fn build(opts: &BuildOptions, log: &mut dyn Write) -> Result<Manifest> {
     Ok(m)
 }
 
+/// How much of the log's end a failure report carries.
+pub const LOG_TAIL_BYTES: u64 = 3000;
+/// Set by /init to its log: the agent's failure reports carry that log's tail.
+pub const LOG_ENV: &str = "FLEETWAVE_NETBOOT_LOG";
+
+/// The tail of the netboot log, for a failure report; `None` outside the netboot
+/// environment.
+pub fn log_tail() -> Option<String> {
+    let path = std::env::var_os(LOG_ENV)?;
+    let path = Path::new(&path);
+    Some(match tail(path, LOG_TAIL_BYTES) {
+        Ok(t) => format!("--- last lines of {} ---\n{t}", path.display()),
+        Err(e) => format!("(no log: {}: {e})", path.display()),
+    })
+}
+
+/// The last `n` bytes of `path`, from a line start, as text.
+pub fn tail(path: &Path, n: u64) -> io::Result<String> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(n);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(match (start > 0, text.find('\n')) {
+        (true, Some(i)) => text[i + 1..].to_string(),
+        _ => text,
+    })
+}
+
 /// Whether `dir` holds a netboot build `serve` can hand out: its manifest, and the
 /// files it names with their recorded size and SHA-256. The error says what to do.
 pub fn check_files_dir(dir: &Path) -> std::result::Result<Manifest, String> {

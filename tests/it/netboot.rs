@@ -326,6 +326,8 @@ struct Run {
     serve_log: String,
     reference: PathBuf,
     store: PathBuf,
+    /// serve's state directory (its database records each task's result).
+    state: PathBuf,
     vm_raw: PathBuf,
 }
 
@@ -508,12 +510,14 @@ fn pxe_run(case: &Case) -> Option<Run> {
         .arg(&vm_raw)
         .status();
     assert!(converted.is_ok_and(|s| s.success()), "qemu-img convert");
+    let state = d.join("state");
     Some(Run {
         _dir: dir,
         console: text,
         serve_log,
         reference,
         store,
+        state,
         vm_raw,
     })
 }
@@ -607,6 +611,23 @@ fn a_task_that_cannot_be_done_is_reported_failed_never_done() {
     );
     assert!(r.serve_log.contains("task FAILED"), "{}", r.serve_log);
     assert!(!r.serve_log.contains("task done"), "{}", r.serve_log);
+    // The recorded result: a failure, with the tail of /init's log.
+    let db = rusqlite::Connection::open(r.state.join("state.db")).expect("state database");
+    let results: Vec<String> = db
+        .prepare("SELECT result FROM tasks WHERE result IS NOT NULL")
+        .and_then(|mut q| {
+            q.query_map([], |row| row.get(0))?
+                .collect::<Result<Vec<String>, _>>()
+        })
+        .expect("results");
+    assert_eq!(results.len(), 1, "{results:?}");
+    let result: serde_json::Value = serde_json::from_str(&results[0]).expect("json");
+    assert_eq!(result["ok"], false, "{result}");
+    let log_tail = result["log_tail"].as_str().unwrap_or_default();
+    assert!(
+        log_tail.contains("fleetwave-init: running the agent"),
+        "{result}"
+    );
     let disk = std::fs::read(&r.vm_raw).expect("read");
     assert!(disk.iter().all(|b| *b == 0), "the disk was written");
 }
