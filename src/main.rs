@@ -259,10 +259,6 @@ enum AgentCommand {
         /// Where to read fleetwave.server=, .mac= and .token= (a file in tests).
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
-        /// The log of this run (the netboot environment's); a failure report carries
-        /// its last lines.
-        #[arg(long)]
-        log: Option<PathBuf>,
     },
     /// Report the task named on the kernel command line as failed, with a reason and
     /// the tail of a log (what the netboot environment does when a step fails).
@@ -447,13 +443,8 @@ fn main() -> ExitCode {
                 cli::image::verify_disk(w, &image, &disk, json, &mut out)
             }),
             AgentCommand::Inventory { json } => cli::agent::inventory(json, &mut out),
-            AgentCommand::Run { cmdline, log } => match out.flush() {
-                Ok(()) => {
-                    if let Some(l) = &log {
-                        fleetwave::agent::run::set_log(l);
-                    }
-                    cli::agent::run(&cmdline, &mut std::io::stdout().lock())
-                }
+            AgentCommand::Run { cmdline } => match out.flush() {
+                Ok(()) => cli::agent::run(&cmdline, &mut std::io::stdout().lock()),
                 Err(e) => Err(e.into()),
             },
             AgentCommand::Fail {

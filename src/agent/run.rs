@@ -5,9 +5,8 @@
 //! that did not happen.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use anyhow::{Context, Result, anyhow};
 
@@ -15,41 +14,6 @@ use crate::image::remote::Remote;
 use crate::image::store::Repo;
 use crate::protocol::{After, Assignment, Task, TaskResult};
 use crate::spec::Mac;
-
-/// How much of the log's end a failure report carries.
-pub const LOG_TAIL_BYTES: u64 = 3000;
-
-/// The log the netboot environment keeps of this run (`agent run --log`).
-static LOG: OnceLock<PathBuf> = OnceLock::new();
-
-/// Every failure this process reports carries the tail of `path` from now on.
-pub fn set_log(path: &Path) {
-    let _ = LOG.set(path.to_owned());
-}
-
-/// The tail of the log set by [`set_log`], for a failure report.
-pub fn log_tail() -> Option<String> {
-    let p = LOG.get()?;
-    Some(match tail(p, LOG_TAIL_BYTES) {
-        Ok(t) => format!("--- last lines of {} ---\n{t}", p.display()),
-        Err(e) => format!("(no log: {}: {e})", p.display()),
-    })
-}
-
-/// The last `n` bytes of `path`, from a line start, as text.
-pub fn tail(path: &Path, n: u64) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
-    let start = len.saturating_sub(n);
-    f.seek(SeekFrom::Start(start))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    Ok(match (start > 0, text.find('\n')) {
-        (true, Some(i)) => text[i + 1..].to_string(),
-        _ => text,
-    })
-}
 
 /// Where the agent finds its server and its machine.
 #[derive(Debug, Clone)]
@@ -121,7 +85,8 @@ pub fn run(boot: &Boot, out: &mut dyn Write) -> Result<Outcome> {
                 ok,
                 digest: None,
                 message,
-                log_tail: if ok { None } else { log_tail() },
+                // In the netboot environment a failure carries the tail of /init's log.
+                log_tail: if ok { None } else { crate::netboot::log_tail() },
             },
         );
         if let Err(e) = r {
@@ -218,19 +183,5 @@ fn carry_out(
             )?;
             Ok(code)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_tail_starts_at_a_line() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("log");
-        std::fs::write(&p, "first line\nsecond\nthird\n").expect("write");
-        assert_eq!(tail(&p, 1000).expect("tail"), "first line\nsecond\nthird\n");
-        assert_eq!(tail(&p, 10).expect("tail"), "third\n");
     }
 }

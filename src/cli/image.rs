@@ -47,9 +47,10 @@ impl Opened {
     /// Tell the server how the task ended (a no-op for a local store); a failure
     /// carries the tail of the netboot log when there is one.
     fn report(&self, result: &TaskResult) {
+        // In the netboot environment a failure carries the tail of /init's log.
         let mut result = result.clone();
         if !result.ok && result.log_tail.is_none() {
-            result.log_tail = crate::agent::run::log_tail();
+            result.log_tail = crate::netboot::log_tail();
         }
         if let Opened::Remote(r) = self
             && let Err(e) = r.post_json("result", &result)

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow};
 
 use super::exit;
-use crate::agent::run::LOG_TAIL_BYTES;
 use crate::netboot::{self, BuildOptions};
 use crate::spec::Mac;
 
@@ -43,14 +42,14 @@ pub fn build(a: &BuildArgs, out: &mut dyn Write) -> Result<u8> {
     let initrd = size("initrd.img");
     writeln!(
         out,
-        "netboot build in {}: kernel {} ({:.1} MB), initramfs {:.1} MB ({:.1} MB unpacked, \
-         target < {:.0} MB), {} module files, agent {}, {:.1} s",
+        "netboot build in {}: kernel {} ({:.1} MB), initramfs {:.1} MB (target < {:.0} MB; \
+         {:.1} MB unpacked), {} module files, agent {}, {:.1} s",
         a.out.display(),
         m.kernel_version,
         size("vmlinuz") as f64 / 1e6,
         initrd as f64 / 1e6,
-        m.initrd_uncompressed_bytes as f64 / 1e6,
         netboot::TARGET_BYTES as f64 / 1e6,
+        m.initrd_uncompressed_bytes as f64 / 1e6,
         m.module_files.len(),
         m.agent_version,
         started.elapsed().as_secs_f64()
@@ -117,7 +116,7 @@ pub fn agent_fail(
     out: &mut dyn Write,
 ) -> Result<u8> {
     use crate::image::remote::Remote;
-    use crate::services::api::TaskResult;
+    use crate::protocol::TaskResult;
 
     let text = std::fs::read_to_string(cmdline)
         .with_context(|| format!("cannot read the kernel command line {}", cmdline.display()))?;
@@ -138,15 +137,14 @@ pub fn agent_fail(
         .parse()
         .map_err(|e| anyhow!("fleetwave.mac: {e}"))?;
     let remote = Remote::new(need("server")?, need("token")?, mac);
-    let message = format!("netboot: {reason}");
-    let log_tail = log.map(|log| match crate::agent::run::tail(log, LOG_TAIL_BYTES) {
+    let log_tail = log.map(|log| match netboot::tail(log, netboot::LOG_TAIL_BYTES) {
         Ok(t) => format!("--- last lines of {} ---\n{t}", log.display()),
         Err(e) => format!("(no log: {}: {e})", log.display()),
     });
     let result = TaskResult {
         ok: false,
         digest: None,
-        message,
+        message: format!("netboot: {reason}"),
         log_tail,
     };
     match remote.post_json("result", &result) {
@@ -167,5 +165,19 @@ pub fn agent_fail(
             )?;
             Ok(exit::CHANGES)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::netboot::tail;
+
+    #[test]
+    fn the_tail_starts_at_a_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("log");
+        std::fs::write(&p, "first line\nsecond\nthird\n").expect("write");
+        assert_eq!(tail(&p, 1000).expect("tail"), "first line\nsecond\nthird\n");
+        assert_eq!(tail(&p, 10).expect("tail"), "third\n");
     }
 }

@@ -9,6 +9,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 LOG=/run/fleetwave.log
+# The agent's own failure reports carry this log's tail.
+export FLEETWAVE_NETBOOT_LOG="$LOG"
 # Everything from here on goes to the console and to $LOG (whose tail a failure report carries).
 mkfifo /run/console.fifo
 tee -a "$LOG" </run/console.fifo &
@@ -93,7 +95,7 @@ main() {
     }
     wait_for 100 has_disk || say "no disk found yet (a registration needs none)"
     say "running the agent at $(up) s"
-    fleetwave agent run --log "$LOG"
+    fleetwave agent run
     rc=$?
     if [ "$rc" -ne 0 ]; then
         fail "fleetwave agent run exited with $rc"

@@ -104,7 +104,12 @@ pub fn fetch(cache: &Path, log: &mut dyn Write) -> Result<Kernel> {
         .join(format!(".unpack-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
-    run_out(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))?;
+    run_out(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp)).map_err(|e| {
+        NetbootError::Invalid(format!(
+            "{e}; if the download was damaged, delete {} and build again",
+            deb.display()
+        ))
+    })?;
     // The package ships no modules.dep: it is made at install time.
     run_out(Command::new("depmod").arg("-b").arg(&tmp).arg(&version)).map_err(|e| {
         NetbootError::Invalid(format!("{e}; depmod comes with kmod: apt-get install kmod"))
@@ -158,7 +163,8 @@ pub fn resolve(k: &Kernel, names: &[&str]) -> Result<Modules> {
         ]))
         .map_err(|e| {
             NetbootError::Invalid(format!(
-                "module {name} (netboot::MODULES) in kernel {}: {e}",
+                "module {name} (netboot::MODULES) in kernel {}: {e} (modprobe comes with \
+                 kmod; a module this kernel lacks must leave the list)",
                 k.version
             ))
         })?;

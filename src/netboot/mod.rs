@@ -233,8 +233,42 @@ pub fn build(opts: &BuildOptions, log: &mut dyn Write) -> Result<Manifest> {
     let path = opts.out.join("manifest.json");
     let text = serde_json::to_string_pretty(&m)
         .map_err(|e| NetbootError::Invalid(format!("manifest: {e}")))?;
-    std::fs::write(&path, text + "\n").map_err(io_at(&path))?;
+    let tmp = opts.out.join(".manifest.json.partial");
+    std::fs::write(&tmp, text + "\n").map_err(io_at(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_at(&path))?;
     Ok(m)
+}
+
+/// How much of the log's end a failure report carries.
+pub const LOG_TAIL_BYTES: u64 = 3000;
+/// Set by /init to its log: the agent's failure reports carry that log's tail.
+pub const LOG_ENV: &str = "FLEETWAVE_NETBOOT_LOG";
+
+/// The tail of the netboot log, for a failure report; `None` outside the netboot
+/// environment.
+pub fn log_tail() -> Option<String> {
+    let path = std::env::var_os(LOG_ENV)?;
+    let path = Path::new(&path);
+    Some(match tail(path, LOG_TAIL_BYTES) {
+        Ok(t) => format!("--- last lines of {} ---\n{t}", path.display()),
+        Err(e) => format!("(no log: {}: {e})", path.display()),
+    })
+}
+
+/// The last `n` bytes of `path`, from a line start, as text.
+pub fn tail(path: &Path, n: u64) -> io::Result<String> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(n);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(match (start > 0, text.find('\n')) {
+        (true, Some(i)) => text[i + 1..].to_string(),
+        _ => text,
+    })
 }
 
 /// Whether `dir` holds a netboot build `serve` can hand out: its manifest, and the
@@ -332,8 +366,12 @@ pub fn is_static(path: &Path) -> Result<bool> {
     let phoff = u64_at(32).ok_or_else(bad)?;
     let (phentsize, phnum) = (u16_at(54), u16_at(56));
     for i in 0..phnum {
-        let at = phoff + i * phentsize;
-        let kind = data.get(at..at + 4).ok_or_else(bad)?;
+        // Offsets come from the file: checked, so a damaged header is an error, not a panic.
+        let at = i
+            .checked_mul(phentsize)
+            .and_then(|o| o.checked_add(phoff))
+            .ok_or_else(bad)?;
+        let kind = data.get(at..at.saturating_add(4)).ok_or_else(bad)?;
         if kind == 3u32.to_le_bytes() {
             return Ok(false);
         }
@@ -447,7 +485,46 @@ mod tests {
     }
 
     #[test]
-    fn busybox_static_is_recognised_and_this_test_binary_is_not() {
+    fn the_scripts_parse_in_busybox_sh() {
+        let busybox = Path::new("/bin/busybox");
+        if !busybox.exists() {
+            eprintln!("skipping: busybox is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in [("init", INIT), ("udhcpc", UDHCPC)] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            let out = Command::new(busybox)
+                .args(["sh", "-n"])
+                .arg(&p)
+                .output()
+                .expect("busybox");
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_elf_header_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("bad");
+        let mut h = vec![0u8; 64];
+        h[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        h[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        h[54] = 56;
+        h[56] = 3;
+        std::fs::write(&p, &h).expect("write");
+        assert!(is_static(&p).is_err());
+        std::fs::write(&p, b"#!/bin/sh\n").expect("write");
+        assert!(is_static(&p).is_err());
+    }
+
+    #[test]
+    fn a_test_binary_is_dynamically_linked_unless_built_static() {
         let me = std::env::current_exe().expect("exe");
         // Test binaries are dynamically linked unless built with crt-static.
         let linked_static = cfg!(target_feature = "crt-static");

@@ -207,38 +207,31 @@ fn reference_disk(dir: &Path, bytes: u64) -> PathBuf {
 }
 
 /// What `serve` needs to send `mac` to deploy the image in `store`, or to capture it
-/// when the store does not exist yet: the fleet (the controller reads the image's
-/// versions from the store).
+/// when the store does not exist yet: the fleet (the controller arms the task from it
+/// and the versions in the store).
 fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &str) -> Vec<String> {
+    let fleet = if store.exists() {
+        format!(
+            "{}images:\n  {image}: {{os: linux}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab, image: {image}{host_extra}}}\n",
+            crate::LAB_SITE
+        )
+    } else {
+        // Nothing captured yet: the host is the image's reference machine.
+        format!(
+            "{}images:\n  {image}: {{os: linux, capture: {{from: vm1, generation: 1}}}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab{host_extra}}}\n",
+            crate::LAB_SITE
+        )
+    };
+    std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
     let p = |s: &str| dir.join(s).display().to_string();
-    let args = vec![
+    vec![
         "--fleet".into(),
         p("fleet.yaml"),
         "--image-store".into(),
         store.display().to_string(),
         "--state-dir".into(),
         p("state"),
-    ];
-    if !store.exists() {
-        // Nothing captured yet: the host is the image's reference machine.
-        let fleet = format!(
-            "{}images:\n  {image}: {{os: linux, capture: {{from: vm1, generation: 1}}}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab{host_extra}}}\n",
-            crate::LAB_SITE
-        );
-        std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
-        return args;
-    }
-    let record = Store::open(store)
-        .and_then(|s| s.image(image))
-        .expect("store")
-        .expect("the image was captured");
-    assert!(!record.versions.is_empty(), "the image has no version");
-    let fleet = format!(
-        "{}images:\n  {image}: {{os: linux}}\nhosts:\n  vm1: {{mac: \"{mac}\", site: lab, image: {image}{host_extra}}}\n",
-        crate::LAB_SITE
-    );
-    std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
-    args
+    ]
 }
 
 /// A QEMU (or helper) process, killed when dropped (a failing test leaves no VM behind).
@@ -333,6 +326,8 @@ struct Run {
     serve_log: String,
     reference: PathBuf,
     store: PathBuf,
+    /// serve's state directory (its database records each task's result).
+    state: PathBuf,
     vm_raw: PathBuf,
 }
 
@@ -515,12 +510,14 @@ fn pxe_run(case: &Case) -> Option<Run> {
         .arg(&vm_raw)
         .status();
     assert!(converted.is_ok_and(|s| s.success()), "qemu-img convert");
+    let state = d.join("state");
     Some(Run {
         _dir: dir,
         console: text,
         serve_log,
         reference,
         store,
+        state,
         vm_raw,
     })
 }
@@ -616,6 +613,23 @@ fn a_task_that_cannot_be_done_is_reported_failed_never_done() {
     // With the tail of the agent's log.
     assert!(r.serve_log.contains("--- last lines of"), "{}", r.serve_log);
     assert!(!r.serve_log.contains("task done"), "{}", r.serve_log);
+    // The recorded result: a failure, with the tail of /init's log.
+    let db = rusqlite::Connection::open(r.state.join("state.db")).expect("state database");
+    let results: Vec<String> = db
+        .prepare("SELECT result FROM tasks WHERE result IS NOT NULL")
+        .and_then(|mut q| {
+            q.query_map([], |row| row.get(0))?
+                .collect::<Result<Vec<String>, _>>()
+        })
+        .expect("results");
+    assert_eq!(results.len(), 1, "{results:?}");
+    let result: serde_json::Value = serde_json::from_str(&results[0]).expect("json");
+    assert_eq!(result["ok"], false, "{result}");
+    let log_tail = result["log_tail"].as_str().unwrap_or_default();
+    assert!(
+        log_tail.contains("fleetwave-init: running the agent"),
+        "{result}"
+    );
     let disk = std::fs::read(&r.vm_raw).expect("read");
     assert!(disk.iter().all(|b| *b == 0), "the disk was written");
 }
@@ -663,5 +677,77 @@ fn a_vm_captures_its_disk_and_another_vm_gets_that_capture() {
     };
     if let Some(second) = pxe_run(&deploy) {
         assert_deployed(&second);
+    }
+}
+
+/// The tools the build copied from this machine run inside the initramfs with the
+/// libraries it copied beside them (`ldd`'s list was complete), and so does the agent.
+#[test]
+fn the_initramfs_tools_run_with_the_libraries_it_holds() {
+    if !ready() {
+        return;
+    }
+    let files = netboot_build();
+    let manifest = fleetwave::netboot::check_files_dir(&files).expect("a complete build");
+    let root = tempfile::tempdir().expect("tempdir");
+    let packed = std::fs::read(files.join("initrd.img")).expect("initrd");
+    let cpio = zstd::stream::decode_all(&packed[..]).expect("zstd");
+    unpack_newc(&cpio, root.path());
+    let mut programs: Vec<&str> = manifest.tools.iter().map(String::as_str).collect();
+    programs.push("/usr/bin/fleetwave");
+    for p in programs {
+        let out = Command::new("chroot")
+            .arg(root.path())
+            .args([p, "--version"])
+            .output()
+            .expect("chroot");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A missing library is the loader's error, whatever the tool thinks of --version.
+        assert!(
+            !text.contains("error while loading shared libraries")
+                && out.status.code() != Some(127),
+            "{p}: {text}"
+        );
+    }
+}
+
+/// Files, directories and symlinks of a newc archive under `root`.
+fn unpack_newc(data: &[u8], root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut at = 0;
+    loop {
+        let field = |i: usize| {
+            let s = std::str::from_utf8(&data[at + 6 + i * 8..at + 14 + i * 8]).expect("hex");
+            usize::from_str_radix(s, 16).expect("hex")
+        };
+        assert_eq!(&data[at..at + 6], b"070701", "a newc header at {at}");
+        let (mode, size, namesize) = (field(1), field(6), field(11));
+        let name = std::str::from_utf8(&data[at + 110..at + 110 + namesize - 1]).expect("name");
+        at += (110 + namesize).div_ceil(4) * 4;
+        let body = &data[at..at + size];
+        at += size.div_ceil(4) * 4;
+        if name == "TRAILER!!!" {
+            return;
+        }
+        let path = root.join(name);
+        match mode & 0o170000 {
+            0o040000 => std::fs::create_dir_all(&path).expect("dir"),
+            0o120000 => {
+                std::os::unix::fs::symlink(std::str::from_utf8(body).expect("target"), &path)
+                    .expect("symlink")
+            }
+            _ => {
+                std::fs::write(&path, body).expect("file");
+                std::fs::set_permissions(
+                    &path,
+                    std::fs::Permissions::from_mode(mode as u32 & 0o7777),
+                )
+                .expect("mode");
+            }
+        }
     }
 }
