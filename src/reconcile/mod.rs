@@ -109,10 +109,33 @@ impl Controller {
             .reader
             .meta("applied")?
             .and_then(|t| serde_json::from_str(&t).ok());
-        // Armed tasks stay honoured across a restart.
-        for (name, s) in &statuses {
-            if let Some(a) = &s.task {
-                info!(host = %name, task = a.id, "carrying on with an armed task");
+        // A result recorded just before a crash may not have reached its host's status:
+        // the result (durable before the agent was answered) wins.
+        let now = parts.clock.now();
+        for (name, s) in statuses.iter_mut() {
+            let Some(a) = s.task.clone() else {
+                continue;
+            };
+            let ended = parts
+                .reader
+                .tasks(Some(name), 20)?
+                .into_iter()
+                .find(|t| t.id == a.id)
+                .and_then(|t| t.result);
+            match ended {
+                Some(result) => {
+                    info!(host = %name, task = a.id, ok = result.ok,
+                        "taking in a result recorded before the restart");
+                    host::observe(
+                        s,
+                        &Seen::Result { task: a.id, result },
+                        &parts.policy,
+                        applied_commit(&parts)?.as_deref(),
+                        now,
+                        parts.clock.jitter(),
+                    );
+                }
+                None => info!(host = %name, task = a.id, "carrying on with an armed task"),
             }
         }
         Ok(Controller {
@@ -632,33 +655,13 @@ impl Controller {
         let expires = now + TOKEN_SECS;
         self.parts.api.grant(&token, assignment.clone(), expires);
         let commit = self.commit().map(str::to_string);
-        self.parts.journal.write(
-            vec![
-                Op::PutToken(TokenRow {
-                    token: token.clone(),
-                    assignment,
-                    expires,
-                }),
-                Op::PutTask(TaskRow {
-                    id,
-                    host: name.to_string(),
-                    mac: h.mac,
-                    task: task.clone(),
-                    commit: commit.clone(),
-                    armed_at: now,
-                    ended_at: None,
-                    result: None,
-                }),
-            ],
-            None,
-        );
         if let Some(s) = self.statuses.get_mut(name) {
             s.task = Some(host::Armed {
                 id,
                 task: task.clone(),
-                token,
+                token: token.clone(),
                 armed_at: now,
-                commit,
+                commit: commit.clone(),
                 booted_at: None,
                 progress: None,
                 heard_at: None,
@@ -666,6 +669,27 @@ impl Controller {
                 woken_at: None,
             });
         }
+        // The token, the task and the host's status in one transaction: a crash leaves
+        // all three or none, so a restart never meets a token it does not know of.
+        let mut ops = vec![
+            Op::PutToken(TokenRow {
+                token,
+                assignment,
+                expires,
+            }),
+            Op::PutTask(TaskRow {
+                id,
+                host: name.to_string(),
+                mac: h.mac,
+                task: task.clone(),
+                commit,
+                armed_at: now,
+                ended_at: None,
+                result: None,
+            }),
+        ];
+        ops.extend(self.host_row(name).map(Op::PutHost));
+        self.parts.journal.write(ops, None);
         info!(host = %name, task = id, "armed: {}", task.summary());
         self.event(
             Some(name),
@@ -726,29 +750,23 @@ impl Controller {
         );
     }
 
+    /// A host's status as a row of the state database.
+    fn host_row(&self, name: &str) -> Option<HostRow> {
+        let s = self.statuses.get(name)?;
+        let mac = self.spec.as_ref()?.hosts.get(name)?.mac;
+        Some(HostRow {
+            name: name.to_string(),
+            mac,
+            phase: s.phase.name().to_string(),
+            status: serde_json::to_string(s).ok()?,
+            updated: self.parts.clock.now(),
+        })
+    }
+
     fn persist(&self, name: &str) {
-        let (Some(s), Some(mac)) = (
-            self.statuses.get(name),
-            self.spec
-                .as_ref()
-                .and_then(|sp| sp.hosts.get(name))
-                .map(|h| h.mac),
-        ) else {
-            return;
-        };
-        let Ok(status) = serde_json::to_string(s) else {
-            return;
-        };
-        self.parts.journal.write(
-            vec![Op::PutHost(HostRow {
-                name: name.to_string(),
-                mac,
-                phase: s.phase.name().to_string(),
-                status,
-                updated: self.parts.clock.now(),
-            })],
-            None,
-        );
+        if let Some(row) = self.host_row(name) {
+            self.parts.journal.write(vec![Op::PutHost(row)], None);
+        }
     }
 
     fn publish_boot(&self) {
@@ -848,6 +866,15 @@ impl Controller {
                 .unwrap_or_default(),
         }
     }
+}
+
+/// The applied revision's id, as recorded.
+fn applied_commit(parts: &Parts) -> Result<Option<String>, crate::state::StateError> {
+    Ok(parts
+        .reader
+        .meta("applied")?
+        .and_then(|t| serde_json::from_str::<CommitView>(&t).ok())
+        .map(|c| c.id))
 }
 
 /// The task a plan step asks for, or why it cannot start yet.

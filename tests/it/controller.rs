@@ -887,7 +887,7 @@ fn an_armed_host_that_may_be_woken_gets_its_magic_packet() {
     let dir = crate::netlab::workdir(&fleet);
     let d = dir.path();
     // The listener first: it takes whatever reaches UDP port 9 for 30 s.
-    let listener = lab
+    let mut listener = lab
         .cmd("pc", "python3")
         .args([
             "-c",
@@ -895,6 +895,7 @@ fn an_armed_host_that_may_be_woken_gets_its_magic_packet() {
              s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
              s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
              s.bind(('', 9))\n\
+             print('ready', flush=True)\n\
              s.settimeout(30)\n\
              seen = []\n\
              try:\n\
@@ -909,12 +910,17 @@ fn an_armed_host_that_may_be_woken_gets_its_magic_packet() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("python3 listener");
-    std::thread::sleep(Duration::from_millis(300));
+    // Bound before the server starts: the first packet goes out when the task is armed.
+    let mut stdout = std::io::BufReader::new(listener.stdout.take().expect("piped"));
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut ready).expect("listener output");
+    assert_eq!(ready.trim(), "ready");
     let args = crate::netlab::serve_args(d);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let serve = lab.serve("srv", &args);
-    let out = listener.wait_with_output().expect("listener");
-    let seen = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut seen).expect("listener output");
+    let _ = listener.wait();
     let want: String = std::iter::repeat_n("ff".to_string(), 6)
         .chain(std::iter::repeat_n(pc.replace(':', ""), 16))
         .collect();
