@@ -56,7 +56,7 @@ storm() { ip netns exec ${P}cli "$STORM" --clients "$N" --server 172.28.0.1 --ht
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "$N clients at once, each DHCP + TFTP undionly.kpxe ($(stat -c %s /usr/lib/ipxe/undionly.kpxe) bytes) + HTTP script"
 echo "== fleetwave serve"
-ip netns exec ${P}srv "$FW" serve --fleet "$WORK/fleet.yaml" --observed "$WORK/observed.json" \
+ip netns exec ${P}srv "$FW" serve --fleet "$WORK/fleet.yaml" \
     --state-dir "$WORK/state" --files-dir "$WORK/files" --http-port 8080 --image-store "$WORK/images" --log warn \
     >"$WORK/fw.log" 2>&1 &
 FWPID=$!

@@ -52,7 +52,7 @@ EOF
 cat > "$WORK/observed.json" <<EOF
 {"images": {"bench": {"versions": [{"digest": "$DIGEST", "generation": 1, "disk_bytes": 2147483648, "stored_bytes": $BYTES}]}}}
 EOF
-ip netns exec ${P}srv "$FW" serve --fleet "$WORK/fleet.yaml" --observed "$WORK/observed.json" --state-dir "$WORK/state" \
+ip netns exec ${P}srv "$FW" serve --fleet "$WORK/fleet.yaml" --state-dir "$WORK/state" \
     --ipxe-dir "$WORK/files" --files-dir "$WORK/files" --image-store "$WORK/store" \
     --http-port 18081 --tftp-port 16970 --log warn 2>"$WORK/serve.log" &
 sleep 1

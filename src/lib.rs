@@ -21,12 +21,16 @@
 
 pub mod agent;
 pub mod cli;
+pub mod clock;
 pub mod diag;
 pub mod image;
 pub mod multicast;
 pub mod observed;
 pub mod par;
 pub mod plan;
+pub mod protocol;
+pub mod reconcile;
+pub mod server;
 pub mod services;
 pub mod source;
 pub mod spec;

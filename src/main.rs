@@ -36,7 +36,8 @@ enum Command {
         /// The fleet file, or a directory holding fleet.yaml.
         #[arg(default_value = "fleet.yaml")]
         path: PathBuf,
-        /// Observed state as JSON (see docs/observed-state.md); without it nothing is known yet.
+        /// Observed state: a JSON file (docs/observed-state.md) or a running server's URL
+        /// (http://172.28.0.1); without it nothing is known yet.
         #[arg(long)]
         observed: Option<PathBuf>,
         /// Output: text for people, markdown for a pull-request comment, json for tools.
@@ -73,40 +74,19 @@ enum Command {
         #[command(subcommand)]
         command: MulticastCommand,
     },
-    /// Run the boot services (DHCP, TFTP, HTTP with the agent API) of the fleet's sites
-    /// until SIGINT/SIGTERM.
-    Serve {
-        /// The fleet file, or a directory holding fleet.yaml.
-        #[arg(long, default_value = "fleet.yaml")]
-        fleet: PathBuf,
-        /// Observed state as JSON (see docs/observed-state.md), until the server records its own.
-        #[arg(long)]
-        observed: Option<PathBuf>,
-        /// Serve only this site (repeatable); all sites by default.
-        #[arg(long = "site")]
-        sites: Vec<String>,
-        /// Directory of the state database (leases, observations).
-        #[arg(long, default_value = "/var/lib/fleetwave")]
-        state_dir: PathBuf,
-        /// iPXE binaries, served by TFTP (Debian's `ipxe` package puts them here).
-        #[arg(long, default_value = "/usr/lib/ipxe")]
-        ipxe_dir: PathBuf,
-        /// The agent's kernel (vmlinuz) and initrd (initrd.img), served under /files/.
-        #[arg(long, default_value = "/var/lib/fleetwave/netboot")]
-        files_dir: PathBuf,
-        #[arg(long, default_value_t = 80)]
-        http_port: u16,
-        #[arg(long, default_value_t = 69)]
-        tftp_port: u16,
-        #[arg(long, default_value_t = 67)]
-        dhcp_port: u16,
-        /// The image store the agent API serves (default: the site's `image_store`).
-        #[arg(long)]
-        image_store: Option<PathBuf>,
-        /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug`.
-        #[arg(long, env = "FLEETWAVE_LOG", default_value = "info")]
-        log: String,
-    },
+    /// Run the controller and the boot services (DHCP, TFTP, HTTP with the agent and
+    /// operator APIs) of the fleet's sites until SIGINT/SIGTERM.
+    Serve(cli::serve::ServeCli),
+    /// Where the fleet stands: every host's state, task and reason (from a server).
+    Status(cli::status::StatusArgs),
+    /// The server's event log.
+    Events(cli::status::EventsArgs),
+    /// Hosts as the server sees them; with --unknown, machines not in the fleet.
+    Hosts(cli::status::HostsArgs),
+    /// Clear a Stalled host's failures so the server tries it again now.
+    Retry(cli::status::RetryArgs),
+    /// Make the server read its fleet source now.
+    Sync(cli::status::SyncArgs),
 }
 
 #[derive(Subcommand)]
@@ -321,34 +301,9 @@ fn with_where<T>(
 
 fn main() -> ExitCode {
     let args = Cli::parse();
-    if let Command::Serve {
-        fleet,
-        observed,
-        sites,
-        state_dir,
-        ipxe_dir,
-        files_dir,
-        http_port,
-        tftp_port,
-        dhcp_port,
-        image_store,
-        log,
-    } = args.command
-    {
-        init_logs(&log);
-        let a = cli::serve::ServeArgs {
-            fleet,
-            observed,
-            sites,
-            state_dir,
-            ipxe_dir,
-            files_dir,
-            http_port,
-            tftp_port,
-            dhcp_port,
-            image_store,
-        };
-        return finish(cli::serve::serve(&a));
+    if let Command::Serve(serve) = &args.command {
+        init_logs(&serve.log);
+        return finish(cli::serve::serve(&serve.args()));
     }
     fleetwave::par::one_shot_process();
     let stdout = std::io::stdout();
@@ -378,7 +333,12 @@ fn main() -> ExitCode {
             }
             _ => cli::plan(&path, observed.as_deref(), format, &mut out, palette),
         },
-        Command::Serve { .. } => unreachable!("handled above"),
+        Command::Serve(_) => unreachable!("handled above"),
+        Command::Status(a) => cli::status::status(&a, &mut out),
+        Command::Events(a) => cli::status::events(&a, &mut out),
+        Command::Hosts(a) => cli::status::hosts(&a, &mut out),
+        Command::Retry(a) => cli::status::retry(&a, &mut out),
+        Command::Sync(a) => cli::status::sync(&a, &mut out),
         Command::Image { command } => match command {
             ImageCommand::Ls { store } => cli::image::ls(&store, &mut out),
             ImageCommand::Verify { store } => cli::image::verify_store(&store, &mut out),

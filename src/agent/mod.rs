@@ -1,16 +1,17 @@
 //! The imaging agent's view of its machine: inventory from `/proc` and `/sys`, and
 //! the choice of the disk to image, which must never be a guess.
 
+pub mod run;
 pub mod wipe;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::spec::{DiskSelector, SizeRange};
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Inventory {
     pub cpu_model: Option<String>,
     pub cpu_threads: usize,
@@ -20,7 +21,7 @@ pub struct Inventory {
     pub dmi: Dmi,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Disk {
     /// Kernel name, e.g. `sda`, `nvme0n1`.
     pub name: String,
@@ -33,7 +34,7 @@ pub struct Disk {
     pub removable: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nic {
     pub name: String,
     pub mac: String,
@@ -41,7 +42,7 @@ pub struct Nic {
     pub speed_mbps: Option<u64>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dmi {
     pub vendor: Option<String>,
     pub product: Option<String>,

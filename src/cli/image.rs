@@ -179,6 +179,7 @@ pub fn capture(
                 ok: false,
                 digest: None,
                 message: e.to_string(),
+                log_tail: None,
             });
             return Err(e.into());
         }
@@ -187,6 +188,7 @@ pub fn capture(
         ok: true,
         digest: Some(r.digest),
         message: format!("captured {} chunks, {} new", r.chunks, r.new_chunks),
+        log_tail: None,
     });
     if json {
         super::print_json(out, &r)?;
@@ -340,11 +342,13 @@ fn deploy_opened(
                 ),
                 None => format!("deployed and verified {} chunks", r.chunks),
             },
+            log_tail: None,
         },
         Err(e) => TaskResult {
             ok: false,
             digest: None,
             message: format!("{e:#}"),
+            log_tail: None,
         },
     });
     if let (Some(x), false) = (&received, json) {
@@ -460,6 +464,7 @@ fn verify_opened(
         ok: r.bad == 0,
         digest: (r.bad == 0).then_some(digest),
         message: format!("{} of {} regions differ", r.bad, r.checked),
+        log_tail: None,
     });
     if json {
         super::print_json(out, &r)?;

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod image;
 pub mod multicast;
 pub mod serve;
+pub mod status;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -176,8 +177,15 @@ pub(crate) fn read_observed(path: Option<&Path>) -> Result<Observed> {
     match path {
         None => Ok(Observed::default()),
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read observed state {}", p.display()))?;
+            // A running server's: what it recorded of every host, and its store.
+            let text = match p
+                .to_str()
+                .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
+            {
+                Some(url) => status::fetch_observed(url)?,
+                None => std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read observed state {}", p.display()))?,
+            };
             Observed::from_json(&text).map_err(|e| {
                 // JSON errors lead with LINE:COL; others are about the file as a whole.
                 let sep = if e.starts_with(|c: char| c.is_ascii_digit()) {

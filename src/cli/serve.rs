@@ -1,31 +1,28 @@
-//! `fleetwave serve`: every boot service of the fleet's sites in one process.
-//!
-//! One tokio task per service (a DHCP task per socket, TFTP, HTTP) and one shutdown
-//! token; SIGINT or SIGTERM cancels it, each service finishes what it is doing, and
-//! the state writer commits what is queued before the process exits.
+//! `fleetwave serve`: parses, checks what it can, binds the sockets the fleet's sites
+//! need, and hands everything to [`crate::server::run`].
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::diag::Palette;
-use crate::plan::{self, Params};
-use crate::services::{dhcp, http, tftp};
-use crate::source::DirTree;
+use crate::reconcile::follow;
+use crate::server::{self, DhcpSetup, DhcpSocket, Listeners};
+use crate::services::dhcp;
+use crate::source::watch::Origin;
 use crate::spec::DhcpMode;
-use crate::state::Store;
 
 #[derive(Debug, Clone)]
 pub struct ServeArgs {
-    pub fleet: PathBuf,
-    pub observed: Option<PathBuf>,
+    pub origin: Origin,
+    pub interval: Duration,
     /// Only these sites (all when empty).
     pub sites: Vec<String>,
-    /// Holds `state.db` (leases, observations).
+    /// Holds `state.db` (leases, host status, tasks, events) and the git cache.
     pub state_dir: PathBuf,
     /// iPXE binaries, served by TFTP and under `/ipxe/` over HTTP.
     pub ipxe_dir: PathBuf,
@@ -34,9 +31,10 @@ pub struct ServeArgs {
     pub http_port: u16,
     pub tftp_port: u16,
     pub dhcp_port: u16,
-    /// The image store the agent API serves; `None`: the first served site's
-    /// `image_store`.
+    /// The image store; `None`: the first served site's `image_store`.
     pub image_store: Option<PathBuf>,
+    pub admin_token_file: Option<PathBuf>,
+    pub webhook_secret_file: Option<PathBuf>,
 }
 
 /// Run until SIGINT/SIGTERM. Exit code as for other commands.
@@ -70,17 +68,51 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// Start every service and wait until `shutdown`.
+/// A secret from a file: its first line, which must not be empty.
+fn secret(path: &Option<PathBuf>, what: &str) -> Result<Option<String>> {
+    let Some(p) = path else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read the {what} file {}", p.display()))?;
+    let line = text.lines().next().unwrap_or("").trim().to_string();
+    if line.len() < 16 {
+        bail!(
+            "{}: the {what} must be at least 16 characters on the first line",
+            p.display()
+        );
+    }
+    Ok(Some(line))
+}
+
+/// Check everything, bind every socket, then serve until `shutdown`.
 pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
-    let entry = super::entry_file(&args.fleet);
-    let (spec, _sources) = match super::load(&DirTree, &entry)? {
-        Ok(x) => x,
-        Err(invalid) => {
-            let mut err = std::io::stderr();
-            super::print_problems(&mut err, &invalid, super::Format::Text, Palette::PLAIN)?;
+    let admin_token = secret(&args.admin_token_file, "admin token")?;
+    let webhook_secret = secret(&args.webhook_secret_file, "webhook secret")?;
+    // The first revision decides which sockets to bind: it must be valid to start.
+    let cache = args.state_dir.join("source.git");
+    let (origin, c) = (args.origin.clone(), cache.clone());
+    if matches!(origin, Origin::Git { .. }) {
+        std::fs::create_dir_all(&args.state_dir).with_context(|| {
+            format!(
+                "cannot create the state directory {}",
+                args.state_dir.display()
+            )
+        })?;
+    }
+    let first = tokio::task::spawn_blocking(move || follow::read(&origin, &c))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    let spec = match &first.fleet {
+        Ok(spec) => spec.clone(),
+        Err(problems) => {
+            for p in problems {
+                eprintln!("{p}");
+            }
             bail!(
-                "{} is invalid: fix it (`fleetwave validate`) before serving it",
-                entry.display()
+                "{} (revision {}) is invalid: fix it (`fleetwave validate`) before serving it",
+                args.origin.describe(),
+                first.id
             );
         }
     };
@@ -88,36 +120,22 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         if !spec.sites.contains_key(s) {
             bail!(
                 "--site {s}: no such site in {}; sites: {}",
-                entry.display(),
+                args.origin.describe(),
                 spec.sites.keys().cloned().collect::<Vec<_>>().join(", ")
             );
         }
     }
-    let observed = super::read_observed(args.observed.as_deref())?;
-    let plan = plan::diff(&spec, &observed, &Params::default());
-
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("cannot create state directory {}", args.state_dir.display()))?;
-    let store = Store::open(&args.state_dir.join("state.db"))?;
-    let rows = store.leases()?;
-    let tokens = store.tokens()?;
-    let writer = store.into_writer();
-
     let mut config = dhcp::Config::from_spec(&spec, &args.sites);
     config.http_port = args.http_port;
-    let stats = Arc::new(dhcp::Stats::default());
     info!(
-        leases = rows.len(),
         hosts = spec.hosts.len(),
         sites = config.sites.len(),
+        revision = %first.id,
         "fleet loaded"
     );
-    let sites = config.sites.clone();
-    let server = Arc::new(Mutex::new(dhcp::Server::new(config, rows, stats)));
-
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut sockets = Vec::new();
     let mut seen_interfaces: Vec<&str> = Vec::new();
-    for (i, site) in sites.iter().enumerate() {
+    for (i, site) in config.sites.iter().enumerate() {
         if site.relayed {
             info!(site = %site.name, "served through DHCP relays");
             continue;
@@ -138,64 +156,47 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         }
         seen_interfaces.push(&site.interface);
         let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.dhcp_port);
-        let sock = dhcp::bind(Some(&site.interface), addr)?;
+        let socket = dhcp::bind(Some(&site.interface), addr)?;
         info!(site = %site.name, interface = %site.interface, mode = ?site.mode, "DHCP listening on {addr}");
-        tasks.spawn(dhcp::run(
-            server.clone(),
-            sock,
-            Some(i),
-            false,
-            writer.handle(),
-            shutdown.clone(),
-        ));
+        sockets.push(DhcpSocket {
+            site: Some(i),
+            proxy: false,
+            socket,
+        });
         if site.mode == DhcpMode::Proxy {
             let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, dhcp::PXE_PORT);
-            let sock = dhcp::bind(Some(&site.interface), addr)?;
+            let socket = dhcp::bind(Some(&site.interface), addr)?;
             info!(site = %site.name, "proxyDHCP listening on {addr}");
-            tasks.spawn(dhcp::run(
-                server.clone(),
-                sock,
-                Some(i),
-                true,
-                writer.handle(),
-                shutdown.clone(),
-            ));
+            sockets.push(DhcpSocket {
+                site: Some(i),
+                proxy: true,
+                socket,
+            });
         }
     }
-    if sites.iter().any(|s| s.relayed) {
+    if config.sites.iter().any(|s| s.relayed) {
         // Relayed requests may come in on any interface; requests that are not
         // relayed reach this socket too and are left to the site sockets.
         let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.dhcp_port);
-        let sock = dhcp::bind(None, addr)?;
+        let socket = dhcp::bind(None, addr)?;
         info!("DHCP listening on {addr} for relayed requests");
-        tasks.spawn(dhcp::run(
-            server.clone(),
-            sock,
-            None,
-            false,
-            writer.handle(),
-            shutdown.clone(),
-        ));
+        sockets.push(DhcpSocket {
+            site: None,
+            proxy: false,
+            socket,
+        });
     }
-
-    let tftp_stats = Arc::new(tftp::Stats::default());
     let tftp_addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.tftp_port);
-    let tftp_sock = tokio::net::UdpSocket::bind(tftp_addr)
+    let tftp = tokio::net::UdpSocket::bind(tftp_addr)
         .await
         .with_context(|| format!("cannot bind TFTP to {tftp_addr}"))?;
     info!(root = %args.ipxe_dir.display(), "TFTP listening on {tftp_addr}");
-    tasks.spawn(tftp::run(
-        tftp_sock,
-        tftp::Config::new(&args.ipxe_dir),
-        tftp_stats.clone(),
-        shutdown.clone(),
-    ));
-
     let http_addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.http_port);
-    let listener = tokio::net::TcpListener::bind(http_addr)
+    let http = tokio::net::TcpListener::bind(http_addr)
         .await
         .with_context(|| format!("cannot bind HTTP to {http_addr}"))?;
-    let server_ip = sites
+    let server_ip = config
+        .sites
         .first()
         .map(|s| s.server)
         .or_else(|| spec.sites.values().next().map(|s| s.server))
@@ -209,61 +210,146 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         .image_store
         .clone()
         .or_else(|| {
-            sites
+            config
+                .sites
                 .first()
                 .and_then(|s| spec.sites.get(&s.name))
                 .or_else(|| spec.sites.values().next())
                 .map(|s| PathBuf::from(&s.image_store))
         })
         .unwrap_or_else(|| PathBuf::from("/images"));
-    let store = crate::image::store::Store::open(&image_store)?;
-    info!(store = %image_store.display(), "agent API serving the image store");
-    let sessions = Arc::new(crate::multicast::sessions::Sessions::from_plan(
-        &spec,
-        &plan,
-        image_store.clone(),
-        shutdown.clone(),
-    ));
-    info!(tokens = tokens.len(), "task tokens still valid from before");
-    let mut api = crate::services::api::Api::new(store).with_state(writer.handle(), tokens);
-    api.sessions = Some(sessions.clone());
-    let state = http::HttpState {
-        table: Arc::new(http::BootTable::from_plan(&spec, &plan)),
-        base_url,
-        ipxe_root: args.ipxe_dir.clone(),
-        files_root: args.files_dir.clone(),
-        dhcp: Some(server.clone()),
-        tftp: Some(tftp_stats),
-        api: Some(Arc::new(api)),
-    };
-    info!("HTTP listening on {http_addr}");
-    tasks.spawn(http::run(listener, state, shutdown.clone()));
-
-    // The first service to fail stops the others.
-    let mut failed = false;
-    while let Some(done) = tasks.join_next().await {
-        let err = match done {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => format!("task ended abnormally: {e}"),
-        };
-        error!("a service stopped: {err}");
-        failed = true;
-        shutdown.cancel();
+    if !args.files_dir.join("vmlinuz").is_file() || !args.files_dir.join("initrd.img").is_file() {
+        warn!(
+            "{} holds no netboot build (vmlinuz, initrd.img): machines told to boot the \
+             agent will fail; run `fleetwave netboot build --out {}`",
+            args.files_dir.display(),
+            args.files_dir.display()
+        );
     }
-    drop(server);
-    // Senders see the cancelled token, tell their receivers the session is over, and end.
-    tokio::task::spawn_blocking(move || sessions.join()).await?;
-    // Commit what is queued before exiting.
-    tokio::task::spawn_blocking(move || writer.close()).await?;
-    info!("stopped");
-    Ok(if failed {
-        super::exit::ERROR
-    } else {
-        super::exit::OK
-    })
+    let sites = args.sites.clone();
+    let listeners = Listeners {
+        http,
+        tftp: Some(tftp),
+        dhcp: Some(DhcpSetup {
+            config,
+            sites,
+            sockets,
+        }),
+    };
+    let config = server::Config {
+        origin: args.origin.clone(),
+        interval: args.interval,
+        state_dir: args.state_dir.clone(),
+        ipxe_dir: args.ipxe_dir.clone(),
+        files_dir: args.files_dir.clone(),
+        image_store,
+        base_url,
+        admin_token,
+        webhook_secret,
+        policy: Default::default(),
+        clock: Arc::new(crate::clock::SystemClock::default()),
+    };
+    match server::run(config, listeners, Some(first), shutdown).await {
+        Ok(()) => Ok(super::exit::OK),
+        Err(e) => {
+            error!("{e:#}");
+            Ok(super::exit::ERROR)
+        }
+    }
 }
 
 fn interface_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
+}
+
+/// `fleetwave serve`'s command line.
+#[derive(Debug, clap::Args)]
+pub struct ServeCli {
+    /// The fleet's git repository (file://, https://, ssh:// or a path), followed on
+    /// `--branch`; without it, `--fleet` is read from disk.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// The branch of --source to follow.
+    #[arg(long, default_value = "main", requires = "source")]
+    pub branch: String,
+    /// The fleet file inside --source.
+    #[arg(long, default_value = "fleet.yaml", requires = "source")]
+    pub path: PathBuf,
+    /// How often the source is read (a webhook or `fleetwave sync` reads it at once),
+    /// e.g. 1m, 30s.
+    #[arg(long, default_value = "1m", value_parser = parse_interval)]
+    pub interval: Duration,
+    /// The fleet file, or a directory holding fleet.yaml, read from disk (re-read every
+    /// --interval) when there is no --source.
+    #[arg(long, default_value = "fleet.yaml", conflicts_with = "source")]
+    pub fleet: PathBuf,
+    /// Serve only this site (repeatable); all sites by default.
+    #[arg(long = "site")]
+    pub sites: Vec<String>,
+    /// Directory of the state database (leases, host status, tasks, events) and the
+    /// git cache.
+    #[arg(long, default_value = "/var/lib/fleetwave")]
+    pub state_dir: PathBuf,
+    /// iPXE binaries, served by TFTP (Debian's `ipxe` package puts them here).
+    #[arg(long, default_value = "/usr/lib/ipxe")]
+    pub ipxe_dir: PathBuf,
+    /// The agent's kernel (vmlinuz) and initrd (initrd.img), served under /files/.
+    #[arg(long, default_value = "/var/lib/fleetwave/netboot")]
+    pub files_dir: PathBuf,
+    /// The HTTP port (iPXE scripts, boot files, the agent and operator APIs).
+    #[arg(long, default_value_t = 80)]
+    pub http_port: u16,
+    /// The TFTP port.
+    #[arg(long, default_value_t = 69)]
+    pub tftp_port: u16,
+    /// The DHCP port.
+    #[arg(long, default_value_t = 67)]
+    pub dhcp_port: u16,
+    /// The image store the agent API serves (default: the site's `image_store`).
+    #[arg(long)]
+    pub image_store: Option<PathBuf>,
+    /// A file whose first line is the admin token (for retry and sync).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// A file whose first line is the webhook's shared secret.
+    #[arg(long)]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug`.
+    #[arg(long, env = "FLEETWAVE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let secs = crate::spec::parse_duration(s)?;
+    if secs == 0 {
+        return Err("the interval must be at least 1s".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+impl ServeCli {
+    pub fn args(&self) -> ServeArgs {
+        let origin = match &self.source {
+            Some(url) => Origin::Git {
+                url: url.clone(),
+                branch: self.branch.clone(),
+                path: self.path.clone(),
+            },
+            None => Origin::Dir(self.fleet.clone()),
+        };
+        ServeArgs {
+            origin,
+            interval: self.interval,
+            sites: self.sites.clone(),
+            state_dir: self.state_dir.clone(),
+            ipxe_dir: self.ipxe_dir.clone(),
+            files_dir: self.files_dir.clone(),
+            http_port: self.http_port,
+            tftp_port: self.tftp_port,
+            dhcp_port: self.dhcp_port,
+            image_store: self.image_store.clone(),
+            admin_token_file: self.admin_token_file.clone(),
+            webhook_secret_file: self.webhook_secret_file.clone(),
+        }
+    }
 }

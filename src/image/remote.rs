@@ -119,7 +119,7 @@ impl Remote {
     }
 
     /// The task this token was minted for.
-    pub fn task(&self) -> Result<serde_json::Value> {
+    pub fn task(&self) -> Result<crate::protocol::Assignment> {
         let (status, body) = self.get("task", 1 << 20)?;
         if status != 200 {
             return Err(self.net(

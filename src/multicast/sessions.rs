@@ -40,48 +40,41 @@ pub struct Running {
 type Senders = Arc<Mutex<HashMap<SocketAddrV4, (Running, JoinHandle<()>)>>>;
 
 pub struct Sessions {
-    planned: HashMap<String, Planned>,
+    /// Replaced whenever the controller plans again.
+    planned: Mutex<HashMap<String, Planned>>,
     store: PathBuf,
     running: Senders,
     stop: CancellationToken,
 }
 
 impl Sessions {
+    /// No sessions until the controller plans.
+    pub fn new(store: PathBuf, stop: CancellationToken) -> Sessions {
+        Sessions {
+            planned: Mutex::default(),
+            store,
+            running: Arc::default(),
+            stop,
+        }
+    }
+
     pub fn from_plan(
         spec: &FleetSpec,
         plan: &Plan,
         store: PathBuf,
         stop: CancellationToken,
     ) -> Sessions {
-        let planned = plan
-            .waves
-            .iter()
-            .flat_map(|w| &w.sessions)
-            .filter_map(|s| {
-                let bind = spec.sites.get(&s.site)?.server;
-                let group = SocketAddrV4::new(s.address.parse().ok()?, s.port);
-                Some((
-                    s.id.clone(),
-                    Planned {
-                        group,
-                        bind,
-                        digest: match &s.version {
-                            Version::Digest { digest } => Some(*digest),
-                            Version::NextCapture { .. } => None,
-                        },
-                        min_receivers: s.min_receivers,
-                        max_wait: Duration::from_secs(s.max_wait_secs),
-                        max_rate_bps: s.max_rate_bps,
-                    },
-                ))
-            })
-            .collect();
         Sessions {
-            planned,
+            planned: Mutex::new(planned(spec, plan)),
             store,
             running: Arc::default(),
             stop,
         }
+    }
+
+    /// The sessions of a new plan; senders already running go on.
+    pub fn replan(&self, spec: &FleetSpec, plan: &Plan) {
+        *self.planned.lock().unwrap_or_else(|e| e.into_inner()) = planned(spec, plan);
     }
 
     /// The group and version of session `id`, started if it is not running.
@@ -90,7 +83,10 @@ impl Sessions {
     pub fn ensure(&self, id: &str) -> Result<Running, String> {
         let p = self
             .planned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .get(id)
+            .cloned()
             .ok_or_else(|| format!("the plan has no multicast session {id:?}"))?;
         let digest = p
             .digest
@@ -171,4 +167,30 @@ impl Sessions {
             let _ = h.join();
         }
     }
+}
+
+/// The sessions a plan forms, by id.
+fn planned(spec: &FleetSpec, plan: &Plan) -> HashMap<String, Planned> {
+    plan.waves
+        .iter()
+        .flat_map(|w| &w.sessions)
+        .filter_map(|s| {
+            let bind = spec.sites.get(&s.site)?.server;
+            let group = SocketAddrV4::new(s.address.parse().ok()?, s.port);
+            Some((
+                s.id.clone(),
+                Planned {
+                    group,
+                    bind,
+                    digest: match &s.version {
+                        Version::Digest { digest } => Some(*digest),
+                        Version::NextCapture { .. } => None,
+                    },
+                    min_receivers: s.min_receivers,
+                    max_wait: Duration::from_secs(s.max_wait_secs),
+                    max_rate_bps: s.max_rate_bps,
+                },
+            ))
+        })
+        .collect()
 }

@@ -1,28 +1,34 @@
 //! The agent API, under `/api/v1/` on the HTTP server.
 //!
 //! Every call carries the task token it was booted with (`Authorization: Bearer T`) and
-//! its MAC (`X-Fleetwave-Mac`). Tokens are random, minted when a host's iPXE script
-//! boots the agent, bound to that MAC, and expire; reporting the task's result spends
-//! the token. Unknown, expired or spent tokens get 401; a token used from another MAC
-//! gets 403. `serve` keeps tokens in its state database, so a restarted server still
-//! honours the agents at work. Uploads are size-limited and re-hashed before they are stored.
+//! its MAC (`X-Fleetwave-Mac`). A token exists only for a task the controller armed
+//! (or a registration of an unknown machine), is bound to that MAC, and authorizes
+//! exactly its task: a deploy token reads only its version's manifest and chunks, a
+//! capture token writes only chunks and the one manifest of its image and generation,
+//! a register token only posts inventory. Reporting the result spends it. Unknown,
+//! expired or spent tokens get 401; a token used from another MAC, or for what its
+//! task does not need, gets 403. Tokens live in the state database, so a restarted
+//! server still honours the agents at work. Uploads are size-limited and re-hashed
+//! before they are stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::image::manifest::Manifest;
 use crate::image::store::{Repo, Store, StoreError};
+use crate::protocol::{Assignment, Task};
+pub use crate::protocol::{Progress, TaskResult};
 use crate::spec::{Digest, Mac};
 use crate::state::{Op, TokenRow};
 
@@ -32,33 +38,61 @@ pub const MAX_CHUNK: usize = 16 << 20;
 pub const MAX_MANIFEST: usize = 512 << 20;
 /// How long a token lives.
 pub const TOKEN_SECS: u64 = 12 * 3600;
+/// The largest inventory accepted.
+const MAX_INVENTORY: usize = 1 << 20;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Grant {
-    pub mac: Mac,
-    pub host: Option<String>,
-    /// The task as the script's kernel command line gives it.
-    pub task: Vec<(String, String)>,
+    pub assignment: Assignment,
     /// Unix seconds.
     pub expires: u64,
     pub spent: bool,
     pub progress: Option<Progress>,
+    /// The chunks of a deploy's version, read once on the first chunk request.
+    #[serde(skip)]
+    chunks: Option<Arc<HashSet<Digest>>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Progress {
-    pub done_bytes: u64,
-    pub total_bytes: u64,
-    pub bytes_per_sec: u64,
+/// What a request needs its token's task to allow.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    /// Reading its own task, reporting progress and the result.
+    Any,
+    /// Posting inventory.
+    Inventory,
+    /// Uploading chunks (and asking which are missing).
+    CaptureChunks,
+    /// Reading this manifest.
+    Manifest(Digest),
+    /// Reading a chunk of the task's version.
+    Chunk,
+    /// Joining the task's multicast session.
+    Multicast,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskResult {
-    pub ok: bool,
-    /// The version the disk was verified to hold, for a deploy or capture.
-    pub digest: Option<Digest>,
-    pub message: String,
+/// Whether `task` allows `need`. A chunk read is checked against the version's
+/// chunk list separately (it needs the store).
+fn allows(task: &Task, need: Need) -> bool {
+    match (task, need) {
+        (_, Need::Any | Need::Inventory) => true,
+        (Task::Capture { .. }, Need::CaptureChunks) => true,
+        (Task::Deploy { version, .. } | Task::Verify { version, .. }, Need::Manifest(d)) => {
+            *version == d
+        }
+        (Task::Deploy { .. }, Need::Chunk) => true,
+        (
+            Task::Deploy {
+                multicast: Some(_), ..
+            },
+            Need::Multicast,
+        ) => true,
+        _ => false,
+    }
 }
+
+/// An observation the API hands on (to the state database, and from there to the
+/// controller).
+pub type Journal = crate::state::WriteHandle;
 
 /// Tokens and the image store.
 pub struct Api {
@@ -66,11 +100,11 @@ pub struct Api {
     grants: Mutex<HashMap<String, Grant>>,
     /// The multicast sessions agents may ask to join.
     pub sessions: Option<Arc<crate::multicast::sessions::Sessions>>,
-    /// Where tokens are kept across restarts.
-    journal: Option<crate::state::WriteHandle>,
+    /// Where tokens and observations are kept.
+    journal: Option<Journal>,
 }
 
-fn random_token() -> String {
+pub fn random_token() -> String {
     let mut seed = [0u8; 32];
     // /dev/urandom never blocks once the kernel is seeded; failing to read it is a
     // broken system, and a token must not be guessable, so fall back to nothing.
@@ -91,20 +125,19 @@ impl Api {
         }
     }
 
-    /// Keep tokens in the state database, starting from the ones it holds (minted
+    /// Keep tokens in the state database, starting from the ones it holds (armed
     /// before a restart, for agents that are still at work).
-    pub fn with_state(mut self, journal: crate::state::WriteHandle, rows: Vec<TokenRow>) -> Api {
+    pub fn with_state(mut self, journal: Journal, rows: Vec<TokenRow>) -> Api {
         let g = self.grants.get_mut().unwrap_or_else(|p| p.into_inner());
         for r in rows {
             g.insert(
                 r.token,
                 Grant {
-                    mac: r.mac,
-                    host: r.host,
-                    task: r.task,
+                    assignment: r.assignment,
                     expires: r.expires,
                     spent: false,
                     progress: None,
+                    chunks: None,
                 },
             );
         }
@@ -112,52 +145,90 @@ impl Api {
         self
     }
 
-    /// A fresh token for `mac` to carry out `task`; `None` if no randomness is
-    /// available (the script then boots nothing).
-    pub fn mint(&self, mac: Mac, host: Option<&str>, task: &[(&str, String)]) -> Option<String> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Grant>> {
+        self.grants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Honour `token` for `assignment` until `expires` (Unix seconds). The caller
+    /// made the token (the controller, when it arms a task) and records it.
+    pub fn grant(&self, token: &str, assignment: Assignment, expires: u64) {
+        let mut g = self.lock();
+        let now = crate::state::now();
+        g.retain(|_, x| x.expires > now && !x.spent);
+        g.insert(
+            token.to_string(),
+            Grant {
+                assignment,
+                expires,
+                spent: false,
+                progress: None,
+                chunks: None,
+            },
+        );
+    }
+
+    /// Stop honouring `token` (its task was disarmed).
+    pub fn revoke(&self, token: &str) {
+        self.lock().remove(token);
+    }
+
+    /// A fresh token for `assignment`, recorded in the state database; `None` if no
+    /// randomness is available.
+    pub fn mint(&self, assignment: Assignment) -> Option<String> {
         let token = random_token();
         if token.is_empty() {
             return None;
         }
-        let grant = Grant {
-            mac,
-            host: host.map(str::to_string),
-            task: task
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-            expires: crate::state::now() + TOKEN_SECS,
-            spent: false,
-            progress: None,
-        };
+        let expires = crate::state::now() + TOKEN_SECS;
         if let Some(j) = &self.journal {
             j.write(
                 vec![Op::PutToken(TokenRow {
                     token: token.clone(),
-                    mac,
-                    host: grant.host.clone(),
-                    task: grant.task.clone(),
-                    expires: grant.expires,
+                    assignment: assignment.clone(),
+                    expires,
                 })],
                 None,
             );
         }
-        let mut g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        let now = crate::state::now();
-        g.retain(|_, x| x.expires > now && !x.spent);
-        g.insert(token.clone(), grant);
+        self.grant(&token, assignment, expires);
         Some(token)
     }
 
-    /// The grant a request's headers prove, or the status that refuses it.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(String, Grant), Refusal> {
+    /// The registration token of an unknown machine: one at a time per MAC, reused
+    /// while it lives, so asking for scripts does not pile up tokens.
+    pub fn register_token(&self, mac: Mac) -> Option<String> {
+        let now = crate::state::now();
+        let found = self
+            .lock()
+            .iter()
+            .find(|(_, g)| {
+                g.assignment.mac == mac
+                    && g.assignment.task == Task::Register
+                    && !g.spent
+                    && g.expires > now + 600
+            })
+            .map(|(t, _)| t.clone());
+        found.or_else(|| {
+            self.mint(Assignment {
+                mac,
+                host: None,
+                id: 0,
+                task: Task::Register,
+                disk: Default::default(),
+                after: crate::protocol::After::Poweroff,
+            })
+        })
+    }
+
+    /// The grant a request's headers prove, if it allows `need`; or the refusal.
+    fn authorize(&self, headers: &HeaderMap, need: Need) -> Result<(String, Grant), Refusal> {
         let refuse = |code: StatusCode, why: &str| Refusal(code, format!("{why}\n"));
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "a task token is required"))?;
-        let g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.lock();
         let grant = g
             .get(token)
             .filter(|x| !x.spent && x.expires > crate::state::now())
@@ -171,11 +242,23 @@ impl Api {
             .get("x-fleetwave-mac")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Mac>().ok());
-        if mac != Some(grant.mac) {
-            warn!(mac = ?mac, bound = %grant.mac, "task token used from another MAC");
+        if mac != Some(grant.assignment.mac) {
+            warn!(mac = ?mac.map(|m| m.to_string()), bound = %grant.assignment.mac,
+                "task token used from another MAC");
             return Err(refuse(
                 StatusCode::FORBIDDEN,
                 "this task token belongs to another machine",
+            ));
+        }
+        if !allows(&grant.assignment.task, need) {
+            warn!(mac = %grant.assignment.mac, task = grant.assignment.task.kind(), need = ?need,
+                "task token used beyond its task");
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this token authorizes {} only\n",
+                    grant.assignment.task.summary()
+                ),
             ));
         }
         Ok((token.to_string(), grant.clone()))
@@ -184,15 +267,15 @@ impl Api {
     /// Tasks in flight (tokens not spent nor expired), for the health endpoint.
     pub fn tasks(&self) -> Vec<serde_json::Value> {
         let now = crate::state::now();
-        let g = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.lock();
         let mut out: Vec<serde_json::Value> = g
             .values()
             .filter(|x| !x.spent && x.expires > now)
             .map(|x| {
                 serde_json::json!({
-                    "mac": x.mac,
-                    "host": x.host,
-                    "task": x.task.iter().find(|(k, _)| k == "task").map(|(_, v)| v),
+                    "mac": x.assignment.mac,
+                    "host": x.assignment.host,
+                    "task": x.assignment.task.kind(),
                     "progress": x.progress,
                 })
             })
@@ -203,30 +286,69 @@ impl Api {
 
     /// The latest progress any of `mac`'s tasks reported.
     pub fn last_progress(&self, mac: Mac) -> Option<Progress> {
-        self.grants
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.lock()
             .values()
-            .filter(|g| g.mac == mac)
+            .filter(|g| g.assignment.mac == mac)
             .find_map(|g| g.progress.clone())
     }
 
     fn update(&self, token: &str, f: impl FnOnce(&mut Grant)) {
-        if let Some(g) = self
-            .grants
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(token)
-        {
+        if let Some(g) = self.lock().get_mut(token) {
             f(g);
         }
+    }
+
+    /// Queue `ops`; with `durable`, wait until they are committed.
+    async fn record(&self, ops: Vec<Op>, durable: bool) -> Result<(), Refusal> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        if !durable {
+            j.write(ops, None);
+            return Ok(());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        j.write(
+            ops,
+            Some(Box::new(move || {
+                let _ = tx.send(());
+            })),
+        );
+        rx.await.map_err(|_| {
+            Refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server could not record this; send it again\n".into(),
+            )
+        })
+    }
+
+    /// Whether `d` is a chunk of the deploy's version (the list read once per grant).
+    fn chunk_of_version(&self, token: &str, grant: &Grant, d: &Digest) -> Result<bool, Refusal> {
+        let set = match &grant.chunks {
+            Some(s) => s.clone(),
+            None => {
+                let Task::Deploy { version, .. } = &grant.assignment.task else {
+                    return Ok(false);
+                };
+                let m = self.store.manifest(version).map_err(|e| {
+                    Refusal(StatusCode::NOT_FOUND, format!("the task's version: {e}\n"))
+                })?;
+                let set: Arc<HashSet<Digest>> = Arc::new(m.chunks.iter().map(|c| c.hash).collect());
+                self.update(token, |g| g.chunks = Some(set.clone()));
+                set
+            }
+        };
+        Ok(set.contains(d))
     }
 }
 
 pub fn routes<S: Clone + Send + Sync + 'static>(api: Arc<Api>) -> Router<S> {
     Router::new()
         .route("/api/v1/task", get(task))
-        .route("/api/v1/register", post(register))
+        .route(
+            "/api/v1/register",
+            post(register).layer(DefaultBodyLimit::max(MAX_INVENTORY)),
+        )
         .route("/api/v1/progress", post(progress))
         .route("/api/v1/result", post(result))
         .route("/api/v1/chunks/missing", post(missing))
@@ -273,67 +395,65 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response())
 }
 
-/// Run `f` with the request's token and grant, or answer the refusal.
-fn granted(api: &Api, headers: &HeaderMap, f: impl FnOnce(String, Grant) -> Response) -> Response {
-    match api.authorize(headers) {
-        Ok((token, g)) => f(token, g),
+async fn task(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    match api.authorize(&headers, Need::Any) {
+        Ok((_, g)) => Json(g.assignment).into_response(),
         Err(r) => r.into_response(),
     }
 }
 
-/// The digest a path names, once the request is authorized.
-fn authorized_digest(api: &Api, headers: &HeaderMap, name: &str) -> Result<Digest, Refusal> {
-    api.authorize(headers)?;
-    digest(name)
-}
-
-async fn task(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    granted(&api, &headers, |_, g| {
-        Json(serde_json::json!({
-            "mac": g.mac,
-            "host": g.host,
-            "task": g.task.iter().cloned().collect::<HashMap<_, _>>(),
-        }))
-        .into_response()
-    })
-}
-
-/// Start (or find) the multicast session the task names: `{group, digest}`. 404 when
+/// Start (or find) the multicast session the task names: `{group, digest}`. 403 when
 /// the task is not a multicast deploy, 409 when the session cannot run now (the agent
 /// then deploys by unicast).
 async fn multicast(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    granted(&api, &headers, |_, g| {
-        let session = g
-            .task
-            .iter()
-            .find(|(k, _)| k == "via")
-            .and_then(|(_, v)| v.strip_prefix("multicast:"));
-        let (Some(id), Some(sessions)) = (session, &api.sessions) else {
-            return (
-                StatusCode::NOT_FOUND,
-                "this task is not a multicast deploy\n",
-            )
-                .into_response();
-        };
-        match sessions.ensure(id) {
-            Ok(r) => {
-                info!(mac = %g.mac, session = %r.id, "agent joins a multicast session");
-                Json(serde_json::json!({"group": r.group, "digest": r.digest})).into_response()
-            }
-            Err(why) => (StatusCode::CONFLICT, format!("{why}\n")).into_response(),
+    let g = match api.authorize(&headers, Need::Multicast) {
+        Ok((_, g)) => g,
+        Err(r) => return r.into_response(),
+    };
+    let Task::Deploy {
+        multicast: Some(id),
+        ..
+    } = &g.assignment.task
+    else {
+        return (StatusCode::FORBIDDEN, "not a multicast deploy\n").into_response();
+    };
+    let Some(sessions) = &api.sessions else {
+        return (
+            StatusCode::CONFLICT,
+            "this server runs no multicast sessions\n",
+        )
+            .into_response();
+    };
+    match sessions.ensure(id) {
+        Ok(r) => {
+            info!(mac = %g.assignment.mac, session = %r.id, "agent joins a multicast session");
+            Json(serde_json::json!({"group": r.group, "digest": r.digest})).into_response()
         }
-    })
+        Err(why) => (StatusCode::CONFLICT, format!("{why}\n")).into_response(),
+    }
 }
 
 async fn register(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
-    Json(inventory): Json<serde_json::Value>,
+    Json(inventory): Json<crate::protocol::Inventory>,
 ) -> Response {
-    granted(&api, &headers, |_, g| {
-        info!(mac = %g.mac, inventory = %inventory, "inventory reported");
-        StatusCode::NO_CONTENT.into_response()
-    })
+    let g = match api.authorize(&headers, Need::Inventory) {
+        Ok((_, g)) => g,
+        Err(r) => return r.into_response(),
+    };
+    info!(mac = %g.assignment.mac, host = ?g.assignment.host, disks = inventory.disks.len(),
+        "inventory reported");
+    let op = Op::Inventory(crate::state::InventoryRow {
+        mac: g.assignment.mac,
+        host: g.assignment.host.clone(),
+        at: crate::state::now(),
+        inventory,
+    });
+    match api.record(vec![op], true).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r.into_response(),
+    }
 }
 
 async fn progress(
@@ -341,10 +461,23 @@ async fn progress(
     headers: HeaderMap,
     Json(p): Json<Progress>,
 ) -> Response {
-    granted(&api, &headers, |token, _| {
-        api.update(&token, |g| g.progress = Some(p));
-        StatusCode::NO_CONTENT.into_response()
-    })
+    let (token, g) = match api.authorize(&headers, Need::Any) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
+    };
+    api.update(&token, |g| g.progress = Some(p.clone()));
+    // Advisory: handed on, not waited for.
+    let _ = api
+        .record(
+            vec![Op::Progress {
+                task: g.assignment.id,
+                mac: g.assignment.mac,
+                progress: p,
+            }],
+            false,
+        )
+        .await;
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn result(
@@ -352,18 +485,33 @@ async fn result(
     headers: HeaderMap,
     Json(r): Json<TaskResult>,
 ) -> Response {
-    granted(&api, &headers, |token, g| {
-        if r.ok {
-            info!(mac = %g.mac, host = ?g.host, digest = ?r.digest, "task done: {}", r.message);
-        } else {
-            warn!(mac = %g.mac, host = ?g.host, "task FAILED: {}", r.message);
-        }
-        api.update(&token, |g| g.spent = true);
-        if let Some(j) = &api.journal {
-            j.write(vec![Op::SpendToken(token)], None);
-        }
-        StatusCode::NO_CONTENT.into_response()
-    })
+    let (token, g) = match api.authorize(&headers, Need::Any) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
+    };
+    let a = &g.assignment;
+    if r.ok {
+        info!(mac = %a.mac, host = ?a.host, task = a.task.kind(),
+            digest = ?r.digest.map(|d| d.to_string()), "task done: {}", r.message);
+    } else {
+        warn!(mac = %a.mac, host = ?a.host, task = a.task.kind(), "task FAILED: {}", r.message);
+    }
+    api.update(&token, |g| g.spent = true);
+    let ops = vec![
+        Op::SpendToken(token),
+        Op::Result(crate::state::ResultRow {
+            task: a.id,
+            mac: a.mac,
+            host: a.host.clone(),
+            at: crate::state::now(),
+            result: r,
+        }),
+    ];
+    // The agent reboots once it has this answer: the result must be on disk by then.
+    match api.record(ops, true).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r.into_response(),
+    }
 }
 
 fn digest(s: &str) -> Result<Digest, Refusal> {
@@ -376,7 +524,7 @@ async fn missing(
     headers: HeaderMap,
     Json(wanted): Json<Vec<Digest>>,
 ) -> Response {
-    if let Err(r) = api.authorize(&headers) {
+    if let Err(r) = api.authorize(&headers, Need::CaptureChunks) {
         return r.into_response();
     }
     let a = api.clone();
@@ -399,7 +547,10 @@ async fn put_chunk(
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> Response {
-    let d = match authorized_digest(&api, &headers, &name) {
+    let d = match api
+        .authorize(&headers, Need::CaptureChunks)
+        .and_then(|_| digest(&name))
+    {
         Ok(d) => d,
         Err(r) => return r.into_response(),
     };
@@ -438,16 +589,34 @@ async fn get_chunk(
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
 ) -> Response {
-    let d = match authorized_digest(&api, &headers, &name) {
+    let d = match digest(&name) {
         Ok(d) => d,
         Err(r) => return r.into_response(),
     };
+    let (token, g) = match api.authorize(&headers, Need::Chunk) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
+    };
     let a = api.clone();
-    match blocking(move || a.store.chunk_raw(&d)).await {
-        Ok(Ok(b)) => ([(header::CONTENT_TYPE, "application/zstd")], b).into_response(),
-        Ok(Err(e)) => store_error(e),
-        Err(r) => r.into_response(),
-    }
+    let r = blocking(move || {
+        match a.chunk_of_version(&token, &g, &d) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Refusal(
+                    StatusCode::FORBIDDEN,
+                    format!("chunk {d} is not part of this task's version\n"),
+                )
+                .into_response();
+            }
+            Err(r) => return r.into_response(),
+        }
+        match a.store.chunk_raw(&d) {
+            Ok(b) => ([(header::CONTENT_TYPE, "application/zstd")], b).into_response(),
+            Err(e) => store_error(e),
+        }
+    })
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn get_manifest(
@@ -455,7 +624,8 @@ async fn get_manifest(
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
 ) -> Response {
-    let d = match authorized_digest(&api, &headers, &name) {
+    let d = match digest(&name).and_then(|d| api.authorize(&headers, Need::Manifest(d)).map(|_| d))
+    {
         Ok(d) => d,
         Err(r) => return r.into_response(),
     };
@@ -467,21 +637,15 @@ async fn get_manifest(
     }
 }
 
-#[derive(Deserialize)]
-struct Commit {
-    image: Option<String>,
-    generation: Option<u64>,
-}
-
-async fn put_manifest(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    Query(q): Query<Commit>,
-    body: Bytes,
-) -> Response {
-    let (token, g) = match api.authorize(&headers) {
+/// Commit a capture's manifest as a version of the image and generation its task
+/// names (whatever the request says).
+async fn put_manifest(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+    let (_, g) = match api.authorize(&headers, Need::CaptureChunks) {
         Ok(x) => x,
         Err(r) => return r.into_response(),
+    };
+    let Task::Capture { image, generation } = g.assignment.task.clone() else {
+        return (StatusCode::FORBIDDEN, "not a capture task\n").into_response();
     };
     let m: Manifest = match serde_json::from_slice(&body) {
         Ok(m) => m,
@@ -490,15 +654,24 @@ async fn put_manifest(
         }
     };
     let a = api.clone();
-    let r = blocking(move || {
-        let image = q.image.as_deref().map(|n| (n, q.generation.unwrap_or(1)));
-        a.store.commit(&m, image)
-    })
-    .await;
+    let name = image.clone();
+    let r = blocking(move || a.store.commit(&m, Some((&name, generation)))).await;
     match r {
         Ok(Ok((digest, stored))) => {
-            info!(mac = %g.mac, %digest, "image version committed");
-            api.update(&token, |_| {});
+            info!(mac = %g.assignment.mac, image = %image, generation, %digest,
+                "image version committed");
+            let _ = api
+                .record(
+                    vec![Op::Event(crate::state::EventRow::new(
+                        g.assignment.host.as_deref(),
+                        "ImageVersionCommitted",
+                        format!(
+                            "{image} generation {generation}: {digest} ({stored} bytes stored)"
+                        ),
+                    ))],
+                    false,
+                )
+                .await;
             (
                 StatusCode::CREATED,
                 Json(serde_json::json!({"digest": digest, "stored_bytes": stored})),

@@ -25,247 +25,47 @@ use tokio_util::sync::CancellationToken;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::plan::{Plan, Step, Version, Via};
+use crate::protocol::BootInstruction;
 use crate::services::api::Api;
 use crate::services::dhcp;
 use crate::services::tftp;
-use crate::spec::{DiskSelector, FleetSpec, Mac, UnknownHosts, WipeMode};
+use crate::spec::Mac;
 
-/// What one known host boots now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostBoot {
-    /// Nothing due (or the host is suspended or stalled): boot the local disk.
-    Local { host: String, why: String },
-    /// Boot the agent to carry out `task`.
-    Agent {
-        host: String,
-        site: String,
-        /// The step's kind and parameters, for the agent's command line.
-        task: Vec<(&'static str, String)>,
-        /// The host's disk selector (`disk.size`, ...): in the task the API gives, not
-        /// on the command line, where a model glob's spaces would not survive.
-        disk: Vec<(&'static str, String)>,
-        summary: String,
-    },
-}
-
-/// Every host's boot, by MAC, computed from one plan.
+/// Every known host's boot instruction, by MAC, as the controller last published it.
 #[derive(Debug, Clone, Default)]
 pub struct BootTable {
-    pub hosts: FxHashMap<Mac, HostBoot>,
+    pub hosts: FxHashMap<Mac, BootInstruction>,
     /// Sites whose unknown machines are registered, for the register script.
     pub register_sites: Vec<String>,
 }
 
-impl BootTable {
-    pub fn from_plan(spec: &FleetSpec, plan: &Plan) -> BootTable {
-        let mut hosts: FxHashMap<Mac, HostBoot> = spec
-            .hosts
-            .values()
-            .map(|h| {
-                (
-                    h.mac,
-                    HostBoot::Local {
-                        host: h.name.clone(),
-                        why: "nothing due".into(),
-                    },
-                )
-            })
-            .collect();
-        for name in &plan.suspended {
-            if let Some(h) = spec.hosts.get(name) {
-                hosts.insert(
-                    h.mac,
-                    HostBoot::Local {
-                        host: name.clone(),
-                        why: "suspended".into(),
-                    },
-                );
-            }
-        }
-        for s in &plan.stalled {
-            if let Some(h) = spec.hosts.get(&s.host) {
-                hosts.insert(
-                    h.mac,
-                    HostBoot::Local {
-                        host: s.host.clone(),
-                        why: format!("stalled: {}", s.reason),
-                    },
-                );
-            }
-        }
-        for (wave, hp) in plan.host_plans() {
-            let Some(step) = hp.steps.first() else {
-                continue;
-            };
-            if let Step::Deploy {
-                image,
-                version: Version::NextCapture { generation },
-                ..
-            } = step
-            {
-                // Nothing to write until the capture has produced the version.
-                hosts.insert(
-                    hp.mac,
-                    HostBoot::Local {
-                        host: hp.host.clone(),
-                        why: format!(
-                            "waiting for the capture of {image} (generation {generation})"
-                        ),
-                    },
-                );
-                continue;
-            }
-            let (task, summary) = describe(step);
-            let summary = match wave {
-                "(captures)" => summary,
-                w => format!("{summary}, wave {w}"),
-            };
-            hosts.insert(
-                hp.mac,
-                HostBoot::Agent {
-                    host: hp.host.clone(),
-                    site: hp.site.clone(),
-                    task,
-                    disk: spec
-                        .hosts
-                        .get(&hp.host)
-                        .map(|h| disk_args(&h.disk))
-                        .unwrap_or_default(),
-                    summary,
-                },
-            );
-        }
-        let register_sites = spec
-            .sites
-            .iter()
-            .filter(|(_, s)| s.unknown_hosts == UnknownHosts::Register)
-            .map(|(n, _)| n.clone())
-            .collect();
-        BootTable {
-            hosts,
-            register_sites,
-        }
-    }
-}
-
-/// A disk selector as task arguments.
-fn disk_args(d: &DiskSelector) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    if let Some(r) = d.size {
-        let text = if r.max == u64::MAX {
-            format!(">={}", r.min)
-        } else {
-            format!("{}-{}", r.min, r.max)
-        };
-        out.push(("disk.size", text));
-    }
-    for (k, v) in [
-        ("disk.serial", &d.serial),
-        ("disk.model", &d.model),
-        ("disk.path", &d.path),
-    ] {
-        if let Some(v) = v {
-            out.push((k, v.clone()));
-        }
-    }
-    out
-}
-
-fn describe(step: &Step) -> (Vec<(&'static str, String)>, String) {
-    match step {
-        Step::Inventory { generation } => (
-            vec![
-                ("task", "inventory".into()),
-                ("generation", generation.to_string()),
-            ],
-            "inventory".into(),
-        ),
-        Step::Capture { image, generation } => (
-            vec![
-                ("task", "capture".into()),
-                ("image", image.clone()),
-                ("generation", generation.to_string()),
-            ],
-            format!("capture {image} (generation {generation})"),
-        ),
-        Step::Wipe { mode, generation } => {
-            let mode = match mode {
-                WipeMode::Fast => "fast",
-                WipeMode::Normal => "normal",
-                WipeMode::Full => "full",
-            };
-            (
-                vec![
-                    ("task", "wipe".into()),
-                    ("mode", mode.into()),
-                    ("generation", generation.to_string()),
-                ],
-                format!("wipe ({mode})"),
-            )
-        }
-        Step::Deploy {
-            image,
-            version,
-            via,
-            ..
-        } => {
-            let version = match version {
-                Version::Digest { digest } => digest.to_string(),
-                Version::NextCapture { generation } => format!("capture-{generation}"),
-            };
-            let via = match via {
-                Via::Unicast => "unicast".to_string(),
-                Via::Multicast { session } => format!("multicast:{session}"),
-            };
-            (
-                vec![
-                    ("task", "deploy".into()),
-                    ("image", image.clone()),
-                    ("version", version.clone()),
-                    ("via", via.clone()),
-                ],
-                format!("deploy {image}@{version} by {via}"),
-            )
-        }
-        Step::Verify { generation, digest } => (
-            vec![
-                ("task", "verify".into()),
-                ("version", digest.to_string()),
-                ("generation", generation.to_string()),
-            ],
-            format!("verify {digest}"),
-        ),
-    }
-}
+/// The boot table as the controller publishes it: services read the newest one.
+pub type BootFeed = tokio::sync::watch::Receiver<Arc<BootTable>>;
 
 /// The iPXE script for `mac`; `None` when the MAC is unknown and no site registers
-/// unknown machines. With `api`, an agent boot carries a fresh task token.
+/// unknown machines. An armed task's script carries its token; an unknown machine's
+/// gets a registration token from `api` (one that can only post inventory).
 pub fn script(table: &BootTable, mac: Mac, base_url: &str, api: Option<&Api>) -> Option<String> {
-    let token =
-        |host: Option<&str>, task: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
-            api.and_then(|a| a.mint(mac, host, task))
-                .map(|t| vec![("token", t)])
-                .unwrap_or_default()
-        };
     let mut s = String::from("#!ipxe\n");
     match table.hosts.get(&mac) {
-        Some(HostBoot::Local { host, why }) => {
+        Some(BootInstruction::LocalDisk { host, why }) => {
             let _ = writeln!(s, "# fleetwave: {host}: {why}; booting the local disk");
             s.push_str(LOCAL_BOOT);
         }
-        Some(HostBoot::Agent {
+        Some(BootInstruction::Agent {
             host,
             site,
+            token,
             task,
-            disk,
             summary,
         }) => {
             let _ = writeln!(s, "# fleetwave: {host}: {summary}");
-            let mut args = vec![("host", host.clone()), ("site", site.clone())];
-            args.extend(task.iter().cloned());
-            let granted: Vec<_> = task.iter().chain(disk).cloned().collect();
-            args.extend(token(Some(host), &granted));
+            let args = [
+                ("host", host.clone()),
+                ("site", site.clone()),
+                ("task", task.kind().to_string()),
+                ("token", token.clone()),
+            ];
             agent_boot(&mut s, base_url, mac, &args);
         }
         None if !table.register_sites.is_empty() => {
@@ -274,7 +74,9 @@ pub fn script(table: &BootTable, mac: Mac, base_url: &str, api: Option<&Api>) ->
                 "# fleetwave: unknown machine {mac}: registering its inventory"
             );
             let mut args = vec![("task", "register".to_string())];
-            args.extend(token(None, &args.clone()));
+            if let Some(t) = api.and_then(|a| a.register_token(mac)) {
+                args.push(("token", t));
+            }
             agent_boot(&mut s, base_url, mac, &args);
         }
         None => return None,
@@ -308,7 +110,7 @@ fn agent_boot(s: &mut String, base: &str, mac: Mac, args: &[(&str, String)]) {
 /// What the HTTP handlers share.
 #[derive(Clone)]
 pub struct HttpState {
-    pub table: Arc<BootTable>,
+    pub table: BootFeed,
     /// How clients reach this server when a request names no Host.
     pub base_url: String,
     pub ipxe_root: PathBuf,
@@ -317,10 +119,15 @@ pub struct HttpState {
     pub tftp: Option<Arc<tftp::Stats>>,
     /// The agent API and its image store.
     pub api: Option<Arc<Api>>,
+    /// The operator's API (status, events, retry, sync, webhook).
+    pub control: Option<super::admin::Control>,
+    /// The state database's writes, for `/health`.
+    pub state: Option<Arc<crate::state::WriterStats>>,
 }
 
 pub fn router(state: HttpState) -> Router {
     let api = state.api.clone();
+    let control = state.control.clone();
     let mut r = Router::new()
         .route("/boot/{file}", get(boot_script))
         .route("/ipxe/{*path}", get(ipxe_file))
@@ -329,6 +136,9 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state);
     if let Some(api) = api {
         r = r.merge(super::api::routes(api));
+    }
+    if let Some(c) = control {
+        r = r.merge(super::admin::routes(c));
     }
     r.layer(
         TraceLayer::new_for_http()
@@ -384,7 +194,8 @@ async fn boot_script(
         })
         .map(|h| format!("http://{h}"))
         .unwrap_or_else(|| st.base_url.clone());
-    match script(&st.table, mac, &base, st.api.as_deref()) {
+    let table = st.table.borrow().clone();
+    match script(&table, mac, &base, st.api.as_deref()) {
         Some(s) => text(StatusCode::OK, s),
         None => text(
             StatusCode::NOT_FOUND,
@@ -441,12 +252,12 @@ async fn serve_file(root: PathBuf, path: String) -> Response {
 async fn health(State(st): State<HttpState>) -> Response {
     let mut doc = BTreeMap::new();
     doc.insert("status", serde_json::json!("ok"));
-    doc.insert("hosts", serde_json::json!(st.table.hosts.len()));
-    let due = st
-        .table
+    let table = st.table.borrow().clone();
+    doc.insert("hosts", serde_json::json!(table.hosts.len()));
+    let due = table
         .hosts
         .values()
-        .filter(|b| matches!(b, HostBoot::Agent { .. }))
+        .filter(|b| matches!(b, BootInstruction::Agent { .. }))
         .count();
     doc.insert("hosts_due", serde_json::json!(due));
     if let Some(d) = &st.dhcp {
@@ -458,6 +269,9 @@ async fn health(State(st): State<HttpState>) -> Response {
     }
     if let Some(t) = &st.tftp {
         doc.insert("tftp", serde_json::json!(&**t));
+    }
+    if let Some(w) = &st.state {
+        doc.insert("state_database", serde_json::json!(&**w));
     }
     if let Some(a) = &st.api {
         doc.insert("agent_tasks", serde_json::json!(a.tasks()));

@@ -3,10 +3,12 @@
 //! socket from the caller and a shutdown token, so tests run them on port 0 or in a
 //! namespace and `fleetwave serve` on the site's interface.
 
+pub mod admin;
 pub mod api;
 pub mod dhcp;
 pub mod http;
 pub mod tftp;
+pub mod wol;
 
 use std::path::{Component, Path, PathBuf};
 

@@ -3,6 +3,7 @@
 
 pub mod git;
 pub mod syntax;
+pub mod watch;
 pub mod yaml;
 
 use std::borrow::Cow;

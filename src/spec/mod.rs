@@ -16,7 +16,7 @@ use serde::Serialize;
 
 pub use resolve::{ReadDocument, build, read_file};
 pub use types::{Digest, IpRange, Mac, SizeRange, Window, parse_duration, parse_rate};
-pub use wire::{DhcpMode, Os, Transport, UnknownHosts, WipeMode};
+pub use wire::{DhcpMode, Heal, Os, Transport, UnknownHosts, WipeMode};
 
 /// The name of the wave that holds hosts no wave claims.
 pub const DEFAULT_WAVE: &str = "default";
@@ -46,6 +46,8 @@ pub struct Site {
     pub dhcp: Dhcp,
     pub unknown_hosts: UnknownHosts,
     pub image_store: String,
+    /// Wake the site's hosts (Wake-on-LAN) when they must boot for a task.
+    pub wake: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -129,6 +131,10 @@ pub struct Host {
     pub wave: String,
     pub disk: DiskSelector,
     pub suspend: bool,
+    /// Wake-on-LAN: the host's own or its groups' choice; `None`: its site's.
+    pub wake: Option<bool>,
+    /// What follows when a verify finds drift.
+    pub heal: Heal,
     pub actions: Actions,
 }
 

@@ -78,6 +78,9 @@ pub struct Site {
     pub unknown_hosts: Option<Sp<UnknownHosts>>,
     /// Where image chunks and manifests are stored. Default: /images.
     pub image_store: Option<Sp<String>>,
+    /// true: send Wake-on-LAN packets to the site's hosts when they must boot for a
+    /// task (a host or group may say otherwise). Default: false.
+    pub wake: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -171,6 +174,12 @@ pub struct Host {
     pub disk: Option<DiskSelector>,
     /// true: leave this host alone (no steps are planned for it).
     pub suspend: Option<bool>,
+    /// true: wake the host (Wake-on-LAN) when it must boot for a task; false: never.
+    /// Default: from its groups, else its site's `wake`.
+    pub wake: Option<bool>,
+    /// When a verify finds drift: report it, or redeploy. Default: from its groups,
+    /// else report.
+    pub heal: Option<Heal>,
     /// One-shot actions; each runs once per `generation` bump.
     pub actions: Option<Actions>,
 }
@@ -228,6 +237,17 @@ pub enum WipeMode {
     Full,
 }
 
+/// What follows when a verify finds that a disk no longer holds its version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Heal {
+    /// Record it (condition `Drifted`) and change nothing.
+    #[default]
+    Report,
+    /// Record it and deploy the version again, in the host's wave.
+    Redeploy,
+}
+
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Generation {
@@ -250,6 +270,8 @@ pub struct Group {
     pub wave: Option<Sp<String>>,
     pub disk: Option<DiskSelector>,
     pub suspend: Option<bool>,
+    pub wake: Option<bool>,
+    pub heal: Option<Heal>,
     /// Labels added to member hosts (a host's own label wins).
     #[serde(default)]
     #[schemars(schema_with = "labels")]

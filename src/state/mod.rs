@@ -1,5 +1,6 @@
-//! The server's own durable state: DHCP leases, observations of hosts and the agents'
-//! task tokens, in SQLite.
+//! The server's own durable state in SQLite: DHCP leases, DHCP observations, the
+//! agents' task tokens, and the controller's records: each host's status, the tasks it
+//! armed and their results, inventory, and an append-only event log.
 //!
 //! SQLite in WAL mode with `synchronous=FULL`: a committed write survives a crash of
 //! the process or the machine. One writer thread owns the connection and commits
@@ -8,14 +9,20 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
+use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
+use crate::protocol::{Assignment, Inventory, Progress, Task, TaskResult};
 use crate::spec::Mac;
+
+pub mod read;
+pub use read::Reader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -90,11 +97,83 @@ pub struct Observation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRow {
     pub token: String,
-    pub mac: Mac,
-    pub host: Option<String>,
-    pub task: Vec<(String, String)>,
+    pub assignment: Assignment,
     /// Unix seconds.
     pub expires: u64,
+}
+
+/// A task's result as the agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultRow {
+    /// The task's id (0 for a registration).
+    pub task: u64,
+    pub mac: Mac,
+    pub host: Option<String>,
+    /// Unix seconds.
+    pub at: u64,
+    pub result: TaskResult,
+}
+
+/// A machine's inventory as its agent reported it.
+#[derive(Debug, Clone)]
+pub struct InventoryRow {
+    pub mac: Mac,
+    /// `None` for a machine the fleet does not know.
+    pub host: Option<String>,
+    pub at: u64,
+    pub inventory: Inventory,
+}
+
+/// One line of the event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRow {
+    /// Its place in the log (0 until written).
+    #[serde(default)]
+    pub id: u64,
+    pub at: u64,
+    pub host: Option<String>,
+    /// A reason in the Flux style: `Armed`, `TaskSucceeded`, `CommitStalled`, ...
+    pub kind: String,
+    pub message: String,
+    pub commit: Option<String>,
+}
+
+impl EventRow {
+    pub fn new(host: Option<&str>, kind: &str, message: String) -> EventRow {
+        EventRow {
+            id: 0,
+            at: now(),
+            host: host.map(str::to_string),
+            kind: kind.to_string(),
+            message,
+            commit: None,
+        }
+    }
+}
+
+/// A task the controller armed, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRow {
+    pub id: u64,
+    pub host: String,
+    pub mac: Mac,
+    pub task: Task,
+    /// The commit that asked for it.
+    pub commit: Option<String>,
+    pub armed_at: u64,
+    pub ended_at: Option<u64>,
+    pub result: Option<TaskResult>,
+}
+
+/// A host's status as the controller keeps it: its phase for queries, the rest as
+/// the controller's own JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRow {
+    pub name: String,
+    pub mac: Mac,
+    pub phase: String,
+    pub status: String,
+    pub updated: u64,
 }
 
 /// A write for the writer thread.
@@ -104,8 +183,21 @@ pub enum Op {
     DeleteLease(Ipv4Addr),
     Observe(Observation),
     PutToken(TokenRow),
-    /// A token whose result came back: never honoured again.
+    /// A token whose result came back, or whose task was disarmed: never honoured again.
     SpendToken(String),
+    /// An agent's progress: handed to the controller, not written.
+    Progress {
+        task: u64,
+        mac: Mac,
+        progress: Progress,
+    },
+    Result(ResultRow),
+    Inventory(InventoryRow),
+    Event(EventRow),
+    PutHost(HostRow),
+    PutTask(TaskRow),
+    /// A key of the controller's bookkeeping (`applied_commit`, `next_task`, ...).
+    PutMeta(String, String),
 }
 
 /// Runs after the batch holding a write has committed.
@@ -146,6 +238,44 @@ CREATE TABLE IF NOT EXISTS tokens (
     host    TEXT,
     task    TEXT    NOT NULL,
     expires INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS hosts (
+    name    TEXT    PRIMARY KEY,
+    mac     TEXT    NOT NULL,
+    phase   TEXT    NOT NULL,
+    status  TEXT    NOT NULL,
+    updated INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id       INTEGER PRIMARY KEY,
+    host     TEXT    NOT NULL,
+    mac      TEXT    NOT NULL,
+    kind     TEXT    NOT NULL,
+    task     TEXT    NOT NULL,
+    commit_id TEXT,
+    armed_at INTEGER NOT NULL,
+    ended_at INTEGER,
+    result   TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_host ON tasks (host, id);
+CREATE TABLE IF NOT EXISTS inventory (
+    mac       TEXT    PRIMARY KEY,
+    host      TEXT,
+    at        INTEGER NOT NULL,
+    inventory TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at        INTEGER NOT NULL,
+    host      TEXT,
+    kind      TEXT    NOT NULL,
+    message   TEXT    NOT NULL,
+    commit_id TEXT
+);
+CREATE INDEX IF NOT EXISTS events_host ON events (host, id);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 ";
 
@@ -286,10 +416,11 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (token, mac, host, task, expires) = row.map_err(self.query_err())?;
-            // A damaged row costs one agent a reboot, not the server its start.
-            let (Ok(mac), Ok(task)) = (
+            // A damaged row (or one from before typed tasks) costs one agent a
+            // reboot, not the server its start.
+            let (Ok(mac), Ok(assignment)) = (
                 <[u8; 6]>::try_from(mac.as_slice()),
-                serde_json::from_str::<Vec<(String, String)>>(&task),
+                serde_json::from_str::<Assignment>(&task),
             ) else {
                 warn!(
                     "state database {}: a task token row is damaged; skipped",
@@ -297,11 +428,13 @@ impl Store {
                 );
                 continue;
             };
+            if assignment.mac != Mac(mac) {
+                continue;
+            }
+            let _ = host;
             out.push(TokenRow {
                 token,
-                mac: Mac(mac),
-                host,
-                task,
+                assignment,
                 expires: expires.max(0) as u64,
             });
         }
@@ -310,20 +443,31 @@ impl Store {
 
     /// Hand the connection to a writer thread.
     pub fn into_writer(self) -> Writer {
+        self.into_writer_with_tap(None)
+    }
+
+    /// [`Store::into_writer`], and every observation (DHCP seen, inventory, progress,
+    /// result) is handed to `tap` once it is durable: the controller reacts only to
+    /// what a restart would also find.
+    pub fn into_writer_with_tap(self, tap: Option<Tap>) -> Writer {
         let (tx, rx) = mpsc::channel::<Batch>();
+        let stats = Arc::new(WriterStats::default());
+        let st = stats.clone();
         let thread = std::thread::Builder::new()
             .name("state-writer".into())
-            .spawn(move || write_loop(self, rx));
+            .spawn(move || write_loop(self, rx, tap, &st));
         match thread {
             Ok(thread) => Writer {
                 tx: Some(tx),
                 thread: Some(thread),
+                stats,
             },
             Err(e) => {
                 error!("cannot start the state writer thread: {e}");
                 Writer {
                     tx: None,
                     thread: None,
+                    stats,
                 }
             }
         }
@@ -335,6 +479,16 @@ impl Store {
 pub struct Writer {
     tx: Option<mpsc::Sender<Batch>>,
     thread: Option<JoinHandle<()>>,
+    stats: Arc<WriterStats>,
+}
+
+/// What the writer thread has done, for `/health` and the benchmark.
+#[derive(Debug, Default, Serialize)]
+pub struct WriterStats {
+    /// Rows written (inserts, updates, deletes).
+    pub writes: AtomicU64,
+    /// Transactions committed (each one fsync in WAL mode).
+    pub commits: AtomicU64,
 }
 
 /// A cheap handle to queue writes from many tasks.
@@ -357,6 +511,10 @@ impl WriteHandle {
 }
 
 impl Writer {
+    pub fn stats(&self) -> Arc<WriterStats> {
+        self.stats.clone()
+    }
+
     pub fn handle(&self) -> WriteHandle {
         WriteHandle {
             tx: self.tx.clone(),
@@ -378,7 +536,10 @@ impl Writer {
 /// The most writes committed in one transaction.
 const MAX_BATCH: usize = 4096;
 
-fn write_loop(store: Store, rx: mpsc::Receiver<Batch>) {
+/// Where committed observations go.
+pub type Tap = tokio::sync::mpsc::UnboundedSender<Op>;
+
+fn write_loop(store: Store, rx: mpsc::Receiver<Batch>, tap: Option<Tap>, stats: &WriterStats) {
     let mut conn = store.conn;
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
@@ -394,6 +555,23 @@ fn write_loop(store: Store, rx: mpsc::Receiver<Batch>) {
         }
         match commit(&mut conn, &batches) {
             Ok(()) => {
+                let written = batches
+                    .iter()
+                    .flat_map(|b| &b.ops)
+                    .filter(|o| !matches!(o, Op::Progress { .. }))
+                    .count();
+                stats.writes.fetch_add(written as u64, Ordering::Relaxed);
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                if let Some(tap) = &tap {
+                    for op in batches.iter().flat_map(|b| &b.ops) {
+                        if matches!(
+                            op,
+                            Op::Observe(_) | Op::Progress { .. } | Op::Result(_) | Op::Inventory(_)
+                        ) {
+                            let _ = tap.send(op.clone());
+                        }
+                    }
+                }
                 for b in batches {
                     if let Some(after) = b.after {
                         after();
@@ -448,18 +626,71 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
                     ])?;
                 }
                 Op::PutToken(t) => {
-                    let task = serde_json::to_string(&t.task)
-                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
                     put_token.execute(params![
                         t.token,
-                        &t.mac.0[..],
-                        t.host,
-                        task,
+                        &t.assignment.mac.0[..],
+                        t.assignment.host,
+                        json(&t.assignment)?,
                         t.expires as i64
                     ])?;
                 }
                 Op::SpendToken(token) => {
                     spend.execute([token])?;
+                }
+                Op::Progress { .. } => {}
+                Op::Result(r) => {
+                    tx.prepare_cached("UPDATE tasks SET ended_at = ?2, result = ?3 WHERE id = ?1")?
+                        .execute(params![r.task as i64, r.at as i64, json(&r.result)?])?;
+                }
+                Op::Inventory(i) => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO inventory (mac, host, at, inventory) VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![
+                        i.mac.to_string(),
+                        i.host,
+                        i.at as i64,
+                        json(&i.inventory)?
+                    ])?;
+                }
+                Op::Event(e) => {
+                    tx.prepare_cached(
+                        "INSERT INTO events (at, host, kind, message, commit_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![e.at as i64, e.host, e.kind, e.message, e.commit])?;
+                }
+                Op::PutHost(h) => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO hosts (name, mac, phase, status, updated) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![
+                        h.name,
+                        h.mac.to_string(),
+                        h.phase,
+                        h.status,
+                        h.updated as i64
+                    ])?;
+                }
+                Op::PutTask(t) => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO tasks (id, host, mac, kind, task, commit_id, armed_at, ended_at, result) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    )?
+                    .execute(params![
+                        t.id as i64,
+                        t.host,
+                        t.mac.to_string(),
+                        t.task.kind(),
+                        json(&t.task)?,
+                        t.commit,
+                        t.armed_at as i64,
+                        t.ended_at.map(|x| x as i64),
+                        t.result.as_ref().map(json).transpose()?
+                    ])?;
+                }
+                Op::PutMeta(k, v) => {
+                    tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+                        .execute(params![k, v])?;
                 }
             }
         }
@@ -474,6 +705,10 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
         }
     }
     tx.commit()
+}
+
+fn json(v: &impl Serialize) -> rusqlite::Result<String> {
+    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
 }
 
 /// Seconds since the Unix epoch.
@@ -504,9 +739,14 @@ mod tests {
         let path = dir.path().join("state.db");
         let token = |name: &str, expires: u64| TokenRow {
             token: name.into(),
-            mac: Mac([0x52, 0x54, 0, 0, 0, 1]),
-            host: Some("pc01".into()),
-            task: vec![("task".into(), "deploy".into())],
+            assignment: Assignment {
+                mac: Mac([0x52, 0x54, 0, 0, 0, 1]),
+                host: Some("pc01".into()),
+                id: 7,
+                task: Task::Inventory { generation: 1 },
+                disk: Default::default(),
+                after: Default::default(),
+            },
             expires,
         };
         let later = now() + 3600;

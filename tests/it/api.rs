@@ -6,14 +6,14 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use fleetwave::image::{self, store::Store};
-use fleetwave::observed::Observed;
-use fleetwave::plan::{self, Params};
+use fleetwave::image::store::Store;
+use fleetwave::protocol::{Assignment, BootInstruction, Task};
 use fleetwave::services::api::Api;
 use fleetwave::services::http::{BootTable, HttpState, run};
+use fleetwave::spec::Mac;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Loop, bytes, fleetwave, mkfs_ext4, spec_of, tool};
+use crate::{bytes, fleetwave, mkfs_ext4, spec_of, tool};
 
 fn fleet() -> String {
     format!(
@@ -49,26 +49,56 @@ impl Drop for Server {
 }
 
 fn start(dir: &Path) -> Server {
-    start_with(dir, &fleet(), Observed::default())
-}
-
-fn start_with(dir: &Path, fleet: &str, observed: Observed) -> Server {
     let api = Api::new(Store::open(&dir.join("server-store")).expect("store"));
-    start_api(dir, fleet, observed, api)
+    start_api(dir, api)
 }
 
-fn start_api(dir: &Path, fleet: &str, observed: Observed, api: Api) -> Server {
-    let spec = spec_of(fleet);
-    let plan = plan::diff(&spec, &observed, &Params::default());
+/// A task for `mac` (its host named after it).
+pub fn assignment(mac: &str, task: Task) -> Assignment {
+    Assignment {
+        mac: mac.parse().expect("mac"),
+        host: Some(format!("host-{mac}")),
+        id: 1,
+        task,
+        disk: Default::default(),
+        after: Default::default(),
+    }
+}
+
+fn capture_task(generation: u64) -> Task {
+    Task::Capture {
+        image: "win10".into(),
+        generation,
+    }
+}
+
+/// The agent API alone, with the reference machine armed for a capture (its script
+/// carries the token), as the controller would arm it.
+fn start_api(dir: &Path, api: Api) -> Server {
+    let _ = spec_of(&fleet());
+    let token = api.mint(assignment(REF, capture_task(1))).expect("token");
+    let mut table = BootTable::default();
+    table.hosts.insert(
+        REF.parse::<Mac>().expect("mac"),
+        BootInstruction::Agent {
+            host: "ref-win10".into(),
+            site: "lab".into(),
+            token,
+            task: capture_task(1),
+            summary: "capture".into(),
+        },
+    );
     let api = Arc::new(api);
     let state = HttpState {
-        table: Arc::new(BootTable::from_plan(&spec, &plan)),
+        table: tokio::sync::watch::channel(Arc::new(table)).1,
         base_url: "http://127.0.0.1".into(),
         ipxe_root: dir.to_owned(),
         files_root: dir.to_owned(),
         dhcp: None,
         tftp: None,
         api: Some(api.clone()),
+        control: None,
+        state: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -109,25 +139,6 @@ fn script(url: &str, mac: &str) -> String {
         .body_mut()
         .read_to_string()
         .expect("body")
-}
-
-/// The kernel line of `mac`'s script written to `cmdline`, then `fleetwave agent run`
-/// on it, as the netboot kernel would; the line, the exit code and the output.
-fn agent_run(url: &str, mac: &str, cmdline: &Path) -> (String, i32, String) {
-    let script = script(url, mac);
-    let kernel = script
-        .lines()
-        .find(|l| l.starts_with("kernel "))
-        .unwrap_or_else(|| panic!("no kernel line:\n{script}"))
-        .to_string();
-    std::fs::write(cmdline, &kernel).expect("write");
-    let (code, out) = fleetwave(&[
-        "agent",
-        "run",
-        "--cmdline",
-        cmdline.to_str().expect("utf-8"),
-    ]);
-    (kernel, code, out)
 }
 
 /// The token on the kernel line of `mac`'s script.
@@ -197,7 +208,7 @@ fn the_agent_captures_and_deploys_through_the_api_with_its_token_only() {
     // A second capture of the same disk (a new task) sends nothing.
     let again = server
         .api
-        .mint(REF.parse().expect("mac"), Some("ref-win10"), &[])
+        .mint(assignment(REF, capture_task(1)))
         .expect("token");
     let (code, out) = capture(&again, REF);
     assert_eq!(code, 0, "{out}");
@@ -207,7 +218,14 @@ fn the_agent_captures_and_deploys_through_the_api_with_its_token_only() {
     // pc01 deploys that version over HTTP and verifies it.
     let deploy_token = server
         .api
-        .mint(PC01.parse().expect("mac"), Some("pc01"), &[])
+        .mint(assignment(
+            PC01,
+            Task::Deploy {
+                image: "win10".into(),
+                version: digest.parse().expect("digest"),
+                multicast: None,
+            },
+        ))
         .expect("token");
     // The health endpoint lists the task in flight.
     let health: serde_json::Value = {
@@ -259,7 +277,7 @@ fn an_upload_whose_content_does_not_match_its_name_is_refused() {
     let server = start(dir.path());
     let token = server
         .api
-        .mint(REF.parse().expect("mac"), None, &[])
+        .mint(assignment(REF, capture_task(1)))
         .expect("token");
     let agent = http();
     let data = vec![7u8; 100_000];
@@ -296,106 +314,6 @@ fn an_upload_whose_content_does_not_match_its_name_is_refused() {
     assert!(!store.has_chunk(&format!("blake3:{right_name}").parse().expect("digest")));
 }
 
-/// What the netboot environment does: iPXE fetches the script, boots the kernel line,
-/// and `fleetwave agent run` reads it, picks the disk by the host's selector, deploys
-/// and reports.
-#[test]
-fn agent_run_follows_the_script_to_a_verified_disk() {
-    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") || !tool("mount", "/usr/sbin/losetup") {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    // The version to deploy, already in the server's store.
-    let src = d.join("src");
-    std::fs::create_dir_all(&src).expect("mkdir");
-    std::fs::write(src.join("os.txt"), "the golden image\n".repeat(40_000)).expect("write");
-    let fs = d.join("fs.img");
-    mkfs_ext4(&src, &fs, 40 << 20, &[]);
-    let store = Store::open(&d.join("server-store")).expect("store");
-    let cap = fleetwave::image::capture(&fs, &store, Some(("linux", 1)), Default::default())
-        .expect("capture");
-    // The host's disk: a loop device its selector names.
-    let Some(disk) = Loop::attach(&d.join("disk"), 64 << 20) else {
-        return;
-    };
-    let dev = disk.dev.clone();
-    let fleet = format!(
-        "{}images:\n  linux: {{os: linux}}\nhosts:\n  pc01: {{mac: \"{PC01}\", site: lab, image: linux, disk: {{path: {dev}}}}}\n",
-        crate::LAB_SITE
-    );
-    let observed = Observed::from_json(&format!(
-        r#"{{"images": {{"linux": {{"versions": [{{"digest": "{}", "generation": 1, "disk_bytes": {}, "stored_bytes": {}}}]}}}}}}"#,
-        cap.digest, cap.disk_bytes, cap.stored_bytes
-    ))
-    .expect("observed");
-    let server = start_with(d, &fleet, observed);
-    // The kernel line of the script, with the server's address as the client saw it.
-    let cmdline = d.join("cmdline");
-    let (kernel, code, out) = agent_run(&server.url, PC01, &cmdline);
-    assert!(kernel.contains("fleetwave.task=deploy"), "{kernel}");
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("deployed and verified"), "{out}");
-    let fsck = Command::new("e2fsck")
-        .args(["-fn", &dev])
-        .output()
-        .expect("e2fsck");
-    assert!(
-        fsck.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
-    // The result spent the token.
-    let (code, out) = fleetwave(&[
-        "agent",
-        "run",
-        "--cmdline",
-        cmdline.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(code, 2, "{out}");
-    assert!(out.contains("401"), "{out}");
-    drop(server);
-
-    // A verify action: the task names the version the host reported, and the agent
-    // says whether the disk still holds it.
-    let fleet = fleet.replace("disk: {", "actions: {verify: {generation: 1}}, disk: {");
-    let observed_json = format!(
-        r#"{{"images": {{"linux": {{"versions": [{{"digest": "{d}", "generation": 1, "disk_bytes": {}, "stored_bytes": {}}}]}}}}, "hosts": [{{"mac": "{PC01}", "deployed": "{d}"}}]}}"#,
-        cap.disk_bytes,
-        cap.stored_bytes,
-        d = cap.digest
-    );
-    let verify = |expect: i32, says: &str| {
-        let observed = Observed::from_json(&observed_json).expect("observed");
-        let server = start_with(d, &fleet, observed);
-        let (kernel, code, out) = agent_run(&server.url, PC01, &cmdline);
-        assert!(kernel.contains("fleetwave.task=verify"), "{kernel}");
-        assert!(
-            kernel.contains(&format!("fleetwave.version={}", cap.digest)),
-            "{kernel}"
-        );
-        assert_eq!(code, expect, "{out}");
-        assert!(out.contains(says), "{out}");
-    };
-    verify(0, "holds");
-    // Change one byte the image holds: drift, reported as such.
-    let m = store.manifest(&cap.digest).expect("manifest");
-    let at = image::placements(&m)[0][0].0 + 100;
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&dev)
-            .expect("open disk");
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).expect("read");
-        f.write_all_at(&[!b[0]], at).expect("write");
-        f.sync_all().expect("sync");
-    }
-    verify(1, "drifted");
-}
-
 /// Chunk files in a store.
 fn chunk_files(store: &Path) -> usize {
     std::fs::read_dir(store.join("chunks"))
@@ -426,7 +344,7 @@ fn an_interrupted_upload_resumes_with_what_the_server_lacks() {
     let server_store = d.join("server-store");
     let token = server
         .api
-        .mint(REF.parse().expect("mac"), None, &[])
+        .mint(assignment(REF, capture_task(1)))
         .expect("token");
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
         .args(["agent", "capture"])
@@ -458,7 +376,7 @@ fn an_interrupted_upload_resumes_with_what_the_server_lacks() {
     // The next task (a new token) sends only what the server still lacks.
     let again = server
         .api
-        .mint(REF.parse().expect("mac"), None, &[])
+        .mint(assignment(REF, capture_task(1)))
         .expect("token");
     let (code, out) = fleetwave(&[
         "agent",
@@ -519,7 +437,7 @@ fn tokens_outlive_a_server_restart_until_their_result_spends_them() {
     let state = fleetwave::state::Store::open(&db).expect("state");
     assert!(state.tokens().expect("tokens").is_empty());
     let writer = state.into_writer();
-    let server = start_api(d, &fleet(), Observed::default(), api(&writer, vec![]));
+    let server = start_api(d, api(&writer, vec![]));
     let token = token_from_script(&server.url, REF);
     assert_eq!(get_task(&server.url, &token), 200);
     drop(server);
@@ -529,9 +447,9 @@ fn tokens_outlive_a_server_restart_until_their_result_spends_them() {
     let state = fleetwave::state::Store::open(&db).expect("state");
     let rows = state.tokens().expect("tokens");
     assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!(rows[0].mac.to_string(), REF);
+    assert_eq!(rows[0].assignment.mac.to_string(), REF);
     let writer = state.into_writer();
-    let server = start_api(d, &fleet(), Observed::default(), api(&writer, rows));
+    let server = start_api(d, api(&writer, rows));
     assert_eq!(
         get_task(&server.url, &token),
         200,
@@ -554,5 +472,198 @@ fn tokens_outlive_a_server_restart_until_their_result_spends_them() {
 
     // Third life: a spent token stays spent.
     let state = fleetwave::state::Store::open(&db).expect("state");
-    assert!(state.tokens().expect("tokens").is_empty());
+    let rows = state.tokens().expect("tokens");
+    assert!(rows.iter().all(|r| r.token != token), "{rows:?}");
+}
+
+/// Every kind of token on every endpoint: a token authorizes exactly its task.
+#[test]
+fn each_kind_of_token_reaches_only_what_its_task_needs() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("a"), bytes(400_000, 3)).expect("write");
+    let fs = d.join("fs.img");
+    mkfs_ext4(&src, &fs, 8 << 20, &[]);
+    let store = Store::open(&d.join("server-store")).expect("store");
+    let cap = fleetwave::image::capture(&fs, &store, Some(("win10", 1)), Default::default())
+        .expect("capture");
+    let version = cap.digest;
+    let m = store.manifest(&version).expect("manifest");
+    let chunk = m.chunks[0].hash;
+    let other_version = format!("blake3:{}", "2".repeat(64));
+    let server = start(d);
+    let url = server.url.as_str();
+    let kinds: Vec<(&str, Task)> = vec![
+        ("register", Task::Register),
+        ("inventory", Task::Inventory { generation: 1 }),
+        ("capture", capture_task(2)),
+        (
+            "wipe",
+            Task::Wipe {
+                mode: fleetwave::spec::WipeMode::Fast,
+                generation: 1,
+            },
+        ),
+        (
+            "deploy",
+            Task::Deploy {
+                image: "win10".into(),
+                version,
+                multicast: None,
+            },
+        ),
+        (
+            "deploy-mc",
+            Task::Deploy {
+                image: "win10".into(),
+                version,
+                multicast: Some("room-a/lab/win10".into()),
+            },
+        ),
+        (
+            "verify",
+            Task::Verify {
+                version,
+                generation: 1,
+            },
+        ),
+    ];
+    let inventory = r#"{"cpu_model": null, "cpu_threads": 1, "memory_bytes": 1, "disks": [], "nics": [], "dmi": {"vendor": null, "product": null, "serial": null, "uuid": null}}"#;
+    let chunk_body = zstd::bulk::compress(&bytes(1000, 9), 3).expect("zstd");
+    let chunk_name = format!("blake3:{}", blake3::hash(&bytes(1000, 9)).to_hex());
+    let manifest = m.to_bytes();
+    // (endpoint, the kinds it allows, the status they get; others get 403).
+    type Call<'a> = (&'a str, &'a str, String, Vec<u8>);
+    let calls: Vec<(Call, Vec<&str>, u16)> = vec![
+        (
+            ("GET", "task", String::new(), vec![]),
+            kinds.iter().map(|k| k.0).collect(),
+            200,
+        ),
+        (
+            ("POST", "register", String::new(), inventory.into()),
+            kinds.iter().map(|k| k.0).collect(),
+            204,
+        ),
+        (
+            (
+                "POST",
+                "progress",
+                String::new(),
+                br#"{"done_bytes": 1, "total_bytes": 2, "bytes_per_sec": 1}"#.to_vec(),
+            ),
+            kinds.iter().map(|k| k.0).collect(),
+            204,
+        ),
+        (
+            (
+                "POST",
+                "chunks/missing",
+                String::new(),
+                format!("[\"{chunk}\"]").into_bytes(),
+            ),
+            vec!["capture"],
+            200,
+        ),
+        (
+            ("PUT", "chunks/", chunk_name.clone(), chunk_body.clone()),
+            vec!["capture"],
+            201,
+        ),
+        (
+            ("GET", "chunks/", chunk.to_string(), vec![]),
+            vec!["deploy", "deploy-mc"],
+            200,
+        ),
+        (("GET", "chunks/", chunk_name.clone(), vec![]), vec![], 200),
+        (
+            ("GET", "manifests/", version.to_string(), vec![]),
+            vec!["deploy", "deploy-mc", "verify"],
+            200,
+        ),
+        (
+            ("GET", "manifests/", other_version.clone(), vec![]),
+            vec![],
+            200,
+        ),
+        (
+            ("PUT", "manifests", String::new(), manifest.clone()),
+            vec!["capture"],
+            201,
+        ),
+        (
+            ("POST", "multicast", String::new(), vec![]),
+            vec!["deploy-mc"],
+            409,
+        ),
+        (
+            (
+                "POST",
+                "result",
+                String::new(),
+                br#"{"ok": true, "digest": null, "message": "x"}"#.to_vec(),
+            ),
+            kinds.iter().map(|k| k.0).collect(),
+            204,
+        ),
+    ];
+    let agent = http();
+    let mut wrong = Vec::new();
+    for (kind, task) in &kinds {
+        let token = server
+            .api
+            .mint(assignment(PC01, task.clone()))
+            .expect("token");
+        for ((method, path, arg, body), allowed, ok) in &calls {
+            let u = format!("{url}/api/v1/{path}{arg}");
+            let auth = format!("Bearer {token}");
+            let r = match *method {
+                "GET" => agent
+                    .get(&u)
+                    .header("Authorization", &auth)
+                    .header("X-Fleetwave-Mac", PC01)
+                    .call(),
+                "PUT" => agent
+                    .put(&u)
+                    .header("Authorization", &auth)
+                    .header("X-Fleetwave-Mac", PC01)
+                    .header("Content-Type", "application/json")
+                    .send(&body[..]),
+                _ => agent
+                    .post(&u)
+                    .header("Authorization", &auth)
+                    .header("X-Fleetwave-Mac", PC01)
+                    .header("Content-Type", "application/json")
+                    .send(&body[..]),
+            };
+            let got = r.expect("request").status().as_u16();
+            let want = if allowed.contains(kind) { *ok } else { 403 };
+            if got != want {
+                wrong.push(format!(
+                    "{kind} token, {method} {path}{arg}: {got}, expected {want}"
+                ));
+            }
+        }
+        // Spent by its result: nothing more.
+        let r = agent
+            .get(format!("{url}/api/v1/task"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .header("X-Fleetwave-Mac", PC01)
+            .call()
+            .expect("GET");
+        assert_eq!(
+            r.status().as_u16(),
+            401,
+            "{kind} token still works after its result"
+        );
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // The capture token committed its manifest under its own image and generation.
+    let rec = store.image("win10").expect("record").expect("win10");
+    assert!(rec.versions.iter().any(|v| v.generation == 2), "{rec:?}");
 }

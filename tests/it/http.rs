@@ -3,12 +3,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
 
-use fleetwave::observed::Observed;
-use fleetwave::plan::{self, Params};
-use fleetwave::services::http::{BootTable, HttpState, run};
-use tokio_util::sync::CancellationToken;
+use fleetwave::image::store::{Store, VersionRecord};
+use fleetwave::reconcile::host::HostStatus;
+use fleetwave::source::watch::Origin;
+use fleetwave::state::{HostRow, Op};
 
 const DIGEST: &str = "blake3:1111111111111111111111111111111111111111111111111111111111111111";
 
@@ -36,74 +35,82 @@ waves:
     )
 }
 
-fn observed() -> Observed {
-    Observed::from_json(&format!(
-        r#"{{
-  "hosts": [
-    {{"mac": "52:54:00:28:00:10", "done": {{"capture": 1}}}},
-    {{"mac": "52:54:00:28:00:11", "deployed": "{DIGEST}"}}
-  ],
-  "images": {{"win10": {{"versions": [
-    {{"digest": "{DIGEST}", "generation": 1, "disk_bytes": 1000000, "stored_bytes": 400000}}
-  ]}}}}
-}}"#
-    ))
-    .expect("observed state")
-}
-
 struct Http {
     addr: SocketAddr,
-    stop: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: crate::controller::Running,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Http {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
+/// The whole server on the fleet above, with the version of `win10` in its store and
+/// pc01 recorded as holding it.
 fn start() -> Http {
     let dir = tempfile::tempdir().expect("tempdir");
-    let spec = crate::spec_of(&fleet());
-    let plan = plan::diff(&spec, &observed(), &Params::default());
-    let ipxe = dir.path().join("ipxe");
-    let files = dir.path().join("files");
+    let d = dir.path();
+    std::fs::write(d.join("fleet.yaml"), fleet()).expect("write");
+    let store = Store::open(&d.join("store")).expect("store");
+    let digest: fleetwave::spec::Digest = DIGEST.parse().expect("digest");
+    store
+        .add_version(
+            "win10",
+            VersionRecord {
+                digest,
+                generation: 1,
+                captured_at: 0,
+                disk_bytes: 1_000_000,
+                stored_bytes: 400_000,
+            },
+        )
+        .expect("version");
+    let state = fleetwave::state::Store::open(&{
+        std::fs::create_dir_all(d.join("state")).expect("mkdir");
+        d.join("state/state.db")
+    })
+    .expect("state")
+    .into_writer();
+    let held = HostStatus {
+        deployed: Some(digest),
+        ..HostStatus::default()
+    };
+    state.handle().write(
+        vec![Op::PutHost(HostRow {
+            name: "pc01".into(),
+            mac: "52:54:00:28:00:11".parse().expect("mac"),
+            phase: "Ready".into(),
+            status: serde_json::to_string(&held).expect("json"),
+            updated: 0,
+        })],
+        None,
+    );
+    state.close();
+    let ipxe = d.join("ipxe");
+    let files = d.join("files");
     std::fs::create_dir_all(&ipxe).expect("mkdir");
     std::fs::create_dir_all(&files).expect("mkdir");
     std::fs::write(ipxe.join("snponly.efi"), vec![7u8; 300_000]).expect("write");
-    std::fs::write(dir.path().join("secret"), "not served").expect("write");
-    std::os::unix::fs::symlink(dir.path().join("secret"), files.join("link-out")).expect("symlink");
-    let state = HttpState {
-        table: Arc::new(BootTable::from_plan(&spec, &plan)),
-        base_url: "http://172.28.0.1:8080".into(),
-        ipxe_root: ipxe,
-        files_root: files,
-        dhcp: None,
-        tftp: None,
-        api: None,
-    };
-    let stop = CancellationToken::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let t = stop.clone();
-    let thread = std::thread::spawn(move || {
-        let _ = rt.block_on(run(listener, state, t));
-    });
+    std::fs::write(d.join("secret"), "not served").expect("write");
+    std::os::unix::fs::symlink(d.join("secret"), files.join("link-out")).expect("symlink");
+    let server = crate::controller::serve_with(
+        d,
+        Origin::Dir(d.join("fleet.yaml")),
+        &d.join("store"),
+        Default::default(),
+        &ipxe,
+        &files,
+    );
+    let addr: SocketAddr = server
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    crate::controller::wait_for(
+        &server.url,
+        "the fleet applied",
+        std::time::Duration::from_secs(20),
+        |s| s.applied.is_some() && crate::controller::state_of(s, "pc02") == "Armed",
+    );
     Http {
         addr,
-        stop,
-        thread: Some(thread),
+        _server: server,
         _dir: dir,
     }
 }
@@ -145,33 +152,34 @@ fn each_host_state_gets_its_script() {
     let local = "sanboot --no-describe --drive 0x80";
     // Converged: the local disk.
     let s = script(h.addr, "52:54:00:28:00:11");
-    assert!(s.contains("pc01: nothing due") && s.contains(local), "{s}");
-    // Its capture done: the reference machine boots its disk too.
+    assert!(s.contains("pc01: Ready") && s.contains(local), "{s}");
+    // Its image has a version of the generation asked for: the reference boots its disk.
     let s = script(h.addr, "52:54:00:28:00:10");
     assert!(s.contains(local), "{s}");
-    // Due for a deploy: the agent, with the version and transport.
+    // Armed for a deploy: the agent, with its task's token; the task itself comes
+    // from the API.
     let s = script(h.addr, "52-54-00-28-00-12");
     assert!(
         s.contains("kernel http://172.28.0.1:8080/files/vmlinuz initrd=initrd.img")
             && s.contains("fleetwave.task=deploy")
-            && s.contains(&format!("fleetwave.version={DIGEST}"))
-            && s.contains("fleetwave.via=unicast")
+            && s.contains(&format!("deploy win10@{DIGEST} by unicast"))
+            && s.contains("fleetwave.token=")
             && s.contains("fleetwave.host=pc02")
             && s.contains("initrd http://172.28.0.1:8080/files/initrd.img"),
         "{s}"
     );
     // Suspended: nothing happens to it.
     let s = script(h.addr, "52:54:00:28:00:13");
-    assert!(s.contains("pc03: suspended") && s.contains(local), "{s}");
+    assert!(s.contains("pc03: Suspended") && s.contains(local), "{s}");
     // A one-shot wipe.
     let s = script(h.addr, "52:54:00:28:00:14");
     assert!(
-        s.contains("fleetwave.task=wipe") && s.contains("fleetwave.mode=fast"),
+        s.contains("fleetwave.task=wipe") && s.contains("wipe (fast, generation 1)"),
         "{s}"
     );
     // An image that was never captured: stalled, so the disk is left alone.
     let s = script(h.addr, "52:54:00:28:00:15");
-    assert!(s.contains("pc05: stalled") && s.contains(local), "{s}");
+    assert!(s.contains("pc05: Stalled") && s.contains(local), "{s}");
     // An unknown machine on a site that registers them.
     let s = script(h.addr, "52:54:00:99:99:99");
     assert!(s.contains("fleetwave.task=register"), "{s}");

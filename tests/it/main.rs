@@ -3,6 +3,7 @@
 mod agent;
 mod api;
 mod cli_exit;
+mod controller;
 mod dhcp;
 mod fixtures;
 mod git_review;

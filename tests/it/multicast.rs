@@ -238,17 +238,8 @@ fn a_wave_converges_by_multicast_with_a_late_a_restarted_and_a_lossy_receiver() 
             .collect::<String>()
     );
     std::fs::write(d.join("fleet.yaml"), &fleet).expect("write");
-    let observed = d.join("observed.json");
-    let size = std::fs::metadata(&img).expect("img").len();
-    std::fs::write(
-        &observed,
-        format!(
-            r#"{{"images": {{"win10": {{"versions": [{{"digest": "{digest}", "generation": 1, "disk_bytes": {size}, "stored_bytes": 1}}]}}}}}}"#
-        ),
-    )
-    .expect("write");
-    let mut args = serve_args(d);
-    args.extend(["--observed".into(), observed.display().to_string()]);
+    // The version is in the server's store: the controller arms the wave's deploys.
+    let args = serve_args(d);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut serve = lab.serve("srv", &args);
     lose(&lab, "r1", 5);

@@ -205,6 +205,12 @@ impl Server {
         &self.config
     }
 
+    /// The fleet's hosts of a new revision (reservations, known MACs); sites and
+    /// sockets stay as they were bound.
+    pub fn set_hosts(&mut self, hosts: HostMap) {
+        self.config.hosts = hosts;
+    }
+
     pub fn bound_leases(&self, now: u64) -> usize {
         self.leases.bound(now)
     }

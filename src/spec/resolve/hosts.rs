@@ -253,6 +253,13 @@ fn resolve_host(
         .suspend
         .or_else(|| group_entries.iter().find_map(|(_, g)| g.suspend))
         .unwrap_or(false);
+    let wake = h
+        .wake
+        .or_else(|| group_entries.iter().find_map(|(_, g)| g.wake));
+    let heal = h
+        .heal
+        .or_else(|| group_entries.iter().find_map(|(_, g)| g.heal))
+        .unwrap_or_default();
     let mut labels = own_labels;
     for (_, g) in &group_entries {
         for (k, v) in &g.labels {
@@ -353,6 +360,8 @@ fn resolve_host(
         wave: wave.map(|w| w.value.clone()).unwrap_or_default(),
         disk,
         suspend,
+        wake,
+        heal,
         actions,
     })
 }

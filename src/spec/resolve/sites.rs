@@ -200,6 +200,7 @@ pub(super) fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
                         .map(|u| u.value)
                         .unwrap_or(UnknownHosts::Register),
                     image_store,
+                    wake: s.wake.unwrap_or(false),
                 },
             );
         }

@@ -1,0 +1,155 @@
+//! Following the fleet's origin: every `interval`, on a webhook and on `fleetwave
+//! sync`, read the newest revision and hand it to the controller. A fetch that fails
+//! changes nothing (the last revision keeps serving); an invalid revision is handed on
+//! with its problems, for the controller to report as Stalled.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::diag::{self, Palette};
+use crate::source::git::CommitTree;
+use crate::source::watch::{Origin, fetch};
+use crate::source::{DirTree, Tree};
+use crate::spec::{self, FleetSpec};
+
+/// One revision of the fleet, validated or not.
+#[derive(Debug, Clone)]
+pub struct Revision {
+    /// The commit id, or `dir:<hash of the files>` for a directory.
+    pub id: String,
+    /// Unix seconds when it was read.
+    pub at: u64,
+    /// The fleet, or its problems as `validate` prints them (file:line:column).
+    pub fleet: Validated,
+}
+
+/// A validated fleet, or its problems rendered.
+pub type Validated = Result<Arc<FleetSpec>, Vec<String>>;
+
+pub type RevisionFeed = watch::Receiver<Option<Arc<Revision>>>;
+
+/// Read and validate the newest revision; `Err` when it cannot be read at all.
+pub fn read(origin: &Origin, cache: &Path) -> Result<Revision, String> {
+    let at = crate::state::now();
+    match origin {
+        Origin::Git { url, branch, path } => {
+            let commit = fetch(url, branch, cache)?;
+            let tree = CommitTree::open(cache, &commit).map_err(|e| e.to_string())?;
+            let (_, fleet) = load(&tree, path)?;
+            Ok(Revision {
+                id: commit,
+                at,
+                fleet,
+            })
+        }
+        Origin::Dir(path) => {
+            let entry = if path.is_dir() {
+                path.join("fleet.yaml")
+            } else {
+                path.clone()
+            };
+            let (hash, fleet) = load(&DirTree, &entry)?;
+            Ok(Revision {
+                id: format!("dir:{}", &hash[..16]),
+                at,
+                fleet,
+            })
+        }
+    }
+}
+
+/// The fleet at `entry` of `tree`: a hash of its files, and the spec or its problems.
+fn load(tree: &dyn Tree, entry: &Path) -> Result<(String, Validated), String> {
+    let loaded = crate::source::load_each(tree, entry, spec::read_file)?;
+    let (sources, built) = spec::build(loaded);
+    let mut h = blake3::Hasher::new();
+    for f in &sources.files {
+        h.update(f.display.as_bytes());
+        h.update(&[0]);
+        h.update(f.text.as_bytes());
+        h.update(&[0]);
+    }
+    let hash = h.finalize().to_hex().to_string();
+    Ok((
+        hash,
+        built.map(Arc::new).map_err(|problems| {
+            problems
+                .iter()
+                .map(|d| diag::render(d, &sources, Palette::PLAIN))
+                .collect()
+        }),
+    ))
+}
+
+/// Wake `trigger` whenever something changes in the directory of a fleet on disk.
+/// `None` (and a warning) when the platform cannot watch it: the interval still reads it.
+fn watch_dir(path: &Path, trigger: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    };
+    let mut w = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if e.is_ok_and(|e| !e.kind.is_access()) {
+            trigger.notify_one();
+        }
+    })
+    .map_err(|e| {
+        warn!(
+            "cannot watch {}: {e}; reading it every interval",
+            dir.display()
+        )
+    })
+    .ok()?;
+    w.watch(&dir, notify::RecursiveMode::Recursive)
+        .map_err(|e| {
+            warn!(
+                "cannot watch {}: {e}; reading it every interval",
+                dir.display()
+            )
+        })
+        .ok()?;
+    Some(w)
+}
+
+/// Follow `origin` until `shutdown`, publishing each new revision on `tx`.
+pub async fn follow(
+    origin: Origin,
+    cache: PathBuf,
+    interval: Duration,
+    trigger: Arc<Notify>,
+    tx: watch::Sender<Option<Arc<Revision>>>,
+    shutdown: CancellationToken,
+) {
+    // A fleet on disk is read again as soon as it changes.
+    let _watcher = match &origin {
+        Origin::Dir(p) => watch_dir(p, trigger.clone()),
+        Origin::Git { .. } => None,
+    };
+    loop {
+        let (o, c) = (origin.clone(), cache.clone());
+        match tokio::task::spawn_blocking(move || read(&o, &c)).await {
+            Ok(Ok(rev)) => {
+                let new = tx.borrow().as_ref().is_none_or(|r| r.id != rev.id);
+                if new {
+                    info!(revision = %rev.id, valid = rev.fleet.is_ok(), "new revision of the fleet");
+                    tx.send_replace(Some(Arc::new(rev)));
+                }
+            }
+            Ok(Err(e)) => warn!("cannot read the fleet from {}: {e}", origin.describe()),
+            Err(e) => warn!("the source reader stopped: {e}"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            _ = trigger.notified() => {}
+        }
+    }
+}

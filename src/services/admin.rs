@@ -1,0 +1,308 @@
+//! The operator's API, under `/api/v1/` beside the agent API:
+//!
+//! - `GET /api/v1/status`: where the fleet stands (JSON); `GET /api/v1/observed`: what
+//!   the controller plans with (`plan --observed URL`); `GET /api/v1/hosts/{name}`:
+//!   one host, its tasks and events; `GET /api/v1/events?after=ID`, or as server-sent
+//!   events with `Accept: text/event-stream`; `GET /api/v1/hosts?unknown=true`:
+//!   machines that registered but are not in the fleet. Read-only, open.
+//! - `POST /api/v1/retry/{host}` and `POST /api/v1/sync`: need the admin token.
+//! - `POST /api/v1/hooks/git`: a push webhook, signed with the shared secret (GitHub's
+//!   `X-Hub-Signature-256`, Gitea's `X-Gitea-Signature`, GitLab's `X-Gitlab-Token`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hmac::{Hmac, Mac as _};
+use serde::Deserialize;
+use sha2::Sha256;
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::BroadcastStream;
+use tracing::{info, warn};
+
+use crate::protocol::{Command, FleetStatus};
+use crate::state::{EventRow, Reader};
+
+/// What the operator's API reaches.
+#[derive(Clone)]
+pub struct Control {
+    pub commands: mpsc::UnboundedSender<Command>,
+    /// Wakes the source follower at once.
+    pub sync: Arc<Notify>,
+    pub events: broadcast::Sender<EventRow>,
+    pub reader: Arc<Reader>,
+    /// Bearer token for the calls that change something; none: they are refused.
+    pub admin_token: Option<String>,
+    /// The webhook's shared secret; none: the webhook is refused.
+    pub webhook_secret: Option<String>,
+}
+
+pub fn routes<S: Clone + Send + Sync + 'static>(c: Control) -> Router<S> {
+    Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/observed", get(observed))
+        .route("/api/v1/hosts", get(hosts))
+        .route("/api/v1/hosts/{name}", get(host))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/retry/{host}", post(retry))
+        .route("/api/v1/sync", post(sync))
+        .route("/api/v1/hooks/git", post(hook))
+        .with_state(c)
+}
+
+fn text(code: StatusCode, s: impl Into<String>) -> Response {
+    (code, format!("{}\n", s.into())).into_response()
+}
+
+/// Constant-time equality, so a token cannot be guessed byte by byte from timings.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn admin(c: &Control, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let Some(want) = &c.admin_token else {
+        return Err(Box::new(text(
+            StatusCode::FORBIDDEN,
+            "this server has no admin token: start `serve` with --admin-token-file",
+        )));
+    };
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match got {
+        Some(t) if same(t.as_bytes(), want.as_bytes()) => Ok(()),
+        Some(_) => Err(Box::new(text(StatusCode::FORBIDDEN, "wrong admin token"))),
+        None => Err(Box::new(text(
+            StatusCode::UNAUTHORIZED,
+            "an admin token is required (Authorization: Bearer ...; `fleetwave --token-file`)",
+        ))),
+    }
+}
+
+async fn ask_status(c: &Control) -> Result<FleetStatus, Response> {
+    let (reply, rx) = oneshot::channel();
+    c.commands.send(Command::Status { reply }).map_err(|_| {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        )
+    })?;
+    rx.await.map_err(|_| {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        )
+    })
+}
+
+async fn status(State(c): State<Control>) -> Response {
+    match ask_status(&c).await {
+        Ok(s) => Json(s).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn observed(State(c): State<Control>) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if c.commands.send(Command::Observed { reply }).is_err() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        );
+    }
+    match rx.await {
+        Ok(o) => Json(o).into_response(),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        ),
+    }
+}
+
+async fn host(State(c): State<Control>, UrlPath(name): UrlPath<String>) -> Response {
+    let s = match ask_status(&c).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Some(h) = s.hosts.into_iter().find(|h| h.name == name) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("{name} is not in the fleet being served"),
+        );
+    };
+    let r = c.reader.clone();
+    let mac = h.mac;
+    let found = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::state::StateError>((
+            r.tasks(Some(&name), 50)?,
+            r.recent_events(Some(&name), 100)?,
+            r.inventory(false)?.into_iter().find(|i| i.mac == mac),
+        ))
+    })
+    .await;
+    match found {
+        Ok(Ok((tasks, events, inventory))) => Json(serde_json::json!({
+            "host": h,
+            "tasks": tasks,
+            "events": events,
+            "inventory": inventory,
+        }))
+        .into_response(),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct HostsQuery {
+    #[serde(default)]
+    unknown: bool,
+}
+
+async fn hosts(State(c): State<Control>, Query(q): Query<HostsQuery>) -> Response {
+    if !q.unknown {
+        return match ask_status(&c).await {
+            Ok(s) => Json(s.hosts).into_response(),
+            Err(r) => r,
+        };
+    }
+    let r = c.reader.clone();
+    match tokio::task::spawn_blocking(move || r.inventory(true)).await {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    after: u64,
+    host: Option<String>,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    500
+}
+
+async fn events(
+    State(c): State<Control>,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Response {
+    let stream = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if stream {
+        let host = q.host.clone();
+        let live = BroadcastStream::new(c.events.subscribe()).filter_map(move |e| {
+            let e = e.ok()?;
+            if host.as_ref().is_some_and(|h| e.host.as_ref() != Some(h)) {
+                return None;
+            }
+            let data = serde_json::to_string(&e).ok()?;
+            Some(Ok::<_, Infallible>(
+                Event::default().event(e.kind.clone()).data(data),
+            ))
+        });
+        return Sse::new(live)
+            .keep_alive(KeepAlive::default())
+            .into_response();
+    }
+    let r = c.reader.clone();
+    let limit = q.limit.min(10_000);
+    match tokio::task::spawn_blocking(move || r.events(q.after, q.host.as_deref(), limit)).await {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn retry(
+    State(c): State<Control>,
+    headers: HeaderMap,
+    UrlPath(host): UrlPath<String>,
+) -> Response {
+    if let Err(r) = admin(&c, &headers) {
+        return *r;
+    }
+    let (reply, rx) = oneshot::channel();
+    if c.commands.send(Command::Retry { host, reply }).is_err() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        );
+    }
+    match rx.await {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(why)) => text(StatusCode::NOT_FOUND, why),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        ),
+    }
+}
+
+async fn sync(State(c): State<Control>, headers: HeaderMap) -> Response {
+    if let Err(r) = admin(&c, &headers) {
+        return *r;
+    }
+    c.sync.notify_one();
+    StatusCode::ACCEPTED.into_response()
+}
+
+/// Whether a webhook request proves the shared secret, in any of the three styles.
+pub fn webhook_signed(secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(t) = header("x-gitlab-token") {
+        return same(t.as_bytes(), secret.as_bytes());
+    }
+    let hex = header("x-hub-signature-256")
+        .and_then(|v| v.strip_prefix("sha256="))
+        .or_else(|| header("x-gitea-signature"));
+    let Some(hex) = hex else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
+        return false;
+    };
+    mac.update(body);
+    let want: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    same(hex.to_ascii_lowercase().as_bytes(), want.as_bytes())
+}
+
+async fn hook(State(c): State<Control>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(secret) = &c.webhook_secret else {
+        return text(
+            StatusCode::FORBIDDEN,
+            "this server takes no webhooks: start `serve` with --webhook-secret-file",
+        );
+    };
+    if !webhook_signed(secret, &headers, &body) {
+        warn!("webhook refused: its signature does not match the shared secret");
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "the signature does not match the shared secret",
+        );
+    }
+    info!("webhook: fetching the fleet now");
+    c.sync.notify_one();
+    StatusCode::ACCEPTED.into_response()
+}
