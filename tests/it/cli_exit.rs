@@ -137,3 +137,24 @@ fn multicast_send_names_group_when_it_is_malformed() {
         "{err}"
     );
 }
+
+/// Output is buffered: what reaches stdout must still be whole when the process ends,
+/// on exit 0, 1 and 2 alike.
+#[test]
+fn buffered_output_arrives_whole() {
+    let (code, out, err) = fleetwave(&["plan", "--format", "json"]);
+    assert_eq!(code, 1, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).expect("plan JSON parses");
+    assert!(plan["waves"].is_array(), "{plan}");
+    let (code, out, _) = fleetwave(&["schema"]);
+    assert_eq!(code, 0);
+    serde_json::from_str::<serde_json::Value>(&out).expect("schema JSON parses");
+    let (code, out, _) = fleetwave(&[
+        "validate",
+        "--format",
+        "json",
+        "tests/fixtures/snapshots/many_problems.yaml",
+    ]);
+    assert_eq!(code, 1);
+    serde_json::from_str::<serde_json::Value>(&out).expect("problems JSON parses");
+}
