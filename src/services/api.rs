@@ -243,7 +243,7 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Mac>().ok());
         if mac != Some(grant.assignment.mac) {
-            warn!(mac = ?mac.map(|m| m.to_string()), bound = %grant.assignment.mac,
+            warn!(mac = %mac.map_or_else(|| "none".to_string(), |m| m.to_string()), bound = %grant.assignment.mac,
                 "task token used from another MAC");
             return Err(refuse(
                 StatusCode::FORBIDDEN,
@@ -442,7 +442,7 @@ async fn register(
         Ok((_, g)) => g,
         Err(r) => return r.into_response(),
     };
-    info!(mac = %g.assignment.mac, host = ?g.assignment.host, disks = inventory.disks.len(),
+    info!(mac = %g.assignment.mac, host = g.assignment.host.as_deref().unwrap_or("-"), disks = inventory.disks.len(),
         "inventory reported");
     let op = Op::Inventory(crate::state::InventoryRow {
         mac: g.assignment.mac,
@@ -491,10 +491,11 @@ async fn result(
     };
     let a = &g.assignment;
     if r.ok {
-        info!(mac = %a.mac, host = ?a.host, task = a.task.kind(),
-            digest = ?r.digest.map(|d| d.to_string()), "task done: {}", r.message);
+        info!(mac = %a.mac, host = a.host.as_deref().unwrap_or("-"), task = a.task.kind(),
+            digest = %r.digest.map_or_else(|| "none".to_string(), |d| d.to_string()),
+            "task done: {}", r.message);
     } else {
-        warn!(mac = %a.mac, host = ?a.host, task = a.task.kind(), "task FAILED: {}{}", r.message,
+        warn!(mac = %a.mac, host = a.host.as_deref().unwrap_or("-"), task = a.task.kind(), "task FAILED: {}{}", r.message,
             r.log_tail.as_deref().map(|t| format!("\n{t}")).unwrap_or_default());
     }
     api.update(&token, |g| g.spent = true);
