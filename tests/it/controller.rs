@@ -929,19 +929,30 @@ fn an_armed_host_that_may_be_woken_gets_its_magic_packet() {
         "no magic packet for {pc}; got {seen:?}\nserver:\n{}",
         serve.log()
     );
-    // pc02 says `wake: false`: it is armed, and no packet is sent for it.
-    let events = lab
-        .cmd("srv", "busybox")
-        .args([
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            "http://127.0.0.1:8080/api/v1/events",
-        ])
-        .output()
-        .expect("wget");
-    let events = String::from_utf8_lossy(&events.stdout).to_string();
+    // pc02 says `wake: false`: it is armed, and no packet is sent for it. The event
+    // log is written behind the decisions: wait for both hosts' lines.
+    let read = || {
+        let out = lab
+            .cmd("srv", "busybox")
+            .args([
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                "http://127.0.0.1:8080/api/v1/events",
+            ])
+            .output()
+            .expect("wget");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let start = Instant::now();
+    let mut events = read();
+    while !(events.contains("pc02: armed") && events.contains("pc01: Wake-on-LAN"))
+        && start.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        events = read();
+    }
     assert!(
         events.contains("pc01: Wake-on-LAN packet 1 sent on eth0"),
         "{events}"
