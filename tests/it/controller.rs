@@ -953,6 +953,9 @@ fn an_armed_host_that_may_be_woken_gets_its_magic_packet() {
         std::thread::sleep(Duration::from_millis(100));
         events = read();
     }
+    // Anything decided with pc02's arming is written by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let events = read();
     assert!(
         events.contains("pc01: Wake-on-LAN packet 1 sent on eth0"),
         "{events}"
