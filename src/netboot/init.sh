@@ -68,6 +68,15 @@ nic_with_mac() {
 
 has_disk() { ls /sys/block 2>/dev/null | grep -qE '^(sd|nvme|vd|mmcblk|hd)'; }
 
+# What the server says to do once the task has ended ("after" in the task it
+# authorizes; fetching it does not spend the token). Empty when it cannot be asked.
+server_after() {
+    wget -q -O - \
+        --header "Authorization: Bearer $(arg token)" \
+        --header "X-Fleetwave-Mac: $MAC" \
+        "$(arg server)/api/v1/task" 2>/dev/null | grep -o '"after":"[a-z_]*"' | cut -d'"' -f4
+}
+
 main() {
     say "started at $(up) s, kernel $KVER, agent $(fleetwave --version 2>&1)"
     loaded=0
@@ -94,6 +103,9 @@ main() {
         return
     }
     wait_for 100 has_disk || say "no disk found yet (a registration needs none)"
+    told=$(server_after)
+    [ -n "$told" ] && AFTER=$told
+    say "after the task: ${AFTER:-reboot}"
     say "running the agent at $(up) s"
     fleetwave agent run
     rc=$?

@@ -234,6 +234,24 @@ fn serve_setup(dir: &Path, mac: &str, store: &Path, image: &str, host_extra: &st
     ]
 }
 
+/// A fleet whose site registers machines it does not know, and not the VM.
+fn register_setup(dir: &Path, store: &Path) -> Vec<String> {
+    let fleet = format!(
+        "{}    unknown_hosts: register\nhosts:\n  other: {{mac: \"52:54:00:28:00:99\", site: lab}}\n",
+        crate::LAB_SITE
+    );
+    std::fs::write(dir.join("fleet.yaml"), fleet).expect("fleet");
+    let p = |s: &str| dir.join(s).display().to_string();
+    vec![
+        "--fleet".into(),
+        p("fleet.yaml"),
+        "--image-store".into(),
+        store.display().to_string(),
+        "--state-dir".into(),
+        p("state"),
+    ]
+}
+
 /// A QEMU (or helper) process, killed when dropped (a failing test leaves no VM behind).
 struct Vm(Child);
 
@@ -316,6 +334,8 @@ enum Role {
     },
     /// Capture its disk, a copy of the reference disk, into an empty store.
     Capture,
+    /// Not in the fleet: register its inventory.
+    Register,
 }
 
 /// What a run left to judge.
@@ -369,13 +389,16 @@ fn pxe_run(case: &Case) -> Option<Run> {
             assert_eq!(code, 0, "{out}");
             (reference, store)
         }
-        Role::Capture => (reference_disk(d, disk_bytes), d.join("store")),
+        Role::Capture | Role::Register => (reference_disk(d, disk_bytes), d.join("store")),
     };
 
     lab.host("srv", None, &["172.28.0.1/24"]);
     lab.ip("lan", &["tuntap", "add", "dev", "tap0", "mode", "tap"]);
     lab.ip("lan", &["link", "set", "tap0", "master", "br0", "up"]);
-    let mut args = serve_setup(d, MAC, &store, "golden", case.host_extra);
+    let mut args = match case.role {
+        Role::Register => register_setup(d, &store),
+        _ => serve_setup(d, MAC, &store, "golden", case.host_extra),
+    };
     let files_arg = files.display().to_string();
     args.extend(
         [
@@ -407,7 +430,7 @@ fn pxe_run(case: &Case) -> Option<Run> {
             .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
             .arg(&reference)
             .arg(&vm_disk),
-        Role::Deploy { .. } => img
+        Role::Deploy { .. } | Role::Register => img
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&vm_disk)
             .arg(disk_bytes.to_string()),
@@ -480,6 +503,7 @@ fn pxe_run(case: &Case) -> Option<Run> {
             "fleetwave-init: agent finished: ok",
             "fleetwave-init: FAILED",
             "fleetwave-init: rebooting",
+            "fleetwave-init: powering off",
         ],
     );
     eprintln!("{}: seconds since power-on", case.name);
@@ -750,4 +774,34 @@ fn unpack_newc(data: &[u8], root: &Path) {
             }
         }
     }
+}
+
+/// A machine the fleet does not know registers its inventory, then powers off as the
+/// server says (a registration must not loop through PXE).
+#[test]
+fn an_unknown_machine_registers_and_powers_off() {
+    let case = Case {
+        name: "bios-register",
+        firmware: Firmware::Bios,
+        nic: "e1000",
+        disk: "ide-hd,drive=d0,bus=ide.0",
+        host_extra: "",
+        ra: true,
+        role: Role::Register,
+    };
+    let Some(r) = pxe_run(&case) else {
+        return;
+    };
+    assert!(
+        r.console
+            .contains("fleetwave-init: after the task: poweroff")
+            && r.console.contains("fleetwave-init: agent finished: ok")
+            && r.console.contains("fleetwave-init: powering off"),
+        "console:\n{}\nserve:\n{}",
+        tail(&r.console, 8000),
+        tail(&r.serve_log, 4000)
+    );
+    assert!(r.serve_log.contains("task done"), "{}", r.serve_log);
+    let disk = std::fs::read(&r.vm_raw).expect("read");
+    assert!(disk.iter().all(|b| *b == 0), "the disk was written");
 }
