@@ -1,15 +1,13 @@
 //! `fleetwave netboot build|check`, and `fleetwave agent fail` (what the netboot
 //! environment's /init runs when something went wrong before or around the agent).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 
 use super::exit;
 use crate::netboot::{self, BuildOptions};
-use crate::spec::Mac;
 
 pub struct BuildArgs {
     pub out: PathBuf,
@@ -120,23 +118,9 @@ pub fn agent_fail(
 
     let text = std::fs::read_to_string(cmdline)
         .with_context(|| format!("cannot read the kernel command line {}", cmdline.display()))?;
-    let args: HashMap<&str, &str> = text
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("fleetwave."))
-        .filter_map(|w| w.split_once('='))
-        .collect();
-    let need = |k: &str| {
-        args.get(k).copied().ok_or_else(|| {
-            anyhow!(
-                "fleetwave.{k}= is missing from {}: the failure cannot be reported",
-                cmdline.display()
-            )
-        })
-    };
-    let mac: Mac = need("mac")?
-        .parse()
-        .map_err(|e| anyhow!("fleetwave.mac: {e}"))?;
-    let remote = Remote::new(need("server")?, need("token")?, mac);
+    let boot = crate::agent::run::Boot::from_cmdline(&text, cmdline)
+        .context("the failure cannot be reported")?;
+    let remote = Remote::new(&boot.server, &boot.token, boot.mac);
     let log_tail = log.map(|log| match netboot::tail(log, netboot::LOG_TAIL_BYTES) {
         Ok(t) => format!("--- last lines of {} ---\n{t}", log.display()),
         Err(e) => format!("(no log: {}: {e})", log.display()),
