@@ -611,6 +611,28 @@ fn uefi_virtio_nvme_pxe_boots_the_agent_which_deploys_and_verifies() {
     }
 }
 
+/// UEFI firmware's own PXE client (the NIC's iPXE ROM off, as on real UEFI machines):
+/// OVMF takes the authoritative offer, loads snponly.efi by TFTP, and iPXE runs the
+/// host's script.
+#[test]
+fn uefi_firmware_pxe_with_the_rom_off_boots_the_agent_which_deploys_and_verifies() {
+    if !tool("ovmf", "/usr/share/OVMF/OVMF_CODE_4M.fd") {
+        return;
+    }
+    let case = Case {
+        name: "uefi-firmware-pxe",
+        firmware: Firmware::Uefi,
+        nic: "virtio-net-pci,romfile=",
+        disk: "nvme,drive=d0,serial=fleetwave0",
+        host_extra: "",
+        ra: true,
+        role: Role::Deploy { captured: None },
+    };
+    if let Some(r) = pxe_run(&case) {
+        assert_deployed(&r);
+    }
+}
+
 /// A disk selector that matches nothing: the server records a failure, never success,
 /// the disk is untouched, and the VM still reboots.
 #[test]

@@ -564,14 +564,15 @@ impl Server {
                 }
             }
         }
-        if client.pxe && !client.http {
-            // PXE firmware only takes boot options from a reply that says PXEClient;
-            // discovery control 8: boot the file named here, no boot server discovery.
+        if client.pxe && !client.http && proxy {
+            // A proxyDHCP reply says PXEClient, and discovery control 8: boot the file
+            // named here, no boot server discovery. An authoritative offer says
+            // neither: UEFI firmware (EDK2) takes a PXEClient offer without its own
+            // vendor options for a boot server's and waits for one on port 4011; with
+            // the file and next-server alone every PXE client boots it, as with dnsmasq.
             let opts = m.opts_mut();
             opts.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
-            if proxy {
-                opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
-            }
+            opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
         }
     }
 
