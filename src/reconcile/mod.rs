@@ -859,11 +859,8 @@ impl Controller {
             attempted: self.attempted.clone(),
             hosts,
             waves: self.waves.clone(),
-            events: self
-                .parts
-                .reader
-                .recent_events(None, 20)
-                .unwrap_or_default(),
+            // Read by the HTTP handler, off the controller's loop.
+            events: Vec::new(),
         }
     }
 }

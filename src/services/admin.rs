@@ -105,10 +105,17 @@ async fn ask_status(c: &Control) -> Result<FleetStatus, Response> {
 }
 
 async fn status(State(c): State<Control>) -> Response {
-    match ask_status(&c).await {
-        Ok(s) => Json(s).into_response(),
-        Err(r) => r,
+    let mut s = match ask_status(&c).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let r = c.reader.clone();
+    match tokio::task::spawn_blocking(move || r.recent_events(None, 20)).await {
+        Ok(Ok(events)) => s.events = events,
+        Ok(Err(e)) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+    Json(s).into_response()
 }
 
 async fn observed(State(c): State<Control>) -> Response {

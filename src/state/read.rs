@@ -9,6 +9,19 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use super::{EventRow, HostRow, StateError, TaskRow};
 use crate::spec::Mac;
 
+const EVENTS: &str = "SELECT id, at, host, kind, message, commit_id FROM events";
+
+fn event_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        id: r.get::<_, i64>(0)?.max(0) as u64,
+        at: r.get::<_, i64>(1)?.max(0) as u64,
+        host: r.get(2)?,
+        kind: r.get(3)?,
+        message: r.get(4)?,
+        commit: r.get(5)?,
+    })
+}
+
 pub struct Reader {
     conn: Mutex<Connection>,
     path: PathBuf,
@@ -135,20 +148,10 @@ impl Reader {
         limit: usize,
     ) -> Result<Vec<EventRow>, StateError> {
         self.q(|c| {
-            let mut st = c.prepare(
-                "SELECT id, at, host, kind, message, commit_id FROM events \
-                 WHERE id > ?1 AND (?2 IS NULL OR host = ?2) ORDER BY id LIMIT ?3",
-            )?;
-            let rows = st.query_map(params![after as i64, host, limit as i64], |r| {
-                Ok(EventRow {
-                    id: r.get::<_, i64>(0)?.max(0) as u64,
-                    at: r.get::<_, i64>(1)?.max(0) as u64,
-                    host: r.get(2)?,
-                    kind: r.get(3)?,
-                    message: r.get(4)?,
-                    commit: r.get(5)?,
-                })
-            })?;
+            let mut st = c.prepare(&format!(
+                "{EVENTS} WHERE id > ?1 AND (?2 IS NULL OR host = ?2) ORDER BY id LIMIT ?3"
+            ))?;
+            let rows = st.query_map(params![after as i64, host, limit as i64], event_row)?;
             rows.collect()
         })
     }
@@ -159,25 +162,15 @@ impl Reader {
         host: Option<&str>,
         limit: usize,
     ) -> Result<Vec<EventRow>, StateError> {
-        let last: u64 = self
-            .q(|c| {
-                c.query_row(
-                    "SELECT coalesce(max(id), 0) FROM events WHERE ?1 IS NULL OR host = ?1",
-                    params![host],
-                    |r| r.get::<_, i64>(0),
-                )
-            })?
-            .max(0) as u64;
-        let mut rows = self.q(|c| {
-            let mut st = c.prepare(
-                "SELECT id FROM events WHERE ?1 IS NULL OR host = ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
-            let ids = st.query_map(params![host, limit as i64], |r| r.get::<_, i64>(0))?;
-            ids.collect::<rusqlite::Result<Vec<i64>>>()
+        let mut rows: Vec<EventRow> = self.q(|c| {
+            let mut st = c.prepare(&format!(
+                "{EVENTS} WHERE ?1 IS NULL OR host = ?1 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            let rows = st.query_map(params![host, limit as i64], event_row)?;
+            rows.collect()
         })?;
-        rows.sort_unstable();
-        let from = rows.first().map_or(last, |&f| (f.max(1) - 1) as u64);
-        self.events(from, host, limit)
+        rows.reverse();
+        Ok(rows)
     }
 
     /// Inventory rows: of known hosts, or (with `unknown`) of machines the fleet lacks.

@@ -863,6 +863,13 @@ fn an_unknown_machine_registers_and_the_operator_commands_show_and_act() {
         out.contains("UnknownHostRegistered") && out.contains("Retry"),
         "{out}"
     );
+    // The status carries the newest events too.
+    let s = status(url);
+    assert!(
+        s.events.iter().any(|e| e.kind == "UnknownHostRegistered"),
+        "{:?}",
+        s.events
+    );
     // One host's page: its tasks and events.
     let (code, body) = get(&format!("{url}/api/v1/hosts/ref-win10"));
     assert_eq!(code, 200, "{body}");
