@@ -18,6 +18,7 @@
 //! - [`services`]: the network services a site runs: DHCP, TFTP, HTTP boot and the
 //!   agent API.
 //! - [`state`]: the server's durable state (leases, observations) in SQLite.
+//! - [`metrics`]: the process's Prometheus counters (served by `services::metrics`).
 //! - [`diag`]: problems with their place, rendered with the source line and a hint.
 //! - [`cli`]: the `fleetwave` command's glue and output formats.
 
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod clock;
 pub mod diag;
 pub mod image;
+pub mod metrics;
 pub mod multicast;
 pub mod netboot;
 pub mod observed;

@@ -56,8 +56,12 @@ enum Command {
         #[arg(long, default_value = "fleet.yaml")]
         file: PathBuf,
     },
-    /// Print the JSON Schema of fleet.yaml.
-    Schema,
+    /// Print the JSON Schema of fleet.yaml (or of the server's server.yaml).
+    Schema {
+        /// The schema of the server's configuration file instead.
+        #[arg(long)]
+        server: bool,
+    },
     /// The image store: list, check, remove, collect garbage.
     Image {
         #[command(subcommand)]
@@ -357,8 +361,13 @@ fn with_where<T>(
 fn main() -> ExitCode {
     let args = Cli::parse();
     if let Command::Serve(serve) = &args.command {
-        init_logs(&serve.log);
-        return finish(cli::serve::serve(&serve.args()));
+        // The file is read before logging starts: it may choose the log format.
+        let file = match serve.file() {
+            Ok(f) => f,
+            Err(e) => return finish(Err(e)),
+        };
+        init_logs(&serve.logging(&file));
+        return finish(serve.args(&file).and_then(|a| cli::serve::serve(&a)));
     }
     fleetwave::par::one_shot_process();
     let stdout = std::io::stdout();
@@ -520,8 +529,15 @@ fn main() -> ExitCode {
             NetbootCommand::Check { dir } => cli::netboot::check(&dir, &mut out),
             NetbootCommand::Ra { interface } => cli::netboot::ra(&interface, &mut out),
         },
-        Command::Schema => out
-            .write_all(cli::schema().as_bytes())
+        Command::Schema { server } => out
+            .write_all(
+                if server {
+                    cli::server_config::schema()
+                } else {
+                    cli::schema()
+                }
+                .as_bytes(),
+            )
             .map(|_| exit::OK)
             .map_err(Into::into),
     };
@@ -603,17 +619,28 @@ fn finish(result: anyhow::Result<u8>) -> ExitCode {
     }
 }
 
-fn init_logs(filter: &str) {
+fn init_logs(logging: &cli::serve::Logging) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("fleetwave: --log {filter:?}: {e}; using `info`");
+    let text = &logging.filter;
+    let filter = EnvFilter::try_new(text).unwrap_or_else(|e| {
+        eprintln!("fleetwave: --log {text:?}: {e}; using `info`");
         EnvFilter::new("info")
     });
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match logging.format {
+        // One object a line; span fields (host, task, commit) are flattened into it.
+        cli::server_config::LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        cli::server_config::LogFormat::Text => {
+            logs.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod image;
 pub mod multicast;
 pub mod netboot;
 pub mod serve;
+pub mod server_config;
 pub mod status;
 
 use std::io::Write;

@@ -16,6 +16,8 @@ use crate::services::dhcp;
 use crate::source::watch::Origin;
 use crate::spec::DhcpMode;
 
+use super::server_config::{self, LogFormat, ServerConfig};
+
 #[derive(Debug, Clone)]
 pub struct ServeArgs {
     pub origin: Origin,
@@ -258,49 +260,55 @@ fn interface_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
-/// `fleetwave serve`'s command line.
+/// `fleetwave serve`'s command line. Every option may instead come from the server's
+/// configuration file (`--config`); a flag given here overrides it.
 #[derive(Debug, clap::Args)]
 pub struct ServeCli {
+    /// The server's configuration file (docs/install.md), e.g. /etc/fleetwave/server.yaml.
+    #[arg(long, env = "FLEETWAVE_CONFIG")]
+    pub config: Option<PathBuf>,
     /// The fleet's git repository (file://, https://, ssh:// or a path), followed on
     /// `--branch`; without it, `--fleet` is read from disk.
     #[arg(long)]
     pub source: Option<String>,
-    /// The branch of --source to follow.
-    #[arg(long, default_value = "main", requires = "source")]
-    pub branch: String,
-    /// The fleet file inside --source.
-    #[arg(long, default_value = "fleet.yaml", requires = "source")]
-    pub path: PathBuf,
+    /// The branch of the source to follow [default: main].
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// The fleet file inside the source [default: fleet.yaml].
+    #[arg(long)]
+    pub path: Option<PathBuf>,
     /// How often the source is read (a webhook or `fleetwave sync` reads it at once),
-    /// e.g. 1m, 30s.
-    #[arg(long, default_value = "1m", value_parser = parse_interval)]
-    pub interval: Duration,
-    /// The fleet file, or a directory holding fleet.yaml, read from disk (re-read every
-    /// --interval) when there is no --source.
-    #[arg(long, default_value = "fleet.yaml", conflicts_with = "source")]
-    pub fleet: PathBuf,
+    /// e.g. 1m, 30s [default: 1m].
+    #[arg(long, value_parser = parse_interval)]
+    pub interval: Option<Duration>,
+    /// The fleet file, or a directory holding fleet.yaml, read from disk (and re-read
+    /// as it changes) when there is no source [default: fleet.yaml].
+    #[arg(long, conflicts_with = "source")]
+    pub fleet: Option<PathBuf>,
     /// Serve only this site (repeatable); all sites by default.
     #[arg(long = "site")]
     pub sites: Vec<String>,
     /// Directory of the state database (leases, host status, tasks, events) and the
-    /// git cache.
-    #[arg(long, default_value = "/var/lib/fleetwave")]
-    pub state_dir: PathBuf,
-    /// iPXE binaries, served by TFTP (Debian's `ipxe` package puts them here).
-    #[arg(long, default_value = "/usr/lib/ipxe")]
-    pub ipxe_dir: PathBuf,
-    /// The agent's kernel (vmlinuz) and initrd (initrd.img), served under /files/.
-    #[arg(long, default_value = "/var/lib/fleetwave/netboot")]
-    pub files_dir: PathBuf,
-    /// The HTTP port (iPXE scripts, boot files, the agent and operator APIs).
-    #[arg(long, default_value_t = 80)]
-    pub http_port: u16,
-    /// The TFTP port.
-    #[arg(long, default_value_t = 69)]
-    pub tftp_port: u16,
-    /// The DHCP port.
-    #[arg(long, default_value_t = 67)]
-    pub dhcp_port: u16,
+    /// git cache [default: /var/lib/fleetwave].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// iPXE binaries, served by TFTP (Debian's `ipxe` package puts them here)
+    /// [default: /usr/lib/ipxe].
+    #[arg(long)]
+    pub ipxe_dir: Option<PathBuf>,
+    /// The agent's kernel (vmlinuz) and initrd (initrd.img), served under /files/
+    /// [default: /var/lib/fleetwave/netboot].
+    #[arg(long)]
+    pub files_dir: Option<PathBuf>,
+    /// The HTTP port (iPXE scripts, boot files, the agent and operator APIs) [default: 80].
+    #[arg(long)]
+    pub http_port: Option<u16>,
+    /// The TFTP port [default: 69].
+    #[arg(long)]
+    pub tftp_port: Option<u16>,
+    /// The DHCP port [default: 67].
+    #[arg(long)]
+    pub dhcp_port: Option<u16>,
     /// The image store the agent API serves (default: the site's `image_store`).
     #[arg(long)]
     pub image_store: Option<PathBuf>,
@@ -310,12 +318,15 @@ pub struct ServeCli {
     /// A file whose first line is the webhook's shared secret.
     #[arg(long)]
     pub webhook_secret_file: Option<PathBuf>,
-    /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug`.
-    #[arg(long, env = "FLEETWAVE_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug` [default: info].
+    #[arg(long, env = "FLEETWAVE_LOG")]
+    pub log: Option<String>,
+    /// Log lines as text for people or JSON objects for a collector [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
-fn parse_interval(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_interval(s: &str) -> Result<Duration, String> {
     let secs = crate::spec::parse_duration(s)?;
     if secs == 0 {
         return Err("the interval must be at least 1s".into());
@@ -323,29 +334,117 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// How `serve` logs.
+pub struct Logging {
+    pub filter: String,
+    pub format: LogFormat,
+}
+
 impl ServeCli {
-    pub fn args(&self) -> ServeArgs {
-        let origin = match &self.source {
-            Some(url) => Origin::Git {
-                url: url.clone(),
-                branch: self.branch.clone(),
-                path: self.path.clone(),
-            },
-            None => Origin::Dir(self.fleet.clone()),
-        };
-        ServeArgs {
-            origin,
-            interval: self.interval,
-            sites: self.sites.clone(),
-            state_dir: self.state_dir.clone(),
-            ipxe_dir: self.ipxe_dir.clone(),
-            files_dir: self.files_dir.clone(),
-            http_port: self.http_port,
-            tftp_port: self.tftp_port,
-            dhcp_port: self.dhcp_port,
-            image_store: self.image_store.clone(),
-            admin_token_file: self.admin_token_file.clone(),
-            webhook_secret_file: self.webhook_secret_file.clone(),
+    /// The configuration file named by `--config`, or none.
+    pub fn file(&self) -> Result<ServerConfig> {
+        match &self.config {
+            Some(p) => server_config::read(p).map_err(anyhow::Error::msg),
+            None => Ok(ServerConfig::default()),
         }
     }
+
+    pub fn logging(&self, file: &ServerConfig) -> Logging {
+        Logging {
+            filter: self
+                .log
+                .clone()
+                .or_else(|| file.log.clone())
+                .unwrap_or_else(|| "info".into()),
+            format: self
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+        }
+    }
+
+    /// Flags over the file over the defaults.
+    pub fn args(&self, file: &ServerConfig) -> Result<ServeArgs> {
+        let source = match (&self.source, &file.source) {
+            (Some(url), f) => Some((
+                url.clone(),
+                f.as_ref().and_then(|f| f.branch.clone()),
+                f.as_ref().and_then(|f| f.path.clone()),
+            )),
+            // A --fleet flag picks the directory source over the file's git source.
+            (None, Some(_)) if self.fleet.is_some() => None,
+            (None, Some(f)) => Some((f.url.clone(), f.branch.clone(), f.path.clone())),
+            (None, None) => None,
+        };
+        let origin = match source {
+            Some((url, branch, path)) => Origin::Git {
+                url,
+                branch: self
+                    .branch
+                    .clone()
+                    .or(branch)
+                    .unwrap_or_else(|| "main".into()),
+                path: self
+                    .path
+                    .clone()
+                    .or(path)
+                    .unwrap_or_else(|| "fleet.yaml".into()),
+            },
+            None => {
+                if self.branch.is_some() || self.path.is_some() {
+                    bail!("--branch and --path choose within a git source: give --source too");
+                }
+                Origin::Dir(
+                    self.fleet
+                        .clone()
+                        .or_else(|| file.fleet.clone())
+                        .unwrap_or_else(|| "fleet.yaml".into()),
+                )
+            }
+        };
+        let interval = match (self.interval, &file.interval) {
+            (Some(i), _) => i,
+            // Checked with its place when the file was read.
+            (None, Some(i)) => parse_interval(i).map_err(anyhow::Error::msg)?,
+            (None, None) => Duration::from_secs(60),
+        };
+        let listen = file.listen.as_ref();
+        Ok(ServeArgs {
+            origin,
+            interval,
+            sites: if self.sites.is_empty() {
+                file.sites.clone().unwrap_or_default()
+            } else {
+                self.sites.clone()
+            },
+            state_dir: pick(&self.state_dir, &file.state_dir, "/var/lib/fleetwave"),
+            ipxe_dir: pick(&self.ipxe_dir, &file.ipxe_dir, "/usr/lib/ipxe"),
+            files_dir: pick(
+                &self.files_dir,
+                &file.files_dir,
+                "/var/lib/fleetwave/netboot",
+            ),
+            http_port: self.http_port.or(listen.and_then(|l| l.http)).unwrap_or(80),
+            tftp_port: self.tftp_port.or(listen.and_then(|l| l.tftp)).unwrap_or(69),
+            dhcp_port: self.dhcp_port.or(listen.and_then(|l| l.dhcp)).unwrap_or(67),
+            image_store: self
+                .image_store
+                .clone()
+                .or_else(|| file.image_store.clone()),
+            admin_token_file: self
+                .admin_token_file
+                .clone()
+                .or_else(|| file.admin_token_file.clone()),
+            webhook_secret_file: self
+                .webhook_secret_file
+                .clone()
+                .or_else(|| file.webhook_secret_file.clone()),
+        })
+    }
+}
+
+fn pick(flag: &Option<PathBuf>, file: &Option<PathBuf>, default: &str) -> PathBuf {
+    flag.clone()
+        .or_else(|| file.clone())
+        .unwrap_or_else(|| default.into())
 }

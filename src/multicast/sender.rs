@@ -494,6 +494,13 @@ impl Tx<'_> {
             self.report.pass_repairs = self.report.repair_datagrams;
         }
         self.report.wire_bytes += frame as u64;
+        let m = crate::metrics::get();
+        m.multicast_wire_bytes.inc_by(frame as u64);
+        m.multicast_datagrams
+            .get_or_create(&crate::metrics::KindLabels {
+                kind: if repair.is_some() { "repair" } else { "data" },
+            })
+            .inc();
         self.report.data_bytes += (end - start) as u64;
         let r = match self.segment {
             Some(seg) => {
@@ -709,6 +716,16 @@ impl Tx<'_> {
         } else {
             self.rate = (self.rate * 1.1).min(self.max_rate);
         }
+        self.publish_rate(self.rate * 8.0);
+    }
+
+    fn publish_rate(&self, bits: f64) {
+        crate::metrics::get()
+            .multicast_rate
+            .get_or_create(&crate::metrics::GroupLabels {
+                group: self.cfg.group.to_string(),
+            })
+            .set(bits);
     }
 
     fn finish(&mut self, ended: &str) {
@@ -724,5 +741,10 @@ impl Tx<'_> {
         r.receivers_lossy = self.receivers.values().filter(|x| x.lossy).count();
         r.rounds = self.round;
         r.final_rate_bps = (self.rate * 8.0) as u64;
+        self.publish_rate(0.0);
+        crate::metrics::get()
+            .multicast_sessions
+            .get_or_create(&crate::metrics::outcome(ended))
+            .inc();
     }
 }

@@ -129,7 +129,13 @@ impl Sessions {
                     Ok(rep) => info!(session = %mine.id, ended = %rep.ended,
                         complete = rep.receivers_complete, joined = rep.receivers_joined,
                         "multicast session ended"),
-                    Err(e) => error!(session = %mine.id, "multicast session failed: {e}"),
+                    Err(e) => {
+                        crate::metrics::get()
+                            .multicast_sessions
+                            .get_or_create(&crate::metrics::outcome("failed"))
+                            .inc();
+                        error!(session = %mine.id, "multicast session failed: {e}")
+                    }
                 }
                 let mut all = all.lock().unwrap_or_else(|e| e.into_inner());
                 if all.get(&mine.group).is_some_and(|(r, _)| r.id == mine.id) {

@@ -138,12 +138,24 @@ pub async fn follow(
         match tokio::task::spawn_blocking(move || read(&o, &c)).await {
             Ok(Ok(rev)) => {
                 let new = tx.borrow().as_ref().is_none_or(|r| r.id != rev.id);
+                let reads = &crate::metrics::get().source_reads;
                 if new {
+                    reads.get_or_create(&crate::metrics::outcome("new")).inc();
                     info!(revision = %rev.id, valid = rev.fleet.is_ok(), "new revision of the fleet");
                     tx.send_replace(Some(Arc::new(rev)));
+                } else {
+                    reads
+                        .get_or_create(&crate::metrics::outcome("unchanged"))
+                        .inc();
                 }
             }
-            Ok(Err(e)) => warn!("cannot read the fleet from {}: {e}", origin.describe()),
+            Ok(Err(e)) => {
+                let reads = &crate::metrics::get().source_reads;
+                reads
+                    .get_or_create(&crate::metrics::outcome("failed"))
+                    .inc();
+                warn!("cannot read the fleet from {}: {e}", origin.describe())
+            }
             Err(e) => warn!("the source reader stopped: {e}"),
         }
         tokio::select! {

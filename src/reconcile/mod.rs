@@ -538,6 +538,8 @@ impl Controller {
         if self.spec.is_none() {
             return;
         }
+        let started = std::time::Instant::now();
+        let m = crate::metrics::get();
         // Reconciling can change what the gates see (a host armed takes a slot): plan
         // and gate again until nothing moves, a few rounds at most.
         for _ in 0..4 {
@@ -558,10 +560,13 @@ impl Controller {
             }) {
                 self.replan();
             }
+            m.reconciles.inc_by(due.len() as u64);
             for name in due {
                 self.reconcile_host(&name);
             }
         }
+        m.reconcile_queue.set(self.scheduler.len() as i64);
+        m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
         if self.boot_dirty {
             self.boot_dirty = false;
             self.publish_boot();
@@ -690,7 +695,8 @@ impl Controller {
         ];
         ops.extend(self.host_row(name).map(Op::PutHost));
         self.parts.journal.write(ops, None);
-        info!(host = %name, task = id, "armed: {}", task.summary());
+        info!(host = %name, task = id, commit = self.commit().unwrap_or("-"),
+            "armed: {}", task.summary());
         self.event(
             Some(name),
             "Armed",

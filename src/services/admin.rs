@@ -88,7 +88,7 @@ fn admin(c: &Control, headers: &HeaderMap) -> Result<(), Box<Response>> {
     }
 }
 
-async fn ask_status(c: &Control) -> Result<FleetStatus, Response> {
+pub(crate) async fn ask_status(c: &Control) -> Result<FleetStatus, Response> {
     let (reply, rx) = oneshot::channel();
     c.commands.send(Command::Status { reply }).map_err(|_| {
         text(

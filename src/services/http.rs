@@ -5,7 +5,8 @@
 //!   agent in registration mode for a machine the fleet does not know.
 //! - `GET /ipxe/{path}`: iPXE binaries (UEFI HTTP boot); `GET /files/{path}`: the
 //!   agent's kernel and initrd. Read-only, confined to their roots.
-//! - `GET /health`: counters of every service, as JSON.
+//! - `GET /health`: counters of every service, as JSON; `GET /metrics`: the same and
+//!   the fleet's gauges for Prometheus (`services::metrics`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -133,6 +134,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/ipxe/{*path}", get(ipxe_file))
         .route("/files/{*path}", get(boot_file))
         .route("/health", get(health))
+        .route("/metrics", get(super::metrics::scrape))
         .with_state(state);
     if let Some(api) = api {
         r = r.merge(super::api::routes(api));
@@ -140,11 +142,12 @@ pub fn router(state: HttpState) -> Router {
     if let Some(c) = control {
         r = r.merge(super::admin::routes(c));
     }
-    r.layer(
-        TraceLayer::new_for_http()
-            .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
-            .on_response(DefaultOnResponse::new().level(Level::INFO)),
-    )
+    r.layer(axum::middleware::from_fn(super::metrics::count))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
 }
 
 /// Serve on `listener` until `shutdown`; requests in flight finish first.

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod dhcp;
 pub mod http;
+pub mod metrics;
 pub mod tftp;
 pub mod wol;
 

@@ -4,6 +4,7 @@
 //! resolve, addresses fit their subnets, waves form a DAG.
 
 mod resolve;
+pub(crate) use resolve::did_you_mean;
 pub mod types;
 pub mod wire;
 

@@ -145,6 +145,14 @@ pub fn state_of<'a>(s: &'a FleetStatus, host: &str) -> &'a str {
         .unwrap_or("absent")
 }
 
+/// The value of the sample `series` (name and labels as printed) in a scrape.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
 /// `mac`'s iPXE script.
 pub fn script(url: &str, mac: &str) -> String {
     get(&format!("{url}/boot/{mac}.ipxe")).1
@@ -256,7 +264,7 @@ const PC: [&str; 3] = [
 ];
 
 /// The lab's shape: a reference captured, a pilot wave of one, a second wave of two.
-fn lab_fleet(generation: u64) -> String {
+pub fn lab_fleet(generation: u64) -> String {
     format!(
         "{}images:
   win10:
@@ -437,6 +445,41 @@ fn a_commit_converges_the_lab_wave_by_wave_through_capture_and_verified_deploys(
         "{kinds:?}"
     );
 
+    // Prometheus sees the same fleet, and what moved to get there.
+    let (code, text) = get(&format!("{url}/metrics"));
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(
+        metric(&text, r#"fleetwave_hosts{site="lab",state="Ready"}"#),
+        4.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, r#"fleetwave_wave_done{wave="room-a"}"#),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, r#"fleetwave_wave_state{wave="room-a",state="done"}"#),
+        1.0
+    );
+    assert_eq!(metric(&text, "fleetwave_source_commit_refused"), 0.0);
+    // Deploys took the image out, the capture brought it in (the counters are the
+    // process's, shared with the other tests running in it: at least this test's).
+    let image_in = metric(&text, r#"fleetwave_image_bytes_total{direction="in"}"#);
+    let image_out = metric(&text, r#"fleetwave_image_bytes_total{direction="out"}"#);
+    assert!(
+        image_in > 0.0 && image_out > 0.0,
+        "in {image_in}, out {image_out}"
+    );
+    let results = r#"fleetwave_http_responses_total{route="/api/v1/result",code="204"}"#;
+    assert!(metric(&text, results) >= 4.0);
+    assert!(metric(&text, "fleetwave_reconciles_total") >= 4.0);
+    assert!(metric(&text, r#"fleetwave_source_reads_total{outcome="new"}"#) >= 1.0);
+    assert!(
+        text.contains("fleetwave_reconcile_pass_seconds_bucket"),
+        "{text}"
+    );
+
     // A bad commit is Stalled with its place; the last good one keeps serving.
     let bad = repo.commit(
         &lab_fleet(1).replace("wave: pilot}", "wave: pilot, disk: {size: lots}}"),
@@ -457,6 +500,12 @@ fn a_commit_converges_the_lab_wave_by_wave_through_capture_and_verified_deploys(
         Some(first.as_str())
     );
     assert!(s.hosts.iter().all(|h| h.state == "Ready"));
+    let text = get(&format!("{url}/metrics")).1;
+    assert_eq!(
+        metric(&text, "fleetwave_source_commit_refused"),
+        1.0,
+        "{text}"
+    );
     // A webhook with a wrong signature is refused; a right one fetches at once.
     let body = r#"{"ref":"refs/heads/main"}"#;
     let hook = |sig: &str| {

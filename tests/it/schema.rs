@@ -18,6 +18,20 @@ fn checked_in_schema_is_current() {
 }
 
 #[test]
+fn checked_in_server_schema_is_current() {
+    let path = repo("schemas/server.schema.json");
+    let fresh = fleetwave::cli::server_config::schema();
+    if std::env::var_os("UPDATE_SCHEMA").is_some() {
+        std::fs::write(&path, &fresh).expect("schema written");
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == fresh,
+        "schemas/server.schema.json is stale: run `UPDATE_SCHEMA=1 cargo test --test it schema` and commit it"
+    );
+}
+
+#[test]
 fn fleet_files_start_with_the_schema_modeline() {
     let mut files = vec![repo("fleet.yaml")];
     for dir in ["examples", "tests/fixtures"] {

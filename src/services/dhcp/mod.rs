@@ -136,6 +136,9 @@ impl Config {
 #[derive(Debug, Default, Serialize)]
 pub struct Stats {
     pub received: AtomicU64,
+    pub discovers: AtomicU64,
+    pub requests: AtomicU64,
+    pub informs: AtomicU64,
     /// Dropped before handling: too short, broken options, not Ethernet.
     pub malformed: AtomicU64,
     /// Well-formed but not for us: no site matches, another server chosen, an unknown
@@ -226,6 +229,12 @@ impl Server {
                 return Outcome::default();
             }
         };
+        match req.kind {
+            MessageType::Discover => bump(&self.stats.discovers),
+            MessageType::Request => bump(&self.stats.requests),
+            MessageType::Inform => bump(&self.stats.informs),
+            _ => {}
+        }
         let Some(si) = self.site_for(&req, ingress) else {
             bump(&self.stats.ignored);
             debug!(mac = %req.mac, giaddr = %req.msg.giaddr(), "no site serves this request");

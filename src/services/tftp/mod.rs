@@ -66,6 +66,8 @@ pub struct Stats {
     /// Packets dropped as malformed.
     pub malformed: AtomicU64,
     pub retransmits: AtomicU64,
+    /// Bytes of files sent in transfers that completed.
+    pub bytes_sent: AtomicU64,
 }
 
 /// Serve on `socket` until `shutdown` is cancelled. The caller owns the socket, so tests
@@ -135,6 +137,7 @@ pub async fn run(
             match transfer(request, peer, local_ip, &config, &stats, &shutdown).await {
                 Ok(bytes) => {
                     stats.transfers_done.fetch_add(1, Ordering::Relaxed);
+                    stats.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
                     info!(%peer, %file, bytes, "tftp: sent");
                 }
                 Err(e) => {
