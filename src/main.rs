@@ -367,7 +367,12 @@ fn main() -> ExitCode {
             Err(e) => return finish(Err(e)),
         };
         init_logs(&serve.logging(&file));
-        return finish(serve.args(&file).and_then(|a| cli::serve::serve(&a)));
+        let reread = || serve.file().and_then(|f| serve.args(&f));
+        return finish(
+            serve
+                .args(&file)
+                .and_then(|a| cli::serve::serve(&a, &reread)),
+        );
     }
     fleetwave::par::one_shot_process();
     let stdout = std::io::stdout();

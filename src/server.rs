@@ -46,6 +46,9 @@ pub struct Config {
     pub webhook_secret: Option<String>,
     pub policy: RetryPolicy,
     pub clock: Arc<dyn Clock>,
+    /// Wakes the source follower at once: the webhook, `fleetwave sync` and SIGHUP
+    /// notify it.
+    pub sync: Arc<Notify>,
 }
 
 /// One DHCP socket and what it serves.
@@ -139,7 +142,7 @@ pub async fn run(
     let (boot_tx, boot_rx) = watch::channel(Arc::new(BootTable::default()));
     let (events, _) = broadcast::channel(1024);
     let (commands_tx, commands) = mpsc::unbounded_channel();
-    let sync = Arc::new(Notify::new());
+    let sync = config.sync.clone();
     let cache = config.state_dir.join("source.git");
     let (rev_tx, revisions) = watch::channel(first.map(Arc::new));
     tasks.spawn({

@@ -39,35 +39,98 @@ pub struct ServeArgs {
     pub webhook_secret_file: Option<PathBuf>,
 }
 
+/// Reads the configuration again (the file and the flags), for SIGHUP.
+pub type Reread<'a> = &'a (dyn Fn() -> Result<ServeArgs> + Sync);
+
 /// Run until SIGINT/SIGTERM. Exit code as for other commands.
-pub fn serve(args: &ServeArgs) -> Result<u8> {
+pub fn serve(args: &ServeArgs, reread: Reread) -> Result<u8> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
-        let result = run(args, shutdown.clone()).await;
-        signals.abort();
-        result
+        let sync = Arc::new(tokio::sync::Notify::new());
+        // The signal handler never ends: after SIGTERM the server finishes what it
+        // has queued, and `run` returns.
+        tokio::select! {
+            r = run(args, sync.clone(), shutdown.clone()) => r,
+            never = on_signals(args, reread, &sync, &shutdown) => match never {},
+        }
     })
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
+/// SIGTERM and SIGINT stop the server. SIGHUP (systemd's reload) reads the fleet's
+/// source at once and the configuration again: the source is followed anew; what
+/// only a restart changes (ports, directories, the source's address) is named.
+async fn on_signals(
+    running: &ServeArgs,
+    reread: Reread<'_>,
+    sync: &tokio::sync::Notify,
+    shutdown: &CancellationToken,
+) -> std::convert::Infallible {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         error!("cannot install signal handlers; stop the server with SIGKILL");
-        return;
+        return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+            _ = hup.recv() => {
+                match reread() {
+                    Ok(new) => {
+                        let changed = restart_needed(running, &new);
+                        if changed.is_empty() {
+                            info!("SIGHUP: configuration unchanged; reading the fleet's source now");
+                        } else {
+                            warn!("SIGHUP: {} changed; that takes a restart (systemctl restart fleetwave); reading the fleet's source now",
+                                changed.join(", "));
+                        }
+                    }
+                    Err(e) => error!("SIGHUP: the configuration is not valid, the running one stays: {e:#}"),
+                }
+                sync.notify_one();
+                continue;
+            }
+        }
+        shutdown.cancel();
+        return std::future::pending().await;
     }
-    shutdown.cancel();
+}
+
+/// The settings that differ between `a` and `b`.
+fn restart_needed(a: &ServeArgs, b: &ServeArgs) -> Vec<&'static str> {
+    let d = |x: &dyn std::fmt::Debug, y: &dyn std::fmt::Debug| format!("{x:?}") != format!("{y:?}");
+    let mut out = Vec::new();
+    for (name, differs) in [
+        ("source", d(&a.origin, &b.origin)),
+        ("interval", a.interval != b.interval),
+        ("sites", a.sites != b.sites),
+        ("state_dir", a.state_dir != b.state_dir),
+        ("ipxe_dir", a.ipxe_dir != b.ipxe_dir),
+        ("files_dir", a.files_dir != b.files_dir),
+        (
+            "listen",
+            (a.http_port, a.tftp_port, a.dhcp_port) != (b.http_port, b.tftp_port, b.dhcp_port),
+        ),
+        ("image_store", a.image_store != b.image_store),
+        ("admin_token_file", a.admin_token_file != b.admin_token_file),
+        (
+            "webhook_secret_file",
+            a.webhook_secret_file != b.webhook_secret_file,
+        ),
+    ] {
+        if differs {
+            out.push(name);
+        }
+    }
+    out
 }
 
 /// A secret from a file: its first line, which must not be empty.
@@ -88,7 +151,11 @@ fn secret(path: &Option<PathBuf>, what: &str) -> Result<Option<String>> {
 }
 
 /// Check everything, bind every socket, then serve until `shutdown`.
-pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
+pub async fn run(
+    args: &ServeArgs,
+    sync: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) -> Result<u8> {
     let admin_token = secret(&args.admin_token_file, "admin token")?;
     let webhook_secret = secret(&args.webhook_secret_file, "webhook secret")?;
     // The first revision decides which sockets to bind: it must be valid to start.
@@ -246,6 +313,7 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         webhook_secret,
         policy: Default::default(),
         clock: Arc::new(crate::clock::SystemClock::default()),
+        sync,
     };
     match server::run(config, listeners, Some(first), shutdown).await {
         Ok(()) => Ok(super::exit::OK),

@@ -182,6 +182,12 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_default_reads() {
+        let c = parse("dist/server.yaml", include_str!("../../dist/server.yaml")).expect("valid");
+        assert_eq!(c.log_format, Some(LogFormat::Text));
+    }
+
+    #[test]
     fn an_empty_file_is_all_defaults() {
         let c = parse("server.yaml", "# nothing set\n").expect("valid");
         assert!(c.source.is_none() && c.listen.is_none());

@@ -74,6 +74,7 @@ pub fn serve_with(
         webhook_secret: secrets.webhook,
         policy: Default::default(),
         clock: Arc::new(fleetwave::clock::SystemClock::default()),
+        sync: Default::default(),
     };
     let stop = CancellationToken::new();
     let s = stop.clone();

@@ -12,6 +12,7 @@ mod image;
 mod multicast;
 mod netboot;
 mod netlab;
+mod package;
 mod plan_props;
 mod schema;
 mod service;

@@ -21,7 +21,7 @@ use crate::tool;
 /// Downloaded kernels and the last build, kept between runs (CI on one machine too).
 const CACHE: &str = "/var/tmp/fleetwave-netboot-cache";
 /// The static agent's own target directory: its flags differ from the tests' build.
-const STATIC_TARGET: &str = "/var/tmp/fleetwave-static-target";
+pub(crate) const STATIC_TARGET: &str = "/var/tmp/fleetwave-static-target";
 /// A VM that has not finished by then is stuck (a whole run takes about a minute).
 const VM_LIMIT: Duration = Duration::from_secs(900);
 
@@ -58,7 +58,7 @@ fn ready() -> bool {
 
 /// The agent, statically linked: FLEETWAVE_NETBOOT_AGENT, or a release build made here
 /// (incremental after the first).
-fn static_agent() -> PathBuf {
+pub(crate) fn static_agent() -> PathBuf {
     if let Ok(p) = std::env::var("FLEETWAVE_NETBOOT_AGENT") {
         return PathBuf::from(p);
     }

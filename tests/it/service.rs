@@ -44,14 +44,22 @@ fn serve_takes_its_settings_from_server_yaml_with_flags_over_them_and_logs_json(
     // The file says port 1; the flag's port wins.
     let config = format!(
         "# yaml-language-server: $schema=schemas/server.schema.json\n\
-         fleet: {d}/fleet.yaml\ninterval: 1s\nstate_dir: {d}/state\nimage_store: {d}/store\n\
+         fleet: {d}/fleet.yaml\ninterval: 1h\nstate_dir: {d}/state\nimage_store: {d}/store\n\
          ipxe_dir: {d}\nfiles_dir: {d}\nlisten: {{http: 1, tftp: 0}}\n\
          log: info\nlog_format: json\n",
         d = d.display()
     );
-    std::fs::write(d.join("server.yaml"), config).expect("config written");
+    // Apart from the fleet, whose directory the server watches.
+    std::fs::create_dir(d.join("etc")).expect("mkdir");
+    let config_path = d.join("etc/server.yaml");
+    std::fs::write(&config_path, &config).expect("config written");
     let mut child = serve(
-        &["--config", "server.yaml", "--http-port", &port.to_string()],
+        &[
+            "--config",
+            "etc/server.yaml",
+            "--http-port",
+            &port.to_string(),
+        ],
         d,
     );
     let url = format!("http://127.0.0.1:{port}");
@@ -68,6 +76,27 @@ fn serve_takes_its_settings_from_server_yaml_with_flags_over_them_and_logs_json(
     wait_for(&url, "the capture armed", Duration::from_secs(30), |s| {
         state_of(s, "ref-win10") == "Armed"
     });
+    // SIGHUP reads the source at once (the interval is an hour) and the file again,
+    // and names what only a restart changes.
+    let reads = || {
+        let text = crate::controller::get(&format!("{url}/metrics")).1;
+        crate::controller::metric(
+            &text,
+            r#"fleetwave_source_reads_total{outcome="unchanged"}"#,
+        )
+    };
+    let before = std::panic::catch_unwind(reads).unwrap_or(0.0);
+    std::fs::write(&config_path, config.replace("interval: 1h", "interval: 2h")).expect("edited");
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let start = Instant::now();
+    while std::panic::catch_unwind(reads).unwrap_or(0.0) <= before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "SIGHUP read nothing"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // SIGTERM: a clean stop, then every line of its log is one JSON object.
     // SAFETY: signals our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -106,6 +135,13 @@ fn serve_takes_its_settings_from_server_yaml_with_flags_over_them_and_logs_json(
         lines
             .iter()
             .all(|l| l["level"].is_string() && l["timestamp"].is_string())
+    );
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("SIGHUP: interval changed"))),
+        "{log}"
     );
 }
 
