@@ -249,8 +249,9 @@ pub struct HostView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaveView {
     pub name: String,
-    /// `waiting` (for the waves before it), `open`, `halted` (over its failure
-    /// budget) or `done`.
+    /// `waiting` (for the waves before it), `open`, `idle` (its hosts wait for
+    /// something outside it, such as a capture), `halted` (over its failure budget)
+    /// or `done`.
     pub state: String,
     pub message: String,
     pub hosts: usize,
@@ -290,5 +291,10 @@ pub enum Command {
     Retry {
         host: String,
         reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// Send a host's Wake-on-LAN packet now, on its site's interface.
+    Wake {
+        host: String,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
     },
 }

@@ -2,7 +2,7 @@
 //! that asks starts its sender, and each sender's thread ends (and frees its socket)
 //! when its session is over or the server stops.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use super::{SendConfig, send};
+use super::{SendConfig, SessionReport, send};
 use crate::image::store::Store;
 use crate::plan::{Plan, Version};
 use crate::spec::{Digest, FleetSpec};
@@ -45,7 +45,12 @@ pub struct Sessions {
     store: PathBuf,
     running: Senders,
     stop: CancellationToken,
+    /// The newest sessions' reports, newest last, for the console.
+    ended: Arc<Mutex<VecDeque<SessionReport>>>,
 }
+
+/// How many ended sessions' reports are kept.
+const KEEP_ENDED: usize = 20;
 
 impl Sessions {
     /// No sessions until the controller plans.
@@ -55,6 +60,7 @@ impl Sessions {
             store,
             running: Arc::default(),
             stop,
+            ended: Arc::default(),
         }
     }
 
@@ -69,6 +75,7 @@ impl Sessions {
             store,
             running: Arc::default(),
             stop,
+            ended: Arc::default(),
         }
     }
 
@@ -113,11 +120,12 @@ impl Sessions {
             group: p.group,
             digest,
         };
-        let (store, stop, all, mine) = (
+        let (store, stop, all, mine, ended) = (
             self.store.clone(),
             self.stop.clone(),
             Arc::clone(&self.running),
             me.clone(),
+            Arc::clone(&self.ended),
         );
         let handle = std::thread::Builder::new()
             .name(format!("multicast {id}"))
@@ -126,9 +134,16 @@ impl Sessions {
                     .map_err(super::McastError::from)
                     .and_then(|s| send(&s, &mine.digest, &cfg, &|| stop.is_cancelled()));
                 match r {
-                    Ok(rep) => info!(session = %mine.id, ended = %rep.ended,
-                        complete = rep.receivers_complete, joined = rep.receivers_joined,
-                        "multicast session ended"),
+                    Ok(rep) => {
+                        info!(session = %mine.id, ended = %rep.ended,
+                            complete = rep.receivers_complete, joined = rep.receivers_joined,
+                            "multicast session ended");
+                        let mut ended = ended.lock().unwrap_or_else(|e| e.into_inner());
+                        if ended.len() == KEEP_ENDED {
+                            ended.pop_front();
+                        }
+                        ended.push_back(rep);
+                    }
                     Err(e) => {
                         crate::metrics::get()
                             .multicast_sessions
@@ -158,6 +173,12 @@ impl Sessions {
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// The reports of the newest sessions that ended, newest first.
+    pub fn ended(&self) -> Vec<SessionReport> {
+        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        ended.iter().rev().cloned().collect()
     }
 
     /// Wait for every sender to end (after the stop token was cancelled).

@@ -419,7 +419,32 @@ impl Controller {
                 }
                 let _ = reply.send(r);
             }
+            Command::Wake { host, reply } => {
+                let _ = reply.send(self.wake_now(&host));
+            }
         }
+    }
+
+    /// An operator's wake: whatever the host's `wake` setting, which governs the
+    /// controller's own.
+    fn wake_now(&mut self, name: &str) -> Result<String, String> {
+        let spec = self.spec.clone().ok_or("no fleet is being served yet")?;
+        let h = spec
+            .hosts
+            .get(name)
+            .ok_or_else(|| format!("{name} is not in the fleet being served"))?;
+        let site = spec
+            .sites
+            .get(&h.site)
+            .ok_or_else(|| format!("{name}: its site {} is not served", h.site))?;
+        crate::services::wol::wake(&site.interface, site.subnet.broadcast(), h.mac)
+            .map_err(|e| format!("{name}: cannot send Wake-on-LAN on {}: {e}", site.interface))?;
+        let msg = format!(
+            "{name}: Wake-on-LAN packet sent on {} by an operator",
+            site.interface
+        );
+        self.event(Some(name), "WakeSent", msg.clone());
+        Ok(msg)
     }
 
     /// What is known, as the planner reads it.

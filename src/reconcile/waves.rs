@@ -115,6 +115,14 @@ pub fn gates(
                     "{failed} hosts failed, over the failure budget of {budget}: nothing more is armed until a commit or `fleetwave retry`"
                 ),
             )
+        } else if settled && done + failed < hosts.len() {
+            // Hosts held by something outside the wave (a capture to come, `suspend`):
+            // it does not block the waves after it, but it is not done either.
+            let idle = hosts.len() - done - failed;
+            (
+                "idle",
+                format!("{idle} of its hosts have nothing due now (see each host's reason)"),
+            )
         } else if settled {
             ("done", String::new())
         } else {

@@ -67,7 +67,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn admin(c: &Control, headers: &HeaderMap) -> Result<(), Box<Response>> {
+pub(crate) fn admin(c: &Control, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(want) = &c.admin_token else {
         return Err(Box::new(text(
             StatusCode::FORBIDDEN,

@@ -135,6 +135,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/files/{*path}", get(boot_file))
         .route("/health", get(health))
         .route("/metrics", get(super::metrics::scrape))
+        .merge(super::console::routes())
         .with_state(state);
     if let Some(api) = api {
         r = r.merge(super::api::routes(api));

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod console;
 pub mod dhcp;
 pub mod http;
 pub mod metrics;

@@ -3,6 +3,7 @@
 mod agent;
 mod api;
 mod cli_exit;
+mod console;
 mod controller;
 mod dhcp;
 mod fixtures;
