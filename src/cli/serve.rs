@@ -412,7 +412,13 @@ impl ServeCli {
     /// The configuration file named by `--config`, or none.
     pub fn file(&self) -> Result<ServerConfig> {
         match &self.config {
-            Some(p) => server_config::read(p).map_err(anyhow::Error::msg),
+            Some(p) => server_config::read(p).map_err(|problems| {
+                eprint!("{problems}");
+                anyhow::anyhow!(
+                    "{} is invalid: fix it (docs/install.md lists its fields)",
+                    p.display()
+                )
+            }),
             None => Ok(ServerConfig::default()),
         }
     }

@@ -119,6 +119,9 @@ pub fn parse(display: &str, text: &str) -> Result<ServerConfig, String> {
         let e = *e.0;
         let loc = e.loc.unwrap_or(node.loc);
         let message = match &e.field {
+            Some(f) if e.message.starts_with("unknown field") => {
+                format!("{} in `{f}`", e.message)
+            }
             Some(f) if !e.message.contains(f.as_str()) => format!("`{f}`: {}", e.message),
             _ => e.message,
         };
