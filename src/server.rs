@@ -129,17 +129,24 @@ pub async fn run(
         dhcp_server = Some(server);
         dhcp_sites = setup.sites;
     }
+    let (boot_tx, boot_rx) = watch::channel(Arc::new(BootTable::default()));
     let tftp_stats = Arc::new(tftp::Stats::default());
     if let Some(sock) = listeners.tftp {
+        let mut tftp_config = tftp::Config::new(&config.ipxe_dir);
+        tftp_config.generated = Some(http::secure_boot_files(
+            config.files_dir.clone(),
+            boot_rx.clone(),
+            config.base_url.clone(),
+            Some(api.clone()),
+        ));
         tasks.spawn(tftp::run(
             sock,
-            tftp::Config::new(&config.ipxe_dir),
+            tftp_config,
             tftp_stats.clone(),
             shutdown.clone(),
         ));
     }
 
-    let (boot_tx, boot_rx) = watch::channel(Arc::new(BootTable::default()));
     let (events, _) = broadcast::channel(1024);
     let (commands_tx, commands) = mpsc::unbounded_channel();
     let sync = config.sync.clone();

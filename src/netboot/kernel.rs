@@ -70,34 +70,7 @@ pub fn fetch(cache: &Path, log: &mut dyn Write) -> Result<Kernel> {
         let _ = writeln!(log, "kernel {version}: cached in {}", root.display());
         return Ok(k);
     }
-    let debs = cache.join("debs");
-    std::fs::create_dir_all(&debs).map_err(io_at(&debs))?;
-    let deb = match find_deb(&debs, &package)? {
-        Some(d) => d,
-        None => {
-            let _ = writeln!(log, "downloading {package} (apt-get download)");
-            // Into a directory of its own, then moved: a build interrupted mid-download
-            // leaves no partial .deb that the next one would trust.
-            let tmp = debs.join(format!(".download-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
-            run_out(
-                Command::new("apt-get")
-                    // As root into a directory apt's sandbox user cannot write: skip the sandbox.
-                    .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
-                    .arg(&package)
-                    .current_dir(&tmp),
-            )?;
-            let got = find_deb(&tmp, &package)?.ok_or_else(|| {
-                NetbootError::Invalid(format!("apt-get download {package} left no .deb"))
-            })?;
-            let name = got.file_name().map(PathBuf::from).unwrap_or_default();
-            let dest = debs.join(name);
-            std::fs::rename(&got, &dest).map_err(io_at(&dest))?;
-            let _ = std::fs::remove_dir_all(&tmp);
-            dest
-        }
-    };
+    let deb = download(cache, &package, log)?;
     let _ = writeln!(log, "unpacking {}", deb.display());
     let tmp = cache
         .join("kernel")
@@ -126,6 +99,86 @@ pub fn fetch(cache: &Path, log: &mut dyn Write) -> Result<Kernel> {
         }
     }
     Ok(k)
+}
+
+/// `package`'s .deb in the cache, downloaded with `apt-get download` unless it is there.
+pub fn download(cache: &Path, package: &str, log: &mut dyn Write) -> Result<PathBuf> {
+    let debs = cache.join("debs");
+    std::fs::create_dir_all(&debs).map_err(io_at(&debs))?;
+    if let Some(d) = find_deb(&debs, package)? {
+        return Ok(d);
+    }
+    let _ = writeln!(log, "downloading {package} (apt-get download)");
+    // Into a directory of its own, then moved: a build interrupted mid-download
+    // leaves no partial .deb that the next one would trust.
+    let tmp = debs.join(format!(".download-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
+    run_out(
+        Command::new("apt-get")
+            // As root into a directory apt's sandbox user cannot write: skip the sandbox.
+            .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
+            .arg(package)
+            .current_dir(&tmp),
+    )?;
+    let got = find_deb(&tmp, package)?
+        .ok_or_else(|| NetbootError::Invalid(format!("apt-get download {package} left no .deb")))?;
+    let name = got.file_name().map(PathBuf::from).unwrap_or_default();
+    let dest = debs.join(name);
+    std::fs::rename(&got, &dest).map_err(io_at(&dest))?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(dest)
+}
+
+/// Debian's signed boot loaders for Secure Boot: the shim (signed by Microsoft's
+/// UEFI CA) and GRUB's network image (signed by Debian), from their packages.
+#[derive(Debug, Clone)]
+pub struct Loaders {
+    pub shim: PathBuf,
+    pub grub: PathBuf,
+    /// The .deb files they came from (name and version).
+    pub packages: Vec<String>,
+}
+
+pub fn loaders(cache: &Path, log: &mut dyn Write) -> Result<Loaders> {
+    let mut unpacked = Vec::new();
+    let mut packages = Vec::new();
+    for package in ["shim-signed", "grub-efi-amd64-signed"] {
+        let deb = download(cache, package, log)?;
+        let name = deb
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".deb").to_string())
+            .unwrap_or_else(|| package.to_string());
+        let root = cache.join("loaders").join(&name);
+        if !root.join(".complete").exists() {
+            let tmp = cache
+                .join("loaders")
+                .join(format!(".unpack-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
+            run_out(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))?;
+            std::fs::write(tmp.join(".complete"), b"").map_err(io_at(&tmp))?;
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::rename(&tmp, &root).map_err(io_at(&root))?;
+        }
+        unpacked.push(root);
+        packages.push(name);
+    }
+    let shim = unpacked[0].join("usr/lib/shim/shimx64.efi.signed");
+    let grub = unpacked[1].join("usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed");
+    for f in [&shim, &grub] {
+        if !f.exists() {
+            return Err(NetbootError::Invalid(format!(
+                "{} is not in its package: has Debian moved it? (docs/netboot.md, Secure Boot)",
+                f.display()
+            )));
+        }
+    }
+    Ok(Loaders {
+        shim,
+        grub,
+        packages,
+    })
 }
 
 fn find_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>> {

@@ -69,6 +69,9 @@ pub const TOOLS: &[&str] = &[
     "partclone.btrfs",
 ];
 
+/// Where the build keeps the Secure Boot loaders (`shimx64.efi`, `grubx64.efi`).
+pub const SECURE_BOOT_DIR: &str = "secureboot";
+
 /// The size the initramfs should stay under (HookOS needs 180 MB).
 pub const TARGET_BYTES: u64 = 40_000_000;
 
@@ -112,10 +115,13 @@ pub struct Manifest {
     pub tools_missing: Vec<String>,
     /// `fleetwave --version` of the agent inside.
     pub agent_version: String,
-    /// `vmlinuz` and `initrd.img`: size and SHA-256.
+    /// `vmlinuz`, `initrd.img` and the Secure Boot loaders: size and SHA-256.
     pub files: BTreeMap<String, FileSum>,
     /// The initramfs before compression.
     pub initrd_uncompressed_bytes: u64,
+    /// The signed shim's and GRUB's packages (an older build has none).
+    #[serde(default)]
+    pub loader_packages: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,8 +220,29 @@ pub fn build(opts: &BuildOptions, log: &mut dyn Write) -> Result<Manifest> {
     std::fs::copy(k.vmlinuz(), &tmp).map_err(io_at(&tmp))?;
     std::fs::rename(&tmp, &vmlinuz).map_err(io_at(&vmlinuz))?;
 
+    // Secure Boot: the signed shim and GRUB, served by TFTP (docs/netboot.md).
+    let loaders = kernel::loaders(&opts.cache, log)?;
+    let sb = opts.out.join(SECURE_BOOT_DIR);
+    std::fs::create_dir_all(&sb).map_err(io_at(&sb))?;
+    let shim = sb.join("shimx64.efi");
+    let grub = sb.join("grubx64.efi");
+    for (from, to) in [(&loaders.shim, &shim), (&loaders.grub, &grub)] {
+        let tmp = to.with_extension("partial");
+        std::fs::copy(from, &tmp).map_err(io_at(&tmp))?;
+        std::fs::rename(&tmp, to).map_err(io_at(to))?;
+    }
+    say(
+        log,
+        format!("Secure Boot loaders from {}", loaders.packages.join(", ")),
+    );
+
     let mut files = BTreeMap::new();
-    for (name, path) in [("vmlinuz", &vmlinuz), ("initrd.img", &initrd)] {
+    for (name, path) in [
+        ("vmlinuz", &vmlinuz),
+        ("initrd.img", &initrd),
+        ("secureboot/shimx64.efi", &shim),
+        ("secureboot/grubx64.efi", &grub),
+    ] {
         files.insert(name.to_string(), sum(path)?);
     }
     let m = Manifest {
@@ -229,6 +256,7 @@ pub fn build(opts: &BuildOptions, log: &mut dyn Write) -> Result<Manifest> {
         agent_version,
         files,
         initrd_uncompressed_bytes: uncompressed,
+        loader_packages: loaders.packages,
     };
     let path = opts.out.join("manifest.json");
     let text = serde_json::to_string_pretty(&m)
@@ -461,6 +489,7 @@ mod tests {
         std::fs::write(dir.path().join("vmlinuz"), b"kernel").expect("write");
         std::fs::write(dir.path().join("initrd.img"), b"initrd").expect("write");
         let mut m = Manifest {
+            loader_packages: Vec::new(),
             kernel_package: "linux-image-x".into(),
             kernel_version: "x".into(),
             modules: vec![],

@@ -43,15 +43,17 @@ pub struct BootTable {
 /// The boot table as the controller publishes it: services read the newest one.
 pub type BootFeed = tokio::sync::watch::Receiver<Arc<BootTable>>;
 
-/// The iPXE script for `mac`; `None` when the MAC is unknown and no site registers
-/// unknown machines. An armed task's script carries its token; an unknown machine's
-/// gets a registration token from `api` (one that can only post inventory).
-pub fn script(table: &BootTable, mac: Mac, base_url: &str, api: Option<&Api>) -> Option<String> {
-    let mut s = String::from("#!ipxe\n");
+/// What `mac` boots now: a comment for the script, and the agent's kernel arguments
+/// (`None`: its local disk). `None` when the MAC is unknown and no site registers
+/// unknown machines. An armed task carries its token; an unknown machine gets a
+/// registration token from `api` (one that can only post inventory).
+/// The agent's `fleetwave.*` kernel arguments, by name.
+type AgentArgs = Vec<(&'static str, String)>;
+
+fn decide(table: &BootTable, mac: Mac, api: Option<&Api>) -> Option<(String, Option<AgentArgs>)> {
     match table.hosts.get(&mac) {
         Some(BootInstruction::LocalDisk { host, why }) => {
-            let _ = writeln!(s, "# fleetwave: {host}: {why}; booting the local disk");
-            s.push_str(LOCAL_BOOT);
+            Some((format!("{host}: {why}; booting the local disk"), None))
         }
         Some(BootInstruction::Agent {
             host,
@@ -59,28 +61,73 @@ pub fn script(table: &BootTable, mac: Mac, base_url: &str, api: Option<&Api>) ->
             token,
             task,
             summary,
-        }) => {
-            let _ = writeln!(s, "# fleetwave: {host}: {summary}");
-            let args = [
+        }) => Some((
+            format!("{host}: {summary}"),
+            Some(vec![
                 ("host", host.clone()),
                 ("site", site.clone()),
                 ("task", task.kind().to_string()),
                 ("token", token.clone()),
-            ];
-            agent_boot(&mut s, base_url, mac, &args);
-        }
+            ]),
+        )),
         None if !table.register_sites.is_empty() => {
-            let _ = writeln!(
-                s,
-                "# fleetwave: unknown machine {mac}: registering its inventory"
-            );
             let mut args = vec![("task", "register".to_string())];
             if let Some(t) = api.and_then(|a| a.register_token(mac)) {
                 args.push(("token", t));
             }
-            agent_boot(&mut s, base_url, mac, &args);
+            Some((
+                format!("unknown machine {mac}: registering its inventory"),
+                Some(args),
+            ))
         }
-        None => return None,
+        None => None,
+    }
+}
+
+/// The iPXE script for `mac` (see [`decide`]).
+pub fn script(table: &BootTable, mac: Mac, base_url: &str, api: Option<&Api>) -> Option<String> {
+    let (comment, agent) = decide(table, mac, api)?;
+    let mut s = String::from("#!ipxe\n");
+    let _ = writeln!(s, "# fleetwave: {comment}");
+    match agent {
+        None => s.push_str(LOCAL_BOOT),
+        Some(args) => {
+            let cmdline = kernel_cmdline(base_url, mac, &args);
+            let _ = writeln!(
+                s,
+                "kernel {base_url}/files/vmlinuz {cmdline} || goto failed"
+            );
+            let _ = writeln!(s, "initrd {base_url}/files/initrd.img || goto failed");
+            s.push_str("boot || goto failed\n:failed\necho fleetwave: the agent did not boot; retrying in 30 s\nsleep 30\nreboot\n");
+        }
+    }
+    Some(s)
+}
+
+/// The GRUB configuration for `mac`, what Secure Boot machines run after Debian's
+/// signed shim and GRUB: the same decision and token as its iPXE script. The kernel
+/// and initrd come by TFTP from the same server (GRUB's root is `(tftp,SERVER)`);
+/// shim verifies the kernel's signature, not the initrd's.
+pub fn grub_config(
+    table: &BootTable,
+    mac: Mac,
+    base_url: &str,
+    api: Option<&Api>,
+) -> Option<String> {
+    let (comment, agent) = decide(table, mac, api)?;
+    let mut s = String::from("set timeout=0\n");
+    let _ = writeln!(s, "echo 'fleetwave: {}'", comment.replace('\'', ""));
+    match agent {
+        // Back to the firmware, which boots its next entry: the disk.
+        None => s.push_str("exit\n"),
+        Some(args) => {
+            let cmdline = kernel_cmdline(base_url, mac, &args);
+            let _ = writeln!(s, "linux /vmlinuz {cmdline}");
+            s.push_str("initrd /initrd.img\nboot\n");
+            s.push_str(
+                "echo 'fleetwave: the agent did not boot; retrying in 30 s'\nsleep 30\nreboot\n",
+            );
+        }
     }
     Some(s)
 }
@@ -96,16 +143,46 @@ sleep 10
 exit
 ";
 
-fn agent_boot(s: &mut String, base: &str, mac: Mac, args: &[(&str, String)]) {
+/// What TFTP serves Secure Boot machines beside the root: the signed shim and GRUB
+/// from the netboot build, GRUB's first configuration (which chains to the host's
+/// own by the MAC GRUB booted from), each host's configuration, and the kernel and
+/// initrd it names.
+pub fn secure_boot_files(
+    files_root: PathBuf,
+    table: BootFeed,
+    base_url: String,
+    api: Option<Arc<Api>>,
+) -> tftp::Generator {
+    let existing = |p: PathBuf| p.is_file().then_some(tftp::Generated::File(p));
+    tftp::Generator(Arc::new(move |name: &str| match name {
+        "shimx64.efi" | "grubx64.efi" => {
+            existing(files_root.join(crate::netboot::SECURE_BOOT_DIR).join(name))
+        }
+        "vmlinuz" | "initrd.img" => existing(files_root.join(name)),
+        "grub/grub.cfg" => Some(tftp::Generated::Bytes(
+            b"set timeout=0\nconfigfile /grub/${net_default_mac}.cfg\n".to_vec(),
+        )),
+        _ => {
+            let mac: Mac = name
+                .strip_prefix("grub/")?
+                .strip_suffix(".cfg")?
+                .parse()
+                .ok()?;
+            let table = table.borrow().clone();
+            grub_config(&table, mac, &base_url, api.as_deref())
+                .map(|s| tftp::Generated::Bytes(s.into_bytes()))
+        }
+    }))
+}
+
+fn kernel_cmdline(base: &str, mac: Mac, args: &[(&str, String)]) -> String {
     let mut cmdline = format!(
         "initrd=initrd.img console=tty0 console=ttyS0,115200 fleetwave.server={base} fleetwave.mac={mac}"
     );
     for (k, v) in args {
         let _ = write!(cmdline, " fleetwave.{k}={v}");
     }
-    let _ = writeln!(s, "kernel {base}/files/vmlinuz {cmdline} || goto failed");
-    let _ = writeln!(s, "initrd {base}/files/initrd.img || goto failed");
-    s.push_str("boot || goto failed\n:failed\necho fleetwave: the agent did not boot; retrying in 30 s\nsleep 30\nreboot\n");
+    cmdline
 }
 
 /// What the HTTP handlers share.

@@ -49,6 +49,8 @@ pub struct Site {
     pub image_store: String,
     /// Wake the site's hosts (Wake-on-LAN) when they must boot for a task.
     pub wake: bool,
+    /// UEFI firmware PXE gets the signed shim → GRUB chain rather than iPXE.
+    pub secure_boot: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -81,6 +81,10 @@ pub struct Site {
     /// true: send Wake-on-LAN packets to the site's hosts when they must boot for a
     /// task (a host or group may say otherwise). Default: false.
     pub wake: Option<bool>,
+    /// true: UEFI machines that PXE-boot with their firmware are offered Debian's
+    /// signed shim and GRUB instead of iPXE, so they boot with Secure Boot on (no key
+    /// to enrol, nothing to turn off). Default: false.
+    pub secure_boot: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]

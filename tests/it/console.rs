@@ -4,6 +4,7 @@
 //! `target/tmp/console-screenshots/` for a person (or a CI artifact step) to look at.
 
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +15,9 @@ use tungstenite::{Message, WebSocket, stream::MaybeTlsStream};
 use crate::controller::{Repo, Secrets, lab_fleet, serve, state_of, token, wait_for};
 use crate::tool;
 
-const CHROMIUM: &str = "/usr/bin/chromium-headless-shell";
+/// Debian's package; `/usr/bin/chromium-headless-shell` is a script that runs this
+/// without exec, so killing the script would leave the browser running.
+const CHROMIUM: &str = "/usr/lib/chromium/chromium-headless-shell";
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// A headless Chromium with its DevTools endpoint; killed on drop.
@@ -27,7 +30,9 @@ struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The browser and its renderers share the process group it was given.
+        // SAFETY: signals a process group this test created.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
@@ -46,6 +51,7 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

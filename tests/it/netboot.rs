@@ -307,6 +307,12 @@ enum Firmware {
     Bios,
     /// OVMF, with a fresh copy of its variables.
     Uefi,
+    /// OVMF's Secure Boot build with Microsoft's keys enrolled, enforcing; the site
+    /// says `secure_boot: true`. `unsigned_kernel`: the kernel served has its
+    /// signature taken off.
+    SecureBoot {
+        unsigned_kernel: bool,
+    },
 }
 
 struct Case {
@@ -399,6 +405,26 @@ fn pxe_run(case: &Case) -> Option<Run> {
         Role::Register => register_setup(d, &store),
         _ => serve_setup(d, MAC, &store, "golden", case.host_extra),
     };
+    let files = match case.firmware {
+        Firmware::SecureBoot { .. } => {
+            let fleet = d.join("fleet.yaml");
+            let text = std::fs::read_to_string(&fleet).expect("fleet");
+            let text = text.replace(
+                "    interface: eth0\n",
+                "    interface: eth0\n    secure_boot: true\n",
+            );
+            std::fs::write(&fleet, text).expect("fleet");
+            if let Firmware::SecureBoot {
+                unsigned_kernel: true,
+            } = case.firmware
+            {
+                unsigned_copy(&files, &d.join("files"))
+            } else {
+                files
+            }
+        }
+        _ => files,
+    };
     let files_arg = files.display().to_string();
     args.extend(
         [
@@ -458,6 +484,24 @@ fn pxe_run(case: &Case) -> Option<Run> {
             qemu.arg("-fw_cfg")
                 .arg(format!("name=etc/sercon-port,file={}", sercon.display()));
         }
+        Firmware::SecureBoot { .. } => {
+            let vars = d.join("vars.fd");
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.ms.fd", &vars).expect("OVMF vars");
+            // SMM keeps the variables (and so the keys) out of the OS's reach.
+            qemu.args([
+                "-machine",
+                "q35,smm=on",
+                "-global",
+                "driver=cfi.pflash01,property=secure,value=on",
+                "-drive",
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
+        }
         Firmware::Uefi => {
             let vars = d.join("vars.fd");
             std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF vars");
@@ -504,6 +548,10 @@ fn pxe_run(case: &Case) -> Option<Run> {
             "fleetwave-init: FAILED",
             "fleetwave-init: rebooting",
             "fleetwave-init: powering off",
+            // Secure Boot: GRUB from the signed shim, and what the kernel says of it.
+            "fleetwave: vm1",
+            "EFI stub: UEFI Secure Boot is enabled",
+            "bad shim signature",
         ],
     );
     eprintln!("{}: seconds since power-on", case.name);
@@ -676,6 +724,95 @@ fn a_task_that_cannot_be_done_is_reported_failed_never_done() {
         log_tail.contains("fleetwave-init: running the agent"),
         "{result}"
     );
+    let disk = std::fs::read(&r.vm_raw).expect("read");
+    assert!(disk.iter().all(|b| *b == 0), "the disk was written");
+}
+
+/// `build` with its kernel's Authenticode signature taken off (the PE security
+/// directory emptied and the table cut): the same kernel, unsigned.
+fn unsigned_copy(build: &Path, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to.join("secureboot")).expect("mkdir");
+    for f in [
+        "initrd.img",
+        "manifest.json",
+        "secureboot/shimx64.efi",
+        "secureboot/grubx64.efi",
+    ] {
+        std::fs::copy(build.join(f), to.join(f)).expect("copy");
+    }
+    let mut k = std::fs::read(build.join("vmlinuz")).expect("vmlinuz");
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4"));
+    let pe = u32_at(&k, 0x3c) as usize;
+    assert_eq!(&k[pe..pe + 4], b"PE\0\0", "vmlinuz is not a PE image");
+    let opt = pe + 24;
+    assert_eq!(u16::from_le_bytes([k[opt], k[opt + 1]]), 0x20b, "not PE32+");
+    // Data directory 4 (the certificate table) of a PE32+ optional header.
+    let dir = opt + 112 + 4 * 8;
+    let (at, len) = (u32_at(&k, dir) as usize, u32_at(&k, dir + 4) as usize);
+    assert!(
+        at > 0 && len > 0,
+        "the kernel carries no signature to take off"
+    );
+    k[dir..dir + 8].fill(0);
+    k.truncate(at);
+    std::fs::write(to.join("vmlinuz"), k).expect("write");
+    to.to_path_buf()
+}
+
+/// Issue 18, test 3: OVMF enforcing Secure Boot with Microsoft's keys boots Debian's
+/// signed shim, GRUB and kernel from serve, and the agent deploys; the same machine
+/// refuses a kernel whose signature was taken off (enforcement was on).
+#[test]
+fn secure_boot_boots_the_signed_chain_which_deploys_and_refuses_an_unsigned_kernel() {
+    if !tool("ovmf", "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd") {
+        return;
+    }
+    let case = Case {
+        name: "uefi-secure-boot",
+        firmware: Firmware::SecureBoot {
+            unsigned_kernel: false,
+        },
+        nic: "virtio-net-pci,romfile=",
+        disk: "nvme,drive=d0,serial=fleetwave0",
+        host_extra: "",
+        ra: false,
+        role: Role::Deploy { captured: None },
+    };
+    let Some(r) = pxe_run(&case) else {
+        return;
+    };
+    assert!(
+        r.console.contains("EFI stub: UEFI Secure Boot is enabled"),
+        "the kernel did not boot under Secure Boot:\n{}",
+        tail(&r.console, 6000)
+    );
+    assert!(
+        r.serve_log.contains("shimx64.efi") && r.serve_log.contains("grubx64.efi"),
+        "{}",
+        r.serve_log
+    );
+    assert_deployed(&r);
+
+    let refused = Case {
+        name: "uefi-secure-boot-unsigned",
+        firmware: Firmware::SecureBoot {
+            unsigned_kernel: true,
+        },
+        ..case
+    };
+    let Some(r) = pxe_run(&refused) else {
+        return;
+    };
+    assert!(
+        r.console.contains("bad shim signature"),
+        "the unsigned kernel was not refused:\n{}",
+        tail(&r.console, 6000)
+    );
+    assert!(
+        !r.console.contains("Linux version"),
+        "the unsigned kernel ran"
+    );
+    assert!(!r.serve_log.contains("task done"), "{}", r.serve_log);
     let disk = std::fs::read(&r.vm_raw).expect("read");
     assert!(disk.iter().all(|b| *b == 0), "the disk was written");
 }

@@ -52,6 +52,8 @@ pub struct SiteNet {
     pub domain: Option<String>,
     pub lease_secs: u64,
     pub unknown: UnknownHosts,
+    /// UEFI firmware PXE is offered the signed shim (Secure Boot) rather than iPXE.
+    pub secure_boot: bool,
 }
 
 /// A host of the fleet, as DHCP needs it.
@@ -101,6 +103,7 @@ impl Config {
                 domain: s.dhcp.domain.clone(),
                 lease_secs: s.dhcp.lease_secs,
                 unknown: s.unknown_hosts,
+                secure_boot: s.secure_boot,
             })
             .collect();
         let hosts = spec
@@ -535,7 +538,7 @@ impl Server {
             self.boot_options(
                 &mut m,
                 client,
-                pxe::choose(client, req.mac, &self.config.boot, http),
+                pxe::choose(client, req.mac, &self.config.boot, http, site.secure_boot),
                 proxy,
             );
         }

@@ -141,6 +141,10 @@ impl Default for BootFiles {
     }
 }
 
+/// What Secure Boot machines load first: Debian's shim, signed by Microsoft's UEFI CA
+/// (served by TFTP from the netboot build; docs/netboot.md). It loads `grubx64.efi`.
+pub const SHIM: &str = "shimx64.efi";
+
 /// What a client is told to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Boot {
@@ -174,7 +178,13 @@ impl HttpServer {
 }
 
 /// Choose what `client` boots.
-pub fn choose(client: &Client, mac: Mac, files: &BootFiles, http: HttpServer) -> Boot {
+pub fn choose(
+    client: &Client,
+    mac: Mac,
+    files: &BootFiles,
+    http: HttpServer,
+    secure_boot: bool,
+) -> Boot {
     if client.ipxe {
         return Boot::Url {
             url: http.script_url(mac),
@@ -186,6 +196,8 @@ pub fn choose(client: &Client, mac: Mac, files: &BootFiles, http: HttpServer) ->
     };
     let file = match arch {
         Arch::Bios => &files.bios,
+        // iPXE is not signed: with Secure Boot on the firmware refuses it.
+        Arch::EfiX64 if secure_boot => SHIM,
         Arch::EfiX64 => &files.efi_x64,
         Arch::EfiIa32 => &files.efi_ia32,
         Arch::EfiArm64 => &files.efi_arm64,
@@ -205,7 +217,7 @@ pub fn choose(client: &Client, mac: Mac, files: &BootFiles, http: HttpServer) ->
     };
     Boot::Tftp {
         next_server: http.address,
-        file: file.clone(),
+        file: file.to_string(),
     }
 }
 
@@ -221,7 +233,7 @@ mod tests {
 
     fn boot(opt93: Option<u16>, opt60: Option<&str>, opt77: Option<&str>) -> Boot {
         let c = Client::classify(opt93, opt60.map(str::as_bytes), opt77.map(str::as_bytes));
-        choose(&c, MAC, &BootFiles::default(), HTTP)
+        choose(&c, MAC, &BootFiles::default(), HTTP, false)
     }
 
     fn tftp(file: &str) -> Boot {
@@ -259,5 +271,17 @@ mod tests {
         // An operating system's DHCP client boots nothing.
         assert_eq!(boot(None, Some("udhcp 1.35.0"), None), Boot::Nothing);
         assert_eq!(boot(None, None, None), Boot::Nothing);
+    }
+
+    #[test]
+    fn a_secure_boot_site_gives_uefi_firmware_the_signed_shim_and_bios_ipxe() {
+        let efi = Client::classify(Some(7), Some(b"PXEClient:Arch:00007:UNDI:003000"), None);
+        let bios = Client::classify(Some(0), Some(b"PXEClient:Arch:00000:UNDI:002001"), None);
+        let files = BootFiles::default();
+        assert_eq!(choose(&efi, MAC, &files, HTTP, true), tftp("shimx64.efi"));
+        assert_eq!(
+            choose(&bios, MAC, &files, HTTP, true),
+            tftp("undionly.kpxe")
+        );
     }
 }

@@ -42,6 +42,27 @@ pub struct Config {
     /// its tail every time, and an RFC 7440
     /// receiver then waits for its timeout: such windows are lowered in the OACK.
     pub max_window_bytes: usize,
+    /// Files made on request (Secure Boot's GRUB configurations), asked before the root.
+    pub generated: Option<Generator>,
+}
+
+/// What a requested name (without a leading `/`) is made of, if it is not a file of
+/// the root.
+#[derive(Clone)]
+pub struct Generator(pub Arc<GenerateFn>);
+
+pub type GenerateFn = dyn Fn(&str) -> Option<Generated> + Send + Sync;
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Generator")
+    }
+}
+
+pub enum Generated {
+    Bytes(Vec<u8>),
+    /// A file outside the root, chosen by the server (never by the client's path).
+    File(PathBuf),
 }
 
 impl Config {
@@ -53,6 +74,7 @@ impl Config {
             timeout: Duration::from_secs(1),
             max_window: 64,
             max_window_bytes: 64 * 1024,
+            generated: None,
         }
     }
 }
@@ -301,33 +323,55 @@ async fn transfer(
         )
         .await);
     }
-    let path = match super::confine(&config.root, &request.filename) {
-        Ok(p) => p,
-        Err(why) => {
-            let code = if why == "file not found" {
-                ErrorCode::FileNotFound
+    // GRUB asks for `/grub/grub.cfg`; other clients for `name`.
+    let generated = config
+        .generated
+        .as_ref()
+        .and_then(|g| (g.0)(request.filename.trim_start_matches('/')));
+    let (source, size) = match generated {
+        Some(Generated::Bytes(b)) => {
+            let b = if request.mode == "netascii" {
+                to_netascii(&b)
             } else {
-                ErrorCode::AccessViolation
+                b
             };
-            return Err(refuse(code, why).await);
+            let len = b.len() as u64;
+            (Source::Memory(b), len)
         }
-    };
-    let file = std::fs::File::open(&path)?;
-    let (source, size) = if request.mode == "netascii" {
-        if file.metadata()?.len() > MAX_NETASCII {
-            return Err(refuse(
-                ErrorCode::AccessViolation,
-                "file too large for netascii; use octet mode",
-            )
-            .await);
+        other => {
+            let path = match other {
+                Some(Generated::File(p)) => Ok(p),
+                _ => super::confine(&config.root, &request.filename),
+            };
+            let path = match path {
+                Ok(p) => p,
+                Err(why) => {
+                    let code = if why == "file not found" {
+                        ErrorCode::FileNotFound
+                    } else {
+                        ErrorCode::AccessViolation
+                    };
+                    return Err(refuse(code, why).await);
+                }
+            };
+            let file = std::fs::File::open(&path)?;
+            if request.mode == "netascii" {
+                if file.metadata()?.len() > MAX_NETASCII {
+                    return Err(refuse(
+                        ErrorCode::AccessViolation,
+                        "file too large for netascii; use octet mode",
+                    )
+                    .await);
+                }
+                let text = std::fs::read(&path)?;
+                let converted = to_netascii(&text);
+                let len = converted.len() as u64;
+                (Source::Memory(converted), len)
+            } else {
+                let len = file.metadata()?.len();
+                (Source::File(file), len)
+            }
         }
-        let text = std::fs::read(&path)?;
-        let converted = to_netascii(&text);
-        let len = converted.len() as u64;
-        (Source::Memory(converted), len)
-    } else {
-        let len = file.metadata()?.len();
-        (Source::File(file), len)
     };
     let (n, accepted) = negotiate(&request, size, config);
     // Blocks 1..=last; the last is shorter than blksize (empty when size divides evenly).

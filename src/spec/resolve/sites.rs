@@ -201,6 +201,7 @@ pub(super) fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
                         .unwrap_or(UnknownHosts::Register),
                     image_store,
                     wake: s.wake.unwrap_or(false),
+                    secure_boot: s.secure_boot.unwrap_or(false),
                 },
             );
         }
