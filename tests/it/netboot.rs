@@ -21,7 +21,7 @@ use crate::tool;
 /// Downloaded kernels and the last build, kept between runs (CI on one machine too).
 const CACHE: &str = "/var/tmp/fleetwave-netboot-cache";
 /// The static agent's own target directory: its flags differ from the tests' build.
-pub(crate) const STATIC_TARGET: &str = "/var/tmp/fleetwave-static-target";
+const STATIC_TARGET: &str = "/var/tmp/fleetwave-static-target";
 /// A VM that has not finished by then is stuck (a whole run takes about a minute).
 const VM_LIMIT: Duration = Duration::from_secs(900);
 

@@ -62,6 +62,12 @@ fn the_package_installs_verifies_and_purges_cleanly() {
         return;
     }
     let binary = crate::netboot::static_agent();
+    // TARGET/x86_64-unknown-linux-gnu/release/fleetwave: cargo deb finds it there.
+    let target = binary
+        .ancestors()
+        .nth(3)
+        .expect("the static build's target directory")
+        .to_path_buf();
     let out = tempfile::tempdir().expect("tempdir");
     let (ok, text) = run(Command::new(env!("CARGO"))
         .args([
@@ -74,7 +80,7 @@ fn the_package_installs_verifies_and_purges_cleanly() {
         ])
         .arg(out.path())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("CARGO_TARGET_DIR", crate::netboot::STATIC_TARGET));
+        .env("CARGO_TARGET_DIR", &target));
     assert!(ok, "cargo deb: {text}");
     let deb = std::fs::read_dir(out.path())
         .expect("output")
