@@ -473,3 +473,151 @@ fn a_lossy_receivers_repairs_go_to_it_alone_and_take_a_bounded_share_of_the_pass
     );
     assert!(n("repair_datagrams") > n("pass_repairs"), "{sent}");
 }
+
+/// Drop every UDP datagram reaching `host` from now on (TCP still passes).
+fn cut(lab: &Lab, host: &str) {
+    for args in [
+        &["add", "table", "inet", "fwcut"][..],
+        &[
+            "add",
+            "chain",
+            "inet",
+            "fwcut",
+            "in",
+            "{ type filter hook prerouting priority -300; }",
+        ],
+        &[
+            "add", "rule", "inet", "fwcut", "in", "meta", "l4proto", "udp", "drop",
+        ],
+    ] {
+        let ok = lab.cmd(host, "nft").args(args).status();
+        assert!(ok.is_ok_and(|s| s.success()), "nft {args:?}");
+    }
+}
+
+/// Allocated bytes of a file (what a receiver has written so far).
+fn written(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// Issue 17: a session that starts on `max_wait` with fewer receivers than
+/// `min_receivers`, and a receiver cut off from the group mid-pass that fills in what
+/// it missed over HTTP from the server after the session.
+#[test]
+fn a_session_starts_on_max_wait_short_of_receivers_and_a_cut_off_receiver_fills_in_over_http() {
+    if !tools() {
+        return;
+    }
+    let Some(lab) = lab() else {
+        return;
+    };
+    let fleet_head = format!("{}images:\n  win10: {{os: windows}}\n", crate::LAB_SITE);
+    let dir = workdir(&fleet_head);
+    let d = dir.path();
+    let (img, digest) = image(d, &d.join("store"), "win10", 23);
+    // Three receivers wanted, two come: the session must start when max_wait is up.
+    let fleet = format!(
+        "{fleet_head}multicast:\n  room-a: {{address: 239.28.0.1, port: 9000, min_receivers: 3, max_wait: 5s, max_rate: 4Mbit}}\n\
+         hosts:\n{}waves:\n  room-a: {{transport: multicast, multicast: room-a}}\n",
+        MACS.iter()
+            .enumerate()
+            .map(|(i, m)| format!(
+                "  pc0{}: {{mac: \"{m}\", site: lab, image: win10, wave: room-a}}\n",
+                i + 1
+            ))
+            .collect::<String>()
+    );
+    std::fs::write(d.join("fleet.yaml"), &fleet).expect("write");
+    let args = serve_args(d);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut serve = lab.serve("srv", &args);
+    let deploy = |i: usize| {
+        let host = format!("r{}", i + 1);
+        let target = d.join(format!("disk{i}.img"));
+        std::fs::File::create(&target).expect("target");
+        let token = token(&lab, &host, MACS[i]);
+        let mut c = lab.cmd(&host, env!("CARGO_BIN_EXE_fleetwave"));
+        c.args(["agent", "deploy", &digest])
+            .arg(&target)
+            .args([
+                "--server",
+                &format!("http://{SERVER}:8080"),
+                "--token",
+                &token,
+            ])
+            .args(["--mac", MACS[i], "--multicast", "--json"]);
+        spawn(c, &d.join(format!("r{i}.log")))
+    };
+    let r0 = deploy(0);
+    let r1 = deploy(1);
+    serve.wait_for("receiver joined", Duration::from_secs(30));
+    // Receiver 2 is cut off from every datagram once it holds a few MB of the pass;
+    // its TCP (HTTP) still works.
+    let target1 = d.join("disk1.img");
+    let start = Instant::now();
+    while written(&target1) < 2 << 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "receiver 2 received nothing by multicast:\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cut(&lab, "r2");
+
+    let limit = Duration::from_secs(180);
+    let results: Vec<(i32, String)> = [(0, r0), (1, r1)]
+        .into_iter()
+        .map(|(i, c)| finish(c, &d.join(format!("r{i}.log")), limit))
+        .collect();
+    for (i, (code, out)) in results.iter().enumerate() {
+        assert_eq!(
+            *code,
+            0,
+            "receiver {}: {out}\nserver:\n{}",
+            i + 1,
+            serve.log()
+        );
+        assert_eq!(report(out)["deploy"]["verified"], digest.as_str(), "{out}");
+        assert!(
+            same(&img, &d.join(format!("disk{i}.img"))),
+            "receiver {}'s disk differs from the image",
+            i + 1
+        );
+    }
+    // The cut-off receiver got part by multicast and the rest over HTTP.
+    let cut = report(&results[1].1);
+    let by_multicast = cut["multicast"]["chunks_received"].as_u64().unwrap_or(0);
+    let over_http = cut["deploy"]["chunks_written"].as_u64().unwrap_or(0);
+    assert!(by_multicast > 0 && over_http > 0, "{cut}");
+    let whole = report(&results[0].1);
+    assert_eq!(
+        whole["multicast"]["chunks_received"].as_u64(),
+        whole["multicast"]["chunks"].as_u64(),
+        "the receiver that was not cut off got everything by multicast: {whole}"
+    );
+    // The sender waited its max_wait for a third receiver, then sent to two.
+    serve.wait_for("multicast session ended", Duration::from_secs(120));
+    let sessions = lab
+        .cmd("srv", "busybox")
+        .args([
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://127.0.0.1:8080/api/v1/multicast/sessions",
+        ])
+        .output()
+        .expect("sessions");
+    let sessions: serde_json::Value =
+        serde_json::from_slice(&sessions.stdout).expect("sessions are JSON");
+    let ended = &sessions["ended"][0];
+    assert_eq!(ended["receivers_joined"], 2, "{sessions}");
+    assert!(
+        ended["waited_secs"].as_f64().unwrap_or(0.0) >= 4.9,
+        "the session started before max_wait with 2 of 3 receivers: {sessions}"
+    );
+    let (status, log) = serve.stop();
+    assert!(status.success(), "{log}");
+}
