@@ -264,6 +264,18 @@ pub async fn run(
     let http = tokio::net::TcpListener::bind(http_addr)
         .await
         .with_context(|| format!("cannot bind HTTP to {http_addr}"))?;
+    // iPXE waits for IPv6 unless told there is nothing to configure (ipv6_ra).
+    let _ra = RaResponders::start(
+        spec.sites
+            .iter()
+            .filter(|(name, s)| {
+                s.ipv6_ra
+                    && !s.relayed
+                    && (args.sites.is_empty() || args.sites.contains(name))
+                    && interface_exists(&s.interface)
+            })
+            .map(|(_, s)| s.interface.clone()),
+    );
     let server_ip = config
         .sites
         .first()
@@ -320,6 +332,53 @@ pub async fn run(
         Err(e) => {
             error!("{e:#}");
             Ok(super::exit::ERROR)
+        }
+    }
+}
+
+/// One thread per interface answering router solicitations; stopped on drop.
+struct RaResponders {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RaResponders {
+    fn start(interfaces: impl Iterator<Item = String>) -> RaResponders {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut seen = Vec::new();
+        let mut threads = Vec::new();
+        for interface in interfaces {
+            if seen.contains(&interface) {
+                continue;
+            }
+            seen.push(interface.clone());
+            let stop = stop.clone();
+            let name = interface.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("ra {interface}"))
+                .spawn(move || {
+                    info!(%interface, "answering IPv6 router solicitations: no router, nothing to configure");
+                    if let Err(e) = crate::netboot::ra::serve(&interface, &stop) {
+                        // Not fatal: iPXE then waits for IPv6 before it boots.
+                        warn!(%interface, "no IPv6 router advertisements ({e}); iPXE will wait about 11 s for IPv6 on each boot");
+                    }
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    warn!(interface = %name, "cannot start the router advertisement thread: {e}")
+                }
+            }
+        }
+        RaResponders { stop, threads }
+    }
+}
+
+impl Drop for RaResponders {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }

@@ -51,6 +51,8 @@ pub struct Site {
     pub wake: bool,
     /// UEFI firmware PXE gets the signed shim → GRUB chain rather than iPXE.
     pub secure_boot: bool,
+    /// Answer router solicitations with "nothing to configure" (src/netboot/ra.rs).
+    pub ipv6_ra: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

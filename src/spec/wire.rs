@@ -85,6 +85,11 @@ pub struct Site {
     /// signed shim and GRUB instead of iPXE, so they boot with Secure Boot on (no key
     /// to enrol, nothing to turn off). Default: false.
     pub secure_boot: Option<bool>,
+    /// Answer IPv6 router solicitations on `interface` with "no router, nothing to
+    /// configure", so iPXE stops waiting about 11 s for IPv6 autoconfiguration.
+    /// Default: true with `dhcp.mode: authoritative` (the segment is the server's),
+    /// false otherwise (a network with its own IPv6 router).
+    pub ipv6_ra: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]

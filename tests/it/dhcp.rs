@@ -696,3 +696,53 @@ fn a_declined_address_is_not_offered_again() {
         .expect("offer");
     assert_ne!(other.yiaddr(), first);
 }
+
+/// iPXE waits about 11 s for IPv6 unless a router advertisement says there is
+/// nothing to configure: serve answers router solicitations on an authoritative
+/// site's interface (`ipv6_ra`), with no router lifetime and no DHCPv6 flags.
+#[test]
+fn serve_answers_router_solicitations_with_nothing_to_configure() {
+    if !tool("python3", "/usr/bin/python3") {
+        return;
+    }
+    let Some(mut lab) = Lab::new() else { return };
+    lab.host("srv", None, &["172.28.0.1/24"]);
+    lab.host("c1", Some(PC01), &[]);
+    let dir = workdir(&lab_fleet());
+    let args = serve_args(dir.path());
+    let server = lab.serve("srv", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = lab
+        .cmd("c1", "python3")
+        .args([
+            "-c",
+            "import socket, sys, time\n\
+             idx = socket.if_nametoindex('eth0')\n\
+             s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)\n\
+             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)\n\
+             s.settimeout(0.5)\n\
+             end = time.time() + 30\n\
+             while time.time() < end:\n\
+             \x20   try:\n\
+             \x20       s.sendto(bytes([133, 0, 0, 0, 0, 0, 0, 0]), ('ff02::2', 0, 0, idx))\n\
+             \x20       while True:\n\
+             \x20           d, a = s.recvfrom(1500)\n\
+             \x20           if d[0] == 134:\n\
+             \x20               print(d[:16].hex())\n\
+             \x20               sys.exit(0)\n\
+             \x20   except (socket.timeout, OSError):\n\
+             \x20       time.sleep(0.2)\n\
+             sys.exit(1)\n",
+        ])
+        .output()
+        .expect("python3");
+    let ra = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success(),
+        "no router advertisement: {}\nserver:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    // Type 134; hop limit, flags (M, O) and router lifetime all zero.
+    assert!(ra.starts_with("86"), "{ra}");
+    assert_eq!(&ra[8..16], "00000000", "flags or router lifetime set: {ra}");
+}

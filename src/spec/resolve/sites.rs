@@ -186,6 +186,7 @@ pub(super) fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
             continue;
         }
         if let (Some(server), Some(subnet)) = (server, subnet) {
+            let authoritative = dhcp.mode == crate::spec::DhcpMode::Authoritative;
             out.insert(
                 name.clone(),
                 Site {
@@ -202,6 +203,7 @@ pub(super) fn resolve_sites(raw: &Raw, cx: &mut Cx) -> IndexMap<String, Site> {
                     image_store,
                     wake: s.wake.unwrap_or(false),
                     secure_boot: s.secure_boot.unwrap_or(false),
+                    ipv6_ra: s.ipv6_ra.unwrap_or(authoritative),
                 },
             );
         }
