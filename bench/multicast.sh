@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Benchmark: one 1 GiB disk image (ext4 holding 600 MB of files, half random, half
-# text) sent by multicast to 1, 2 and 3 receivers, fleetwave against udpcast
-# (udp-sender/udp-receiver, what Clonezilla SE runs), same image, same run, on a
-# namespace bridge (server and receivers each in their own namespace):
+# text) sent by multicast to 1, 2 and 3 receivers, same image, same run, on a
+# namespace bridge (server and receivers each in their own namespace), fleetwave
+# against two peers:
+#   Clonezilla SE's pipeline: its image is the partclone+zstd file (made once, as
+#     Clonezilla's capture makes it); udp-sender sends that file and each receiver
+#     runs `udp-receiver | zstd -d | partclone.restore` onto its disk;
+#   raw udpcast: udp-sender of the disk file itself, udp-receiver onto the disk.
+# In modes:
 #   bare:   the bridge as it is (CPU-bound on this machine);
 #   shaped: every link shaped to 1 Gbit/s (tbf), as on a real LAN; fleetwave's
 #           figure is also its share of line rate while sending;
@@ -22,8 +27,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-1}
-for t in udp-sender udp-receiver mkfs.ext4 tc nft python3 losetup; do
-    command -v $t >/dev/null || { echo "bench/multicast.sh needs $t (apt-get install udpcast e2fsprogs iproute2 nftables)" >&2; exit 2; }
+for t in udp-sender udp-receiver mkfs.ext4 tc nft python3 losetup partclone.ext4 partclone.restore zstd; do
+    command -v $t >/dev/null || { echo "bench/multicast.sh needs $t (apt-get install udpcast e2fsprogs iproute2 nftables partclone zstd)" >&2; exit 2; }
 done
 cargo build --release --quiet --bin fleetwave
 FW=$PWD/target/release/fleetwave
@@ -61,6 +66,9 @@ mkfs.ext4 -q -F -b 4096 -d "$WORK/src" "$WORK/disk.img"
 rm -rf "$WORK/src"
 "$FW" agent capture "$WORK/disk.img" --image bench --store "$WORK/store" >/dev/null
 SIZE=$(stat -c %s "$WORK/disk.img")
+# Clonezilla's image of the same disk: partclone's used blocks, zstd as Clonezilla runs it.
+partclone.ext4 -c -q -s "$WORK/disk.img" -o - 2>/dev/null | zstd -q -T0 -3 > "$WORK/cz.pc.zst"
+CZ_BYTES=$(stat -c %s "$WORK/cz.pc.zst")
 
 # targets DISKS: the receivers' targets, fleetwave's in FT[r], udpcast's in UT[r].
 FT=() UT=()
@@ -140,6 +148,28 @@ udpcast() {
     secs "$t0" "$t1"
 }
 
+# clonezilla N: Clonezilla SE's multicast restore: udp-sender of its partclone+zstd
+# image, each receiver `udp-receiver | zstd -d | partclone.restore` onto its target.
+clonezilla() {
+    local n=$1 pids=() t0 t1
+    clear "$n" uc
+    for r in $(seq "$n"); do case ${UT[$r]} in /dev/*) ;; *) truncate -s "$SIZE" "${UT[$r]}" ;; esac; done
+    sync
+    t0=$(now)
+    ip netns exec ${P}srv udp-sender --interface eth0 --portbase 9200 --nokbd --min-receivers "$n" \
+        --max-wait 60 --mcast-data-address 239.79.0.3 --file "$WORK/cz.pc.zst" 2>/dev/null &
+    local sp=$!
+    for r in $(seq "$n"); do
+        ip netns exec ${P}r$r sh -c "udp-receiver --interface eth0 --portbase 9200 --nokbd 2>/dev/null \
+            | zstd -q -d -c | partclone.restore -q -C -s - -O '${UT[$r]}' >/dev/null 2>&1" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+    t1=$(now)
+    wait $sp || true
+    secs "$t0" "$t1"
+}
+
 # A fleetwave receiver that reported success with another image stops the benchmark;
 # an incomplete udpcast copy (it drops receivers that fall behind) is noted in the row.
 check_fw() {
@@ -179,7 +209,7 @@ field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d[s
 share() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f\"{d['wire_bytes']*8/d['pass_secs']/1e9*100:.1f}%\")" "$WORK/send.json"; }
 
 stored=$(du -sb "$WORK/store/chunks" | cut -f1)
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); image 1 GiB, fleetwave sends $((stored / 1000000)) MB of compressed chunks, udpcast the 1,074 MB file"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); image 1 GiB, fleetwave sends $((stored / 1000000)) MB of compressed chunks, Clonezilla SE its $((CZ_BYTES / 1000000)) MB partclone+zstd image, raw udpcast the 1,074 MB file"
 # lossy RATE: one clean run of 3 receivers, then one with receiver 3 losing 5%; a row.
 lossy() {
     local t0 clean others lossy
@@ -202,14 +232,15 @@ for mode in ${MODES:-bare shaped}; do
     rate=0; [ $mode = shaped ] && rate=1Gbit
     echo
     echo "## $mode, $disks disks"
-    echo "| run | receivers | fleetwave s | udpcast s | fleetwave/udpcast | fleetwave wire rate while sending; the machine's CPU while it ran |"
-    echo "|---|---|---|---|---|---|"
+    echo "| run | receivers | fleetwave s | Clonezilla SE s | fleetwave/Clonezilla | raw udpcast s | fleetwave/udpcast | fleetwave wire rate while sending; the machine's CPU while it ran |"
+    echo "|---|---|---|---|---|---|---|---|"
     rows=()
     for run in $(seq "$RUNS"); do
         for n in 1 2 3; do
             f=$(fleetwave "$n" "$rate"); check_fw "$n"
+            c=$(clonezilla "$n"); cnote=$(check_uc "$n" | sed 's/udpcast/Clonezilla/g')
             u=$(udpcast "$n"); note=$(check_uc "$n")
-            echo "| $run | $n | $f | $u | $(ratio "$f" "$u") | $(share) of 1 Gbit/s, $(field repair_datagrams) repairs; CPU $(cat "$WORK/cpu") busy$note |"
+            echo "| $run | $n | $f | $c | $(ratio "$f" "$c") | $u | $(ratio "$f" "$u") | $(share) of 1 Gbit/s, $(field repair_datagrams) repairs; CPU $(cat "$WORK/cpu") busy$cnote$note |"
         done
         rows+=("$(lossy "$rate")")
     done
