@@ -33,6 +33,8 @@ pub struct ServeArgs {
     pub http_port: u16,
     pub tftp_port: u16,
     pub dhcp_port: u16,
+    /// Where HTTP and TFTP listen (DHCP listens on each site's interface).
+    pub listen_address: Ipv4Addr,
     /// The image store; `None`: the first served site's `image_store`.
     pub image_store: Option<PathBuf>,
     pub admin_token_file: Option<PathBuf>,
@@ -117,7 +119,8 @@ fn restart_needed(a: &ServeArgs, b: &ServeArgs) -> Vec<&'static str> {
         ("files_dir", a.files_dir != b.files_dir),
         (
             "listen",
-            (a.http_port, a.tftp_port, a.dhcp_port) != (b.http_port, b.tftp_port, b.dhcp_port),
+            (a.http_port, a.tftp_port, a.dhcp_port, a.listen_address)
+                != (b.http_port, b.tftp_port, b.dhcp_port, b.listen_address),
         ),
         ("image_store", a.image_store != b.image_store),
         ("admin_token_file", a.admin_token_file != b.admin_token_file),
@@ -255,12 +258,12 @@ pub async fn run(
             socket,
         });
     }
-    let tftp_addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.tftp_port);
+    let tftp_addr = SocketAddrV4::new(args.listen_address, args.tftp_port);
     let tftp = tokio::net::UdpSocket::bind(tftp_addr)
         .await
         .with_context(|| format!("cannot bind TFTP to {tftp_addr}"))?;
     info!(root = %args.ipxe_dir.display(), "TFTP listening on {tftp_addr}");
-    let http_addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.http_port);
+    let http_addr = SocketAddrV4::new(args.listen_address, args.http_port);
     let http = tokio::net::TcpListener::bind(http_addr)
         .await
         .with_context(|| format!("cannot bind HTTP to {http_addr}"))?;
@@ -436,6 +439,10 @@ pub struct ServeCli {
     /// The DHCP port [default: 67].
     #[arg(long)]
     pub dhcp_port: Option<u16>,
+    /// The address HTTP and TFTP listen on [default: 0.0.0.0, every address]; DHCP
+    /// listens on each site's interface.
+    #[arg(long)]
+    pub listen_address: Option<Ipv4Addr>,
     /// The image store the agent API serves (default: the site's `image_store`).
     #[arg(long)]
     pub image_store: Option<PathBuf>,
@@ -560,6 +567,10 @@ impl ServeCli {
             http_port: self.http_port.or(listen.and_then(|l| l.http)).unwrap_or(80),
             tftp_port: self.tftp_port.or(listen.and_then(|l| l.tftp)).unwrap_or(69),
             dhcp_port: self.dhcp_port.or(listen.and_then(|l| l.dhcp)).unwrap_or(67),
+            listen_address: self
+                .listen_address
+                .or(listen.and_then(|l| l.address))
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
             image_store: self
                 .image_store
                 .clone()

@@ -62,6 +62,9 @@ pub struct SourceConfig {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
+    /// The IPv4 address HTTP and TFTP listen on; default 0.0.0.0 (every address).
+    /// DHCP listens on each site's interface.
+    pub address: Option<std::net::Ipv4Addr>,
     /// Default 80.
     pub http: Option<u16>,
     /// Default 69.
