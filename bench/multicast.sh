@@ -31,7 +31,7 @@ for t in udp-sender udp-receiver mkfs.ext4 tc nft python3 losetup partclone.ext4
     command -v $t >/dev/null || { echo "bench/multicast.sh needs $t (apt-get install udpcast e2fsprogs iproute2 nftables partclone zstd)" >&2; exit 2; }
 done
 cargo build --release --quiet --bin fleetwave
-FW=$PWD/target/release/fleetwave
+FW=$(realpath "${CARGO_TARGET_DIR:-target}")/release/fleetwave
 P=fwmb WORK=$(mktemp -d /var/tmp/fleetwave-mcast.XXXXXX)
 source bench/lab.sh
 LOOPS=()
