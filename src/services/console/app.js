@@ -59,6 +59,7 @@ function progressBar(h) {
 // --- Actions (admin token) ---------------------------------------------------------
 
 function token() { return sessionStorage.getItem("fleetwave-token") || ""; }
+function authHeaders() { return token() ? { Authorization: `Bearer ${token()}` } : {}; }
 
 function showToken() {
   $("token-button").textContent = token() ? "Admin token ✓" : "Admin token";
@@ -183,7 +184,8 @@ function hostPage(s, name) {
   const key = JSON.stringify(h);
   if (!state.host || state.host.name !== name || state.host.key !== key) {
     state.host = { name, key, data: state.host && state.host.name === name ? state.host.data : null };
-    fetch(`/api/v1/hosts/${encodeURIComponent(name)}`).then((r) => r.json()).then((d) => {
+    fetch(`/api/v1/hosts/${encodeURIComponent(name)}`, { headers: authHeaders() })
+      .then((r) => r.json()).then((d) => {
       if (state.host && state.host.name === name) { state.host.data = d; render(); }
     }).catch(() => {});
   }
@@ -233,7 +235,8 @@ function refresh(key, url, every) {
   const now = Date.now();
   if (state.fetchedAt[key] && now - state.fetchedAt[key] < every) return;
   state.fetchedAt[key] = now;
-  fetch(url).then((r) => r.json()).then((d) => { state[key] = d; render(); }).catch(() => {});
+  fetch(url, { headers: authHeaders() }).then((r) => r.json())
+    .then((d) => { state[key] = d; render(); }).catch(() => {});
 }
 
 function imagesPage() {
@@ -310,17 +313,52 @@ function render() {
   $("footer").textContent = `${s.hosts.length} hosts · updated ${new Date().toLocaleTimeString()}`;
 }
 
-function connect() {
+// The status stream, read with fetch rather than EventSource so that it can carry the
+// token (a server may require one to read: docs/security.md).
+async function connect() {
   const live = $("live");
-  const es = new EventSource("/api/v1/status/stream");
-  es.addEventListener("status", (e) => {
-    state.status = JSON.parse(e.data);
-    window.fwUpdates += 1;
-    render();
-  });
-  es.onopen = () => { live.textContent = "live"; live.className = "live on"; };
-  // EventSource reconnects by itself; say so meanwhile.
-  es.onerror = () => { live.textContent = "reconnecting"; live.className = "live off"; };
+  const show = (on) => {
+    live.textContent = on ? "live" : "reconnecting";
+    live.className = on ? "live on" : "live off";
+  };
+  for (;;) {
+    try {
+      const r = await fetch("/api/v1/status/stream", { headers: authHeaders() });
+      if (r.status === 401 || r.status === 403) {
+        $("main").innerHTML = `<div class="card alert">This server asks for a token to read its
+          status (${r.status}). Set one with <b>Admin token</b> (a token of scope read is enough).</div>`;
+        show(false);
+        await new Promise((ok) => setTimeout(ok, 3000));
+        continue;
+      }
+      if (!r.ok || !r.body) throw new Error(`HTTP ${r.status}`);
+      show(true);
+      const reader = r.body.getReader();
+      const text = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += text.decode(value, { stream: true });
+        let end;
+        while ((end = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, end);
+          buf = buf.slice(end + 2);
+          const data = block.split("\n").filter((l) => l.startsWith("data:"))
+            .map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+          if (block.includes("event: status") && data) {
+            state.status = JSON.parse(data);
+            window.fwUpdates += 1;
+            render();
+          }
+        }
+      }
+    } catch (e) {
+      // The server went away or restarted: try again shortly.
+    }
+    show(false);
+    await new Promise((ok) => setTimeout(ok, 2000));
+  }
 }
 
 window.addEventListener("hashchange", () => { state.fetchedAt = {}; render(); });
