@@ -88,6 +88,17 @@ pub enum LabCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Put a file into a host's data partition (the built reference disk's NTFS), the
+    /// machine being off: a change on the reference machine, for a new capture.
+    Put {
+        host: String,
+        file: PathBuf,
+        /// Its name in the partition (default: the file's name).
+        #[arg(long = "as")]
+        as_name: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// List the labs running.
     Ls,
     /// The lab's supervisor (started by `fleetwave lab`, in the lab's namespace).
@@ -133,6 +144,26 @@ pub fn lab(cli: LabCli, out: &mut dyn Write) -> Result<u8> {
             let state = LabState::load(name.as_deref())?;
             lab::power(&state, &host, to == "on")?;
             writeln!(out, "{host}: power {to}")?;
+            Ok(exit::OK)
+        }
+        Some(LabCommand::Put {
+            host,
+            file,
+            as_name,
+            name,
+        }) => {
+            let state = LabState::load(name.as_deref())?;
+            let target = match as_name {
+                Some(n) => n,
+                None => file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .ok_or_else(|| anyhow::anyhow!("{}: not a file name", file.display()))?,
+            };
+            let bytes = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            lab::put(&state, &host, &target, &bytes)?;
+            writeln!(out, "{host}: {target} written into its data partition")?;
             Ok(exit::OK)
         }
         Some(LabCommand::Ls) => {

@@ -99,8 +99,8 @@ pub fn build(out: &Path, cache: &Path, work: &Path, log: &mut dyn Write) -> Resu
     copy(&busybox, &root.join("bin/busybox"))?;
     // The root is mounted read-only: its applets are linked here, not at boot.
     for applet in [
-        "sh", "mount", "umount", "ip", "ls", "grep", "head", "cat", "udhcpc", "sync",
-        "poweroff", "sleep",
+        "sh", "mount", "umount", "ip", "ls", "grep", "head", "cat", "udhcpc", "sync", "poweroff",
+        "sleep",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
             .map_err(io_at(&root))?;
@@ -162,7 +162,15 @@ pub fn build(out: &Path, cache: &Path, work: &Path, log: &mut dyn Write) -> Resu
     // ext4 without 64bit and metadata_csum: extlinux 6.04 reads neither.
     let ext4 = Loop::attach(&tmp, EXT4_START, EXT4_BYTES)?;
     run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-O", "^64bit,^metadata_csum", "-L"])
+        .args([
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-O",
+            "^64bit,^metadata_csum",
+            "-L",
+        ])
         .arg("lab-root")
         .arg("-d")
         .arg(&root)

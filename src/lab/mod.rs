@@ -212,6 +212,23 @@ pub fn down(state: &LabState, keep_files: bool) -> Result<()> {
     Ok(())
 }
 
+/// Write `bytes` as `file` into `host`'s data partition (the built reference disk's
+/// layout); the host must be off, as a disk is not changed under a running machine.
+pub fn put(state: &LabState, host: &str, file: &str, bytes: &[u8]) -> Result<()> {
+    let h = state
+        .hosts
+        .iter()
+        .find(|h| h.name == host)
+        .ok_or_else(|| LabError::Failed(format!("no host {host} in lab {}", state.name)))?;
+    if state.pid_file(host).exists() {
+        return Err(LabError::Failed(format!(
+            "{host}'s VM is running: wait until it powers off (or `fleetwave lab power \
+             {host} off`), then put the file"
+        )));
+    }
+    disk::put_data(&h.disk, file, bytes, &state.dir)
+}
+
 /// Pull a host's plug (`on == false`: its VM is killed and stays off) or put it back
 /// (the supervisor powers it on when the controller wants it).
 pub fn power(state: &LabState, host: &str, on: bool) -> Result<()> {

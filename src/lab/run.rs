@@ -62,8 +62,8 @@ pub struct Summary {
     pub lab: String,
     pub commit: Option<String>,
     pub hosts: Vec<HostSummary>,
-    /// Seconds per phase, by name.
-    pub phases: BTreeMap<String, f64>,
+    /// Seconds per phase, in the order they happen.
+    pub phases: Vec<(String, f64)>,
     pub ok: bool,
     pub problems: Vec<String>,
 }
@@ -122,7 +122,12 @@ fn git(dir: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args(["-c", "user.name=fleetwave lab", "-c", "user.email=lab@fleetwave.invalid"])
+        .args([
+            "-c",
+            "user.name=fleetwave lab",
+            "-c",
+            "user.email=lab@fleetwave.invalid",
+        ])
         .args(args)
         .output()
         .map_err(|e| LabError::Failed(format!("cannot run git: {e}")))?;
@@ -157,10 +162,7 @@ fn make_repo(dir: &Path, args: &LabArgs) -> Result<String> {
             } else {
                 std::fs::create_dir_all(&work).map_err(io_at(&work))?;
                 if src.is_dir() {
-                    run(Command::new("cp")
-                        .arg("-a")
-                        .arg(src.join("."))
-                        .arg(&work))?;
+                    run(Command::new("cp").arg("-a").arg(src.join(".")).arg(&work))?;
                 } else {
                     std::fs::copy(src, work.join("fleet.yaml")).map_err(|e| {
                         LabError::Failed(format!(
@@ -309,8 +311,11 @@ pub fn lab(args: &LabArgs, out: &mut dyn Write) -> Result<u8> {
         .values()
         .filter_map(|i| i.capture.as_ref().map(|c| c.host.as_str()))
         .collect();
-    let site_hosts: Vec<&crate::spec::Host> =
-        spec.hosts.values().filter(|h| h.site == site_name).collect();
+    let site_hosts: Vec<&crate::spec::Host> = spec
+        .hosts
+        .values()
+        .filter(|h| h.site == site_name)
+        .collect();
     if site_hosts.is_empty() {
         return Err(LabError::Failed(format!(
             "site {site_name} has no hosts: nothing to boot"
@@ -368,8 +373,11 @@ pub fn lab(args: &LabArgs, out: &mut dyn Write) -> Result<u8> {
     }
     let exe = std::env::current_exe().map_err(io_at(Path::new("/proc/self/exe")))?;
     let token = dir.join("admin-token");
-    std::fs::write(&token, format!("lab-{name}-{}\n", blake3::hash(commit.as_bytes())))
-        .map_err(io_at(&token))?;
+    std::fs::write(
+        &token,
+        format!("lab-{name}-{}\n", blake3::hash(commit.as_bytes())),
+    )
+    .map_err(io_at(&token))?;
     let state = LabState {
         name: name.clone(),
         dir: dir.clone(),
@@ -426,9 +434,10 @@ pub fn lab(args: &LabArgs, out: &mut dyn Write) -> Result<u8> {
         }
     };
     summary.commit = Some(commit.clone());
-    summary
-        .phases
-        .insert("total".into(), (secs(started) * 10.0).round() / 10.0);
+    summary.phases.push((
+        "total, setup included".into(),
+        (secs(started) * 10.0).round() / 10.0,
+    ));
     print_summary(&summary, out);
     let path = dir.join("summary.json");
     if let Ok(text) = serde_json::to_string_pretty(&summary) {
@@ -496,7 +505,10 @@ fn transport(spec: &FleetSpec, host: &LabHost) -> String {
 fn boot_line(console: &str, marker: &str, host: &str, own_marker: bool) -> Option<String> {
     let after = console.rfind("fleetwave-init: agent finished: ok")?;
     let rest = &console[after..];
-    let line = rest.lines().find(|l| l.contains(marker))?.trim().to_string();
+    let line = rest.lines().find(|l| l.contains(marker))?;
+    // From the line's own text on: the firmware's screen-clearing escapes precede it.
+    let from = line.find("fleetwave-lab:").or_else(|| line.find(marker))?;
+    let line = line[from..].trim().to_string();
     if own_marker || line.contains(&format!("fleetwave-lab: {host} {BOOT_MARKER}")) {
         Some(line)
     } else {
@@ -789,11 +801,17 @@ fn phases(
             .collect()
     };
     let all: Vec<&Track> = s.hosts.iter().filter_map(|h| tracks.get(&h.name)).collect();
-    let max = |v: Vec<f64>| v.into_iter().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
-    let min = |v: Vec<f64>| v.into_iter().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))));
+    let max = |v: Vec<f64>| {
+        v.into_iter()
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
+    };
+    let min = |v: Vec<f64>| {
+        v.into_iter()
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
+    };
     let p = &mut summary.phases;
     if let Some(x) = max(all.iter().filter_map(|t| Some(t.agent? - t.on?)).collect()) {
-        p.insert("boot to agent (slowest host)".into(), round(x));
+        p.push(("boot to agent (slowest host)".into(), round(x)));
     }
     for kind in ["capture", "unicast", "multicast"] {
         let ts = of(kind);
@@ -802,17 +820,17 @@ fn phases(
             max(ts.iter().filter_map(|t| t.done).collect()),
         );
         if let (Some(a), Some(b)) = (first, last) {
-            p.insert(kind.into(), round(b - a));
+            p.push((kind.into(), round(b - a)));
         }
     }
-    p.insert("verify (all disks, here)".into(), round(verify_secs));
+    p.push(("verify (all disks, here)".into(), round(verify_secs)));
     if let Some(x) = max(all.iter().filter_map(|t| Some(t.disk? - t.done?)).collect()) {
-        p.insert("boot from disk (slowest host)".into(), round(x));
+        p.push(("boot from disk (slowest host)".into(), round(x)));
     }
     let first_on = min(all.iter().filter_map(|t| t.on).collect());
     let last_disk = max(all.iter().filter_map(|t| t.disk).collect());
     if let (Some(a), Some(b)) = (first_on, last_disk) {
-        p.insert("first power-on to last disk boot".into(), round(b - a));
+        p.push(("first power-on to last disk boot".into(), round(b - a)));
     }
 }
 
@@ -845,7 +863,11 @@ fn print_summary(s: &Summary, out: &mut dyn Write) {
         let _ = writeln!(out, "  {k:<36} {v:>7.1}");
     }
     if s.ok {
-        let _ = writeln!(out, "\nlab {}: every machine imaged, verified and booted", s.lab);
+        let _ = writeln!(
+            out,
+            "\nlab {}: every machine imaged, verified and booted",
+            s.lab
+        );
     } else {
         let _ = writeln!(out, "\nlab {}: FAILED", s.lab);
         for p in &s.problems {

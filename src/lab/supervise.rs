@@ -105,7 +105,10 @@ fn start_vm(s: &LabState, h: &LabHost) -> Result<Child> {
         .arg("-device")
         .arg(format!("e1000,netdev=n0,mac={},bootindex=1", h.mac))
         .arg("-drive")
-        .arg(format!("file={},if=none,id=d0,format=raw", h.disk.display()))
+        .arg(format!(
+            "file={},if=none,id=d0,format=raw",
+            h.disk.display()
+        ))
         .args(["-device", "ide-hd,drive=d0,bus=ide.0"])
         .args(["-boot", "order=n,strict=on,reboot-timeout=5000"])
         .stdin(Stdio::null())
@@ -206,7 +209,11 @@ pub fn supervise(s: &LabState, stop: &AtomicBool) -> Result<()> {
                     .unwrap_or("");
                 if WANTS_POWER.contains(&state) {
                     let c = start_vm(s, h)?;
-                    say(&format!("{}: VM powered on ({state}, pid {})", h.name, c.id()));
+                    say(&format!(
+                        "{}: VM powered on ({state}, pid {})",
+                        h.name,
+                        c.id()
+                    ));
                     vms.insert(h.name.clone(), (c, Instant::now()));
                 }
             }

@@ -260,7 +260,9 @@ pub fn small_system(
     let k = kernel::fetch(cache, log)?;
     let mods = kernel::resolve(&k, modules)?;
     let mut tree = cpio::Tree::default();
-    for d in ["bin", "sbin", "proc", "sys", "dev", "run", "tmp", "etc", "mnt"] {
+    for d in [
+        "bin", "sbin", "proc", "sys", "dev", "run", "tmp", "etc", "mnt",
+    ] {
         tree.dir(d);
     }
     tree.file("init", init.as_bytes().to_vec(), true);
@@ -274,7 +276,11 @@ pub fn small_system(
             false,
         );
     }
-    let list: String = mods.files.iter().map(|f| format!("/{kdir}/{f}\n")).collect();
+    let list: String = mods
+        .files
+        .iter()
+        .map(|f| format!("/{kdir}/{f}\n"))
+        .collect();
     tree.file("etc/modules", list.into_bytes(), false);
     let mut cpio = Vec::new();
     tree.write(&mut cpio)
