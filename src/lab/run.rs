@@ -263,6 +263,22 @@ pub fn lab(args: &LabArgs, out: &mut dyn Write) -> Result<u8> {
             need.join(" ")
         )));
     }
+    // A missing netboot build is made from a static agent: say so before anything.
+    if crate::netboot::check_files_dir(&args.files_dir).is_err() {
+        let agent = match &args.agent {
+            Some(a) => a.clone(),
+            None => std::env::current_exe().map_err(io_at(Path::new("/proc/self/exe")))?,
+        };
+        if !crate::netboot::is_static(&agent).unwrap_or(false) {
+            return Err(LabError::Failed(format!(
+                "{} holds no netboot build, and {} is not statically linked, so it cannot \
+                 go into one: build fleetwave static (docs/lab.md, quick start) and run that, \
+                 pass --agent STATIC_FLEETWAVE, or --files-dir a build",
+                args.files_dir.display(),
+                agent.display()
+            )));
+        }
+    }
     let name = args
         .name
         .clone()
