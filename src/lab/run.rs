@@ -293,6 +293,16 @@ pub fn lab(args: &LabArgs, out: &mut dyn Write) -> Result<u8> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("/var/tmp/fleetwave-lab").join(&name));
     if dir.exists() {
+        // Only an earlier lab's directory (or an empty one) is replaced: --dir may
+        // name anything.
+        let earlier = dir.join("fleet.git").exists() && dir.join("disks").exists();
+        let empty = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none());
+        if !earlier && !empty {
+            return Err(LabError::Failed(format!(
+                "{} exists and is not an earlier lab's directory: name another with --dir",
+                dir.display()
+            )));
+        }
         std::fs::remove_dir_all(&dir).map_err(io_at(&dir))?;
     }
     for d in ["state", "store", "disks", "console", "vm"] {
