@@ -98,9 +98,12 @@ pub fn remove(namespaces: &[String]) {
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
                 .unwrap_or_default();
+            // `lab` itself is in the server's namespace (it reads the status from there).
+            let me = std::process::id() as i32;
             let pids: Vec<i32> = pids
                 .split_whitespace()
                 .filter_map(|p| p.parse().ok())
+                .filter(|p| *p != me)
                 .collect();
             if pids.is_empty() {
                 break;

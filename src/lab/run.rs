@@ -465,6 +465,7 @@ pub fn lab(args: &LabArgs, out: &mut dyn Write) -> Result<u8> {
         (secs(started) * 10.0).round() / 10.0,
     ));
     print_summary(&summary, out);
+    let _ = out.flush();
     let path = dir.join("summary.json");
     if let Ok(text) = serde_json::to_string_pretty(&summary) {
         let _ = std::fs::write(&path, text);
