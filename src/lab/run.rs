@@ -926,3 +926,30 @@ Remove it:
         name = s.name,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_line_counts_only_after_a_finished_agent_and_names_the_host() {
+        let before = "fleetwave-lab: pc01 booted from disk (release 1)\n";
+        let agent = "fleetwave-init: agent finished: ok\nfleetwave-init: rebooting\n";
+        // The firmware clears the screen on the same line before the system prints.
+        let after = "\x1bc\x1b[?7l\x1b[2Jfleetwave-lab: pc01 booted from disk (mac x)\n";
+        assert_eq!(boot_line(before, BOOT_MARKER, "pc01", false), None);
+        let text = format!("{before}{agent}{after}");
+        assert_eq!(
+            boot_line(&text, BOOT_MARKER, "pc01", false).as_deref(),
+            Some("fleetwave-lab: pc01 booted from disk (mac x)")
+        );
+        // Another machine's name is not this machine booting.
+        assert_eq!(boot_line(&text, BOOT_MARKER, "pc02", false), None);
+        // An own marker is taken as it is.
+        let own = format!("{agent}SAC started and initialized\n");
+        assert_eq!(
+            boot_line(&own, "SAC started", "pc02", true).as_deref(),
+            Some("SAC started and initialized")
+        );
+    }
+}

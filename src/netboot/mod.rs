@@ -175,14 +175,7 @@ pub fn build(opts: &BuildOptions, log: &mut dyn Write) -> Result<Manifest> {
     tree.file("bin/busybox", read(&busybox)?, true);
     tree.symlink("bin/sh", "busybox");
     tree.file("usr/bin/fleetwave", read(&opts.agent)?, true);
-    let kdir = format!("lib/modules/{}", k.version);
-    for f in &mods.files {
-        tree.file(
-            &format!("{kdir}/{f}"),
-            read(&k.modules_dir().join(f))?,
-            false,
-        );
-    }
+    add_modules(&mut tree, &k, &mods.files)?;
     let mut list = mods.files.join("\n");
     list.push('\n');
     tree.file("etc/fleetwave/modules", list.into_bytes(), false);
@@ -239,6 +232,19 @@ pub fn build(opts: &BuildOptions, log: &mut dyn Write) -> Result<Manifest> {
     Ok(m)
 }
 
+/// Copy the kernel's module `files` under `lib/modules/KVER/`; that directory.
+fn add_modules(tree: &mut cpio::Tree, k: &kernel::Kernel, files: &[String]) -> Result<String> {
+    let kdir = format!("lib/modules/{}", k.version);
+    for f in files {
+        tree.file(
+            &format!("{kdir}/{f}"),
+            read(&k.modules_dir().join(f))?,
+            false,
+        );
+    }
+    Ok(kdir)
+}
+
 /// A system smaller than the netboot one, for other boots (the lab's reference disk):
 /// the kernel's path and version, and a zstd-compressed initramfs holding busybox,
 /// `init`, and `modules` with their dependencies listed in load order in
@@ -268,14 +274,7 @@ pub fn small_system(
     tree.file("init", init.as_bytes().to_vec(), true);
     tree.file("bin/busybox", read(&find_static_busybox()?)?, true);
     tree.symlink("bin/sh", "busybox");
-    let kdir = format!("lib/modules/{}", k.version);
-    for f in &mods.files {
-        tree.file(
-            &format!("{kdir}/{f}"),
-            read(&k.modules_dir().join(f))?,
-            false,
-        );
-    }
+    let kdir = add_modules(&mut tree, &k, &mods.files)?;
     let list: String = mods
         .files
         .iter()
