@@ -82,20 +82,26 @@ pub enum LabCommand {
     /// Pull a VM's plug (off: killed, and kept off) or put it back (on: powered on
     /// when the controller wants it).
     Power {
+        /// The host, as the fleet names it.
         host: String,
+        /// on or off.
         #[arg(value_parser = ["on", "off"])]
         to: String,
+        /// The lab (default: the only one running).
         #[arg(long)]
         name: Option<String>,
     },
     /// Put a file into a host's data partition (the built reference disk's NTFS), the
     /// machine being off: a change on the reference machine, for a new capture.
     Put {
+        /// The host whose disk gets the file (the reference machine, usually).
         host: String,
+        /// The file to put there.
         file: PathBuf,
         /// Its name in the partition (default: the file's name).
         #[arg(long = "as")]
         as_name: Option<String>,
+        /// The lab (default: the only one running).
         #[arg(long)]
         name: Option<String>,
     },
@@ -104,6 +110,7 @@ pub enum LabCommand {
     /// The lab's supervisor (started by `fleetwave lab`, in the lab's namespace).
     #[command(hide = true)]
     Supervise {
+        /// The lab to supervise.
         #[arg(long)]
         name: String,
     },
