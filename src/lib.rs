@@ -15,6 +15,8 @@
 //!   many machines at once.
 //! - [`netboot`]: the environment PXE-booted machines run (kernel, initramfs with the
 //!   agent), built from Debian's packages.
+//! - [`lab`]: `fleetwave lab`: the fleet's lab site in QEMU VMs on one machine, through
+//!   `serve --source`, with a reference disk the project builds.
 //! - [`services`]: the network services a site runs: DHCP, TFTP, HTTP boot and the
 //!   agent API.
 //! - [`state`]: the server's durable state (leases, observations) in SQLite.
@@ -27,6 +29,7 @@ pub mod cli;
 pub mod clock;
 pub mod diag;
 pub mod image;
+pub mod lab;
 pub mod metrics;
 pub mod multicast;
 pub mod netboot;

@@ -96,6 +96,10 @@ enum Command {
     Retry(cli::status::RetryArgs),
     /// Make the server read its fleet source now.
     Sync(cli::status::SyncArgs),
+    /// The fleet's lab site in QEMU VMs on this machine, through `serve --source`:
+    /// capture, unicast and multicast deploys, verified disks, each VM booted from its
+    /// disk (root; docs/lab.md). `lab down` removes a lab kept with --keep.
+    Lab(cli::lab::LabCli),
 }
 
 #[derive(Subcommand)]
@@ -408,6 +412,7 @@ fn main() -> ExitCode {
         Command::Hosts(a) => cli::status::hosts(&a, &mut out),
         Command::Retry(a) => cli::status::retry(&a, &mut out),
         Command::Sync(a) => cli::status::sync(&a, &mut out),
+        Command::Lab(a) => cli::lab::lab(a, &mut out),
         Command::Image { command } => match command {
             ImageCommand::Ls { store } => cli::image::ls(&store, &mut out),
             ImageCommand::Verify { store } => cli::image::verify_store(&store, &mut out),

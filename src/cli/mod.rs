@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod image;
+pub mod lab;
 pub mod multicast;
 pub mod netboot;
 pub mod serve;

@@ -181,14 +181,7 @@ pub fn build(opts: &BuildOptions, log: &mut dyn Write) -> Result<Manifest> {
     tree.file("bin/busybox", read(&busybox)?, true);
     tree.symlink("bin/sh", "busybox");
     tree.file("usr/bin/fleetwave", read(&opts.agent)?, true);
-    let kdir = format!("lib/modules/{}", k.version);
-    for f in &mods.files {
-        tree.file(
-            &format!("{kdir}/{f}"),
-            read(&k.modules_dir().join(f))?,
-            false,
-        );
-    }
+    add_modules(&mut tree, &k, &mods.files)?;
     let mut list = mods.files.join("\n");
     list.push('\n');
     tree.file("etc/fleetwave/modules", list.into_bytes(), false);
@@ -265,6 +258,67 @@ pub fn build(opts: &BuildOptions, log: &mut dyn Write) -> Result<Manifest> {
     std::fs::write(&tmp, text + "\n").map_err(io_at(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_at(&path))?;
     Ok(m)
+}
+
+/// Copy the kernel's module `files` under `lib/modules/KVER/`; that directory.
+fn add_modules(tree: &mut cpio::Tree, k: &kernel::Kernel, files: &[String]) -> Result<String> {
+    let kdir = format!("lib/modules/{}", k.version);
+    for f in files {
+        tree.file(
+            &format!("{kdir}/{f}"),
+            read(&k.modules_dir().join(f))?,
+            false,
+        );
+    }
+    Ok(kdir)
+}
+
+/// A system smaller than the netboot one, for other boots (the lab's reference disk):
+/// the kernel's path and version, and a zstd-compressed initramfs holding busybox,
+/// `init`, and `modules` with their dependencies listed in load order in
+/// `/etc/modules`.
+pub struct SmallSystem {
+    pub vmlinuz: PathBuf,
+    pub kernel_version: String,
+    pub initrd: Vec<u8>,
+}
+
+/// Build a [`SmallSystem`] from the kernel in `cache` (downloaded there if missing).
+pub fn small_system(
+    cache: &Path,
+    modules: &[&str],
+    init: &str,
+    log: &mut dyn Write,
+) -> Result<SmallSystem> {
+    std::fs::create_dir_all(cache).map_err(io_at(cache))?;
+    let k = kernel::fetch(cache, log)?;
+    let mods = kernel::resolve(&k, modules)?;
+    let mut tree = cpio::Tree::default();
+    for d in [
+        "bin", "sbin", "proc", "sys", "dev", "run", "tmp", "etc", "mnt",
+    ] {
+        tree.dir(d);
+    }
+    tree.file("init", init.as_bytes().to_vec(), true);
+    tree.file("bin/busybox", read(&find_static_busybox()?)?, true);
+    tree.symlink("bin/sh", "busybox");
+    let kdir = add_modules(&mut tree, &k, &mods.files)?;
+    let list: String = mods
+        .files
+        .iter()
+        .map(|f| format!("/{kdir}/{f}\n"))
+        .collect();
+    tree.file("etc/modules", list.into_bytes(), false);
+    let mut cpio = Vec::new();
+    tree.write(&mut cpio)
+        .map_err(|e| NetbootError::Invalid(format!("initramfs: {e}")))?;
+    let initrd = zstd::stream::encode_all(&cpio[..], 9)
+        .map_err(|e| NetbootError::Invalid(format!("initramfs compression: {e}")))?;
+    Ok(SmallSystem {
+        vmlinuz: k.vmlinuz(),
+        kernel_version: k.version.clone(),
+        initrd,
+    })
 }
 
 /// How much of the log's end a failure report carries.

@@ -150,6 +150,8 @@ fn reservations_pool_addresses_and_boot_files_by_architecture() {
     assert_eq!(bios["router"], "172.28.0.1");
     assert_eq!(bios["subnet"], "255.255.255.0");
     assert_eq!(bios["lease"], "3600");
+    // Its own name (option 12), from the fleet: imaged machines learn who they are.
+    assert_eq!(bios["hostname"], "pc01", "{bios:?}");
 
     // An unknown machine with UEFI firmware: a pool address (the site registers them).
     let uefi = udhcpc(
@@ -157,6 +159,10 @@ fn reservations_pool_addresses_and_boot_files_by_architecture() {
         dir.path(),
         "uefi",
         &["-V", "PXEClient:Arch:00007:UNDI:003000", "-x", "0x5d:0007"],
+    );
+    assert!(
+        !uefi.contains_key("hostname"),
+        "an unknown machine named: {uefi:?}"
     );
     let ip: Ipv4Addr = uefi["ip"].parse().expect("ip");
     assert!(

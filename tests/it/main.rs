@@ -10,6 +10,7 @@ mod fixtures;
 mod git_review;
 mod http;
 mod image;
+mod lab;
 mod multicast;
 mod netboot;
 mod netlab;

@@ -19,17 +19,21 @@ use crate::netlab::Lab;
 use crate::tool;
 
 /// Downloaded kernels and the last build, kept between runs (CI on one machine too).
-const CACHE: &str = "/var/tmp/fleetwave-netboot-cache";
+pub(crate) const CACHE: &str = "/var/tmp/fleetwave-netboot-cache";
 /// The static agent's own target directory: its flags differ from the tests' build.
 const STATIC_TARGET: &str = "/var/tmp/fleetwave-static-target";
+/// Held by a test while its VMs run. One TCG VM takes a whole core: these cases run
+/// one after another, and the lab test (two VMs at once) runs alone.
+pub(crate) static QEMU: Mutex<()> = Mutex::new(());
+
 /// A VM that has not finished by then is stuck (a whole run takes about a minute).
 const VM_LIMIT: Duration = Duration::from_secs(900);
 
-fn ci() -> bool {
+pub(crate) fn ci() -> bool {
     std::env::var("CI").as_deref() == Ok("true")
 }
 
-fn skip(why: &str) -> bool {
+pub(crate) fn skip(why: &str) -> bool {
     if ci() {
         panic!("{why}; under CI=true this test must run (.ci/run installs what it needs)");
     }
@@ -38,7 +42,7 @@ fn skip(why: &str) -> bool {
 }
 
 /// Everything the test needs on this machine.
-fn ready() -> bool {
+pub(crate) fn ready() -> bool {
     let is_root = Command::new("id")
         .arg("-u")
         .output()
@@ -137,7 +141,7 @@ fn serve(lab: &Lab, host: &str, args: &[String], log: &Path) -> Vm {
 
 /// The netboot build, made once per test run and reused across runs while the agent
 /// binary is the same.
-fn netboot_build() -> PathBuf {
+pub(crate) fn netboot_build() -> PathBuf {
     static ONCE: Mutex<Option<PathBuf>> = Mutex::new(None);
     let mut done = ONCE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = &*done {
@@ -293,7 +297,7 @@ fn run_vm(mut vm: Vm, console: &Path, markers: &[&'static str]) -> Timeline {
     }
 }
 
-fn tail(s: &str, n: usize) -> &str {
+pub(crate) fn tail(s: &str, n: usize) -> &str {
     let mut at = s.len().saturating_sub(n);
     while !s.is_char_boundary(at) {
         at += 1;
@@ -365,9 +369,7 @@ fn pxe_run(case: &Case) -> Option<Run> {
     if !ready() {
         return None;
     }
-    // One TCG VM takes a whole core: the cases run one after another.
-    static ONE_VM: Mutex<()> = Mutex::new(());
-    let _turn = ONE_VM.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = QEMU.lock().unwrap_or_else(|p| p.into_inner());
     let mut lab = Lab::new()?;
     let files = netboot_build();
     let dir = tempfile::tempdir().expect("tempdir");

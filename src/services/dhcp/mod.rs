@@ -530,6 +530,11 @@ impl Server {
                 if let Some(d) = &site.domain {
                     opts.insert(DhcpOption::DomainName(d.clone()));
                 }
+                // A known host's own name (option 12): an imaged machine, all of whose
+                // disks are copies of one reference, learns who it is from its lease.
+                if let Some(h) = self.config.hosts.get(&req.mac) {
+                    opts.insert(DhcpOption::Hostname(h.name.clone()));
+                }
             }
             let http = HttpServer {
                 address: site.server,
