@@ -46,6 +46,15 @@ pub struct Config {
     pub webhook_secret: Option<String>,
     pub policy: RetryPolicy,
     pub clock: Arc<dyn Clock>,
+    /// Signatures, admin tokens, limits (docs/security.md).
+    pub security: Security,
+}
+
+/// Who may drive the server, and what it trusts (docs/security.md).
+#[derive(Default, Clone)]
+pub struct Security {
+    /// Which commits are trusted; `None`: signatures are not checked.
+    pub signatures: Option<Arc<follow::Signatures>>,
 }
 
 /// One DHCP socket and what it serves.
@@ -142,6 +151,12 @@ pub async fn run(
     let sync = Arc::new(Notify::new());
     let cache = config.state_dir.join("source.git");
     let (rev_tx, revisions) = watch::channel(first.map(Arc::new));
+    // The commit served before a restart: what an untrusted head falls back to.
+    let serving = reader
+        .meta("applied")?
+        .and_then(|t| serde_json::from_str::<crate::protocol::CommitView>(&t).ok())
+        .filter(|c| !c.restricted)
+        .map(|c| c.id);
     tasks.spawn({
         let (origin, interval, sync, shutdown) = (
             config.origin.clone(),
@@ -149,8 +164,12 @@ pub async fn run(
             sync.clone(),
             shutdown.clone(),
         );
+        let rule = config.security.signatures.clone();
         async move {
-            follow::follow(origin, cache, interval, sync, rev_tx, shutdown).await;
+            follow::follow(
+                origin, cache, interval, sync, rev_tx, rule, serving, shutdown,
+            )
+            .await;
             Ok::<(), std::io::Error>(())
         }
     });
@@ -168,6 +187,7 @@ pub async fn run(
         clock: config.clock.clone(),
         policy: config.policy,
         source: config.origin.describe(),
+        signatures: config.security.signatures.clone(),
     })?;
     tasks.spawn({
         let shutdown = shutdown.clone();

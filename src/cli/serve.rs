@@ -35,6 +35,11 @@ pub struct ServeArgs {
     pub image_store: Option<PathBuf>,
     pub admin_token_file: Option<PathBuf>,
     pub webhook_secret_file: Option<PathBuf>,
+    /// SSH and OpenPGP public keys whose commits are trusted.
+    pub trusted_keys: Option<PathBuf>,
+    /// Refuse commits not signed by a trusted key.
+    pub require_signatures: bool,
+    pub untrusted: follow::Untrusted,
 }
 
 /// Run until SIGINT/SIGTERM. Exit code as for other commands.
@@ -92,7 +97,7 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
     // The first revision decides which sockets to bind: it must be valid to start.
     let cache = args.state_dir.join("source.git");
     let (origin, c) = (args.origin.clone(), cache.clone());
-    if matches!(origin, Origin::Git { .. }) {
+    if matches!(origin, Origin::Git { .. }) || args.trusted_keys.is_some() {
         std::fs::create_dir_all(&args.state_dir).with_context(|| {
             format!(
                 "cannot create the state directory {}",
@@ -100,10 +105,40 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
             )
         })?;
     }
-    let first = tokio::task::spawn_blocking(move || follow::read(&origin, &c))
-        .await?
-        .map_err(anyhow::Error::msg)?;
-    let spec = match &first.fleet {
+    let signatures = signatures(args)?;
+    let rule = signatures.clone();
+    let serving = applied_before(&args.state_dir);
+    let first = tokio::task::spawn_blocking(move || {
+        let mut rev = follow::read(&origin, &c, rule.as_deref().map(|r| &r.keys))?;
+        follow::attach_fallback(&mut rev, &origin, &c, rule.as_deref(), serving.as_deref());
+        Ok::<_, String>(rev)
+    })
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    // Sockets and DHCP settings come from a trusted commit only.
+    let bind_from = if first.untrusted(signatures.as_deref())
+        && signatures
+            .as_ref()
+            .is_some_and(|r| r.untrusted == follow::Untrusted::Nothing)
+    {
+        match &first.fallback {
+            Some(fb) => fb.clone(),
+            None => bail!(
+                "{} (revision {}) is not trusted ({}) and no trusted commit was served before; \
+                 push a commit signed by a key in --trusted-keys, or see docs/security.md",
+                args.origin.describe(),
+                first.id,
+                first
+                    .signature
+                    .as_ref()
+                    .map(|s| s.why.as_str())
+                    .unwrap_or("unsigned")
+            ),
+        }
+    } else {
+        Arc::new(first.clone())
+    };
+    let spec = match &bind_from.fleet {
         Ok(spec) => spec.clone(),
         Err(problems) => {
             for p in problems {
@@ -112,7 +147,7 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
             bail!(
                 "{} (revision {}) is invalid: fix it (`fleetwave validate`) before serving it",
                 args.origin.describe(),
-                first.id
+                bind_from.id
             );
         }
     };
@@ -130,7 +165,7 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
     info!(
         hosts = spec.hosts.len(),
         sites = config.sites.len(),
-        revision = %first.id,
+        revision = %bind_from.id,
         "fleet loaded"
     );
     let mut sockets = Vec::new();
@@ -244,6 +279,7 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
         webhook_secret,
         policy: Default::default(),
         clock: Arc::new(crate::clock::SystemClock::default()),
+        security: server::Security { signatures },
     };
     match server::run(config, listeners, Some(first), shutdown).await {
         Ok(()) => Ok(super::exit::OK),
@@ -252,6 +288,45 @@ pub async fn run(args: &ServeArgs, shutdown: CancellationToken) -> Result<u8> {
             Ok(super::exit::ERROR)
         }
     }
+}
+
+/// The signature rule of `--trusted-keys` and `--require-signatures`.
+fn signatures(args: &ServeArgs) -> Result<Option<Arc<follow::Signatures>>> {
+    let Some(path) = &args.trusted_keys else {
+        if args.require_signatures {
+            bail!(
+                "--require-signatures needs --trusted-keys FILE (the keys whose commits are trusted)"
+            );
+        }
+        return Ok(None);
+    };
+    let keys = crate::source::signature::TrustedKeys::load(path, &args.state_dir)?;
+    info!(
+        required = args.require_signatures,
+        "commit signatures checked against {}",
+        keys.describe()
+    );
+    Ok(Some(Arc::new(follow::Signatures {
+        keys,
+        required: args.require_signatures,
+        untrusted: args.untrusted,
+    })))
+}
+
+/// The commit the server served before it stopped, from its state database.
+fn applied_before(state_dir: &Path) -> Option<String> {
+    let db = state_dir.join("state.db");
+    if !db.exists() {
+        return None;
+    }
+    let reader = crate::state::Reader::open(&db).ok()?;
+    reader
+        .meta("applied")
+        .ok()
+        .flatten()
+        .and_then(|t| serde_json::from_str::<crate::protocol::CommitView>(&t).ok())
+        .filter(|c| !c.restricted)
+        .map(|c| c.id)
 }
 
 fn interface_exists(name: &str) -> bool {
@@ -310,6 +385,22 @@ pub struct ServeCli {
     /// A file whose first line is the webhook's shared secret.
     #[arg(long)]
     pub webhook_secret_file: Option<PathBuf>,
+    /// SSH (allowed_signers lines) and OpenPGP (armored blocks) public keys whose
+    /// commits are trusted; never read from the fleet repository (docs/security.md).
+    #[arg(long)]
+    pub trusted_keys: Option<PathBuf>,
+    /// Serve only commits signed by a key of --trusted-keys.
+    #[arg(long, requires = "trusted_keys")]
+    pub require_signatures: bool,
+    /// What an unsigned or untrusted commit may still do: nothing, or non-destructive
+    /// work (inventory, verify); deploy, wipe and capture always need a trusted one.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "nothing",
+        requires = "require_signatures"
+    )]
+    pub untrusted: follow::Untrusted,
     /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug`.
     #[arg(long, env = "FLEETWAVE_LOG", default_value = "info")]
     pub log: String,
@@ -346,6 +437,9 @@ impl ServeCli {
             image_store: self.image_store.clone(),
             admin_token_file: self.admin_token_file.clone(),
             webhook_secret_file: self.webhook_secret_file.clone(),
+            trusted_keys: self.trusted_keys.clone(),
+            require_signatures: self.require_signatures,
+            untrusted: self.untrusted,
         }
     }
 }

@@ -181,6 +181,28 @@ pub fn status(a: &StatusArgs, out: &mut dyn Write) -> Result<u8> {
         Some(c) => writeln!(out, "applied: {} ({})", short(&c.id), when(c.at))?,
         None => writeln!(out, "applied: nothing yet")?,
     }
+    if let Some(sig) = s.applied.as_ref().and_then(|c| c.signature.as_ref()) {
+        writeln!(
+            out,
+            "  signed: {} ({}{})",
+            if sig.trusted {
+                "trusted"
+            } else {
+                "NOT trusted"
+            },
+            sig.signer.as_deref().unwrap_or("unknown signer"),
+            sig.key
+                .as_deref()
+                .map(|k| format!(", key {k}"))
+                .unwrap_or_default()
+        )?;
+    }
+    if s.applied.as_ref().is_some_and(|c| c.restricted) {
+        writeln!(
+            out,
+            "  untrusted: served for non-destructive work only (--untrusted non-destructive)"
+        )?;
+    }
     if let Some(c) = &s.attempted
         && !c.problems.is_empty()
     {

@@ -58,6 +58,8 @@ pub struct Parts {
     pub policy: RetryPolicy,
     /// Where the fleet comes from, for status.
     pub source: String,
+    /// Which commits are trusted, and what an untrusted one may do.
+    pub signatures: Option<Arc<follow::Signatures>>,
 }
 
 /// What the controller reacts to.
@@ -203,16 +205,50 @@ impl Controller {
     }
 
     fn on_revision(&mut self, rev: &Revision) {
-        let view = |problems: Vec<String>| CommitView {
+        let rule = self.parts.signatures.clone();
+        let untrusted = rev.untrusted(rule.as_deref());
+        // A restart on an untrusted head: serve the last trusted commit first.
+        if untrusted
+            && self.spec.is_none()
+            && let Some(fb) = &rev.fallback
+        {
+            self.on_revision(fb);
+        }
+        let view = |problems: Vec<String>, restricted: bool| CommitView {
             id: rev.id.clone(),
             at: rev.at,
             problems,
+            signature: rev.signature.clone(),
+            restricted,
         };
+        let restricted = untrusted
+            && rule
+                .as_ref()
+                .is_some_and(|r| r.untrusted == follow::Untrusted::NonDestructive);
+        if untrusted && !(restricted && rev.fleet.is_ok()) {
+            let why = untrusted_why(rev);
+            warn!(revision = %rev.id, "{why}; the last trusted one keeps serving");
+            let mut problems = vec![format!("UntrustedCommit: {why}")];
+            if let Err(p) = &rev.fleet {
+                problems.extend(p.iter().cloned());
+            }
+            self.attempted = Some(view(problems, false));
+            self.event(
+                None,
+                "UntrustedCommit",
+                format!(
+                    "revision {} refused: {why}; {} keeps serving",
+                    rev.id,
+                    self.commit().unwrap_or("nothing")
+                ),
+            );
+            return;
+        }
         match &rev.fleet {
             Err(problems) => {
                 warn!(revision = %rev.id, problems = problems.len(),
                     "revision is invalid; the last good one keeps serving");
-                self.attempted = Some(view(problems.clone()));
+                self.attempted = Some(view(problems.clone(), false));
                 self.event(
                     None,
                     "CommitStalled",
@@ -226,21 +262,33 @@ impl Controller {
                 );
             }
             Ok(spec) => {
-                self.attempted = Some(view(Vec::new()));
+                self.attempted = Some(view(Vec::new(), restricted));
                 if self.spec.is_some() && self.commit() == Some(rev.id.as_str()) {
                     return;
                 }
-                self.applied = Some(view(Vec::new()));
+                self.applied = Some(view(Vec::new(), restricted));
                 if let Ok(text) = serde_json::to_string(&self.applied) {
                     self.parts
                         .journal
                         .write(vec![Op::PutMeta("applied".into(), text)], None);
                 }
-                self.event(
-                    None,
-                    "CommitApplied",
-                    format!("serving revision {}", rev.id),
-                );
+                if restricted {
+                    self.event(
+                        None,
+                        "UntrustedCommit",
+                        format!(
+                            "serving revision {} for non-destructive work only: {}",
+                            rev.id,
+                            untrusted_why(rev)
+                        ),
+                    );
+                } else {
+                    self.event(
+                        None,
+                        "CommitApplied",
+                        format!("serving revision {}", rev.id),
+                    );
+                }
                 self.apply_spec(spec.clone());
             }
         }
@@ -495,6 +543,23 @@ impl Controller {
                     }
                 })
                 .or_insert_with(|| due_of(step));
+        }
+        // An untrusted commit served for non-destructive work: what writes disks or
+        // makes image versions waits for a trusted one.
+        if self.applied.as_ref().is_some_and(|c| c.restricted) {
+            for d in dues.values_mut() {
+                if let Due::Task(t) = d
+                    && needs_trust(t)
+                {
+                    *d = Due::Stalled {
+                        reason: "UntrustedCommit".into(),
+                        message: format!(
+                            "{} needs a commit signed by a trusted key; the commit served is not",
+                            t.summary()
+                        ),
+                    };
+                }
+            }
         }
         let mut members: HashMap<&str, Member> = HashMap::new();
         for h in spec.hosts.values() {
@@ -865,6 +930,32 @@ impl Controller {
     }
 }
 
+/// Whether a task may only be armed by a trusted commit: it writes a disk (deploy,
+/// wipe) or makes an image version the fleet's hosts then deploy (capture).
+fn needs_trust(t: &Task) -> bool {
+    t.destructive() || matches!(t, Task::Capture { .. })
+}
+
+/// Why a revision is not trusted, with its signer and key, in one line.
+fn untrusted_why(rev: &Revision) -> String {
+    match &rev.signature {
+        None => format!("revision {} carries no signature check", rev.id),
+        Some(s) => format!(
+            "revision {} is not trusted: {}{}{}",
+            rev.id,
+            s.why,
+            s.signer
+                .as_ref()
+                .map(|n| format!("; signer {n}"))
+                .unwrap_or_default(),
+            s.key
+                .as_ref()
+                .map(|k| format!("; key {k}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
 /// The applied revision's id, as recorded.
 fn applied_commit(parts: &Parts) -> Result<Option<String>, crate::state::StateError> {
     Ok(parts
@@ -944,8 +1035,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         std::fs::write(d.join("fleet.yaml"), fleet).expect("write");
-        let rev = follow::read(&crate::source::watch::Origin::Dir(d.join("fleet.yaml")), d)
-            .expect("read");
+        let rev = follow::read(
+            &crate::source::watch::Origin::Dir(d.join("fleet.yaml")),
+            d,
+            None,
+        )
+        .expect("read");
         assert!(rev.fleet.is_ok(), "{:?}", rev.fleet.err());
         let store = ImageStore::open(&d.join("store")).expect("store");
         store
@@ -982,6 +1077,7 @@ mod tests {
             clock: Arc::new(TokioClock::new(start)),
             policy: RetryPolicy::default(),
             source: "test".into(),
+            signatures: None,
         })
         .expect("controller");
         let (_rev_tx, revisions) = watch::channel(Some(Arc::new(rev)));

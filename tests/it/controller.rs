@@ -36,6 +36,8 @@ impl Drop for Running {
 pub struct Secrets {
     pub admin: Option<String>,
     pub webhook: Option<String>,
+    /// Trusted keys and the rules that go with them.
+    pub security: server::Security,
 }
 
 /// `server::run` on 127.0.0.1:0 following `origin`, state under `dir/state`, images in
@@ -74,6 +76,7 @@ pub fn serve_with(
         webhook_secret: secrets.webhook,
         policy: Default::default(),
         clock: Arc::new(fleetwave::clock::SystemClock::default()),
+        security: secrets.security,
     };
     let stop = CancellationToken::new();
     let s = stop.clone();
@@ -338,6 +341,7 @@ fn a_commit_converges_the_lab_wave_by_wave_through_capture_and_verified_deploys(
         Secrets {
             admin: Some("an-admin-token-of-some-length".into()),
             webhook: Some(secret.into()),
+            ..Default::default()
         },
     );
     let url = server.url.as_str();
@@ -810,6 +814,7 @@ fn an_unknown_machine_registers_and_the_operator_commands_show_and_act() {
         Secrets {
             admin: Some(admin.into()),
             webhook: None,
+            ..Default::default()
         },
     );
     let url = server.url.as_str();

@@ -14,6 +14,7 @@ mod netboot;
 mod netlab;
 mod plan_props;
 mod schema;
+mod security;
 mod snapshots;
 mod tftp;
 

@@ -1,0 +1,476 @@
+//! Access control and traceability against real tools: commits signed with `git
+//! commit -S` by ssh-keygen and gpg keys the test makes, served by the whole server.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetwave::protocol::FleetStatus;
+use fleetwave::reconcile::follow::{Signatures, Untrusted};
+use fleetwave::server::Security;
+use fleetwave::source::signature::TrustedKeys;
+
+use crate::controller::{Repo, Running, Secrets, serve, wait_for};
+use crate::tool;
+
+const PC1: &str = "52:54:00:28:00:11";
+const PC2: &str = "52:54:00:28:00:12";
+
+/// Two hosts: pc01 asked to wipe (destructive), pc02 to take inventory, both at
+/// `generation` (0: nothing asked).
+fn fleet(generation: u64) -> String {
+    let actions = |a: &str| {
+        if generation == 0 {
+            String::new()
+        } else {
+            format!(
+                ", actions: {{{a}: {{generation: {generation}{}}}}}",
+                if a == "wipe" { ", mode: fast" } else { "" }
+            )
+        }
+    };
+    format!(
+        "{}hosts:\n  pc01: {{mac: \"{PC1}\", site: lab{}}}\n  pc02: {{mac: \"{PC2}\", site: lab{}}}\n",
+        crate::LAB_SITE,
+        actions("wipe"),
+        actions("inventory"),
+    )
+}
+
+/// How a commit is signed.
+enum Sign<'a> {
+    Unsigned,
+    /// With this SSH private key (its `.pub` beside it).
+    Ssh(&'a Path),
+    /// With this OpenPGP key (fingerprint) of a GnuPG home.
+    Gpg {
+        home: &'a Path,
+        key: &'a str,
+    },
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn git(repo: &Repo) -> Command {
+    let mut c = Command::new("git");
+    c.arg("-C").arg(&repo.work).args([
+        "-c",
+        "user.name=fleet",
+        "-c",
+        "user.email=fleet@example.org",
+    ]);
+    c
+}
+
+/// Commit `text` as fleet.yaml, signed as asked, and push it; the commit id.
+fn commit(repo: &Repo, text: &str, sign: Sign) -> String {
+    std::fs::write(repo.work.join("fleet.yaml"), text).expect("write");
+    run(git(repo).args(["add", "fleet.yaml"]));
+    let mut c = git(repo);
+    match sign {
+        Sign::Unsigned => {
+            c.args(["commit", "-q", "-m", "unsigned"]);
+        }
+        Sign::Ssh(key) => {
+            c.args(["-c", "gpg.format=ssh", "-c"])
+                .arg(format!("user.signingkey={}.pub", key.display()))
+                .args(["commit", "-q", "-S", "-m", "signed with ssh"]);
+        }
+        Sign::Gpg { home, key } => {
+            c.env("GNUPGHOME", home)
+                .args(["-c", "gpg.format=openpgp", "-c"])
+                .arg(format!("user.signingkey={key}"))
+                .args(["commit", "-q", "-S", "-m", "signed with gpg"]);
+        }
+    }
+    run(&mut c);
+    run(git(repo).args(["push", "-q", "-f", "origin", "main"]));
+    run(git(repo).args(["rev-parse", "HEAD"]))
+}
+
+/// A commit with `signed`'s header and signature but `other`'s tree: a trusted
+/// signature lifted onto content nobody signed. Pushed; its id.
+fn tamper(repo: &Repo, signed: &str, other: &str) -> String {
+    let text = run(git(repo).args(["cat-file", "commit", signed]));
+    let tree = run(git(repo).args(["rev-parse", &format!("{other}^{{tree}}")]));
+    let forged = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("tree ") {
+                format!("tree {tree}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    let path = repo.work.join("forged");
+    std::fs::write(&path, forged).expect("write");
+    let id = run(git(repo)
+        .args(["hash-object", "-t", "commit", "-w"])
+        .arg(&path));
+    run(git(repo).args(["update-ref", "refs/heads/main", &id]));
+    run(git(repo).args(["push", "-q", "-f", "origin", "main"]));
+    id
+}
+
+/// An ed25519 SSH key `dir/name` (and `.pub`); its allowed_signers line and its
+/// SHA256 fingerprint.
+fn ssh_key(dir: &Path, name: &str) -> (PathBuf, String, String) {
+    let key = dir.join(name);
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key));
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("pub");
+    let fp = run(Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(key.with_extension("pub")));
+    let fp = fp
+        .split_whitespace()
+        .nth(1)
+        .expect("fingerprint")
+        .to_string();
+    (key, format!("{name}@example.org {}", public.trim()), fp)
+}
+
+/// An OpenPGP signing key in a fresh GnuPG home: the home, the key's fingerprint and
+/// its armored public key.
+fn gpg_key(dir: &Path, name: &str) -> (PathBuf, String, String) {
+    let home = dir.join(format!("gnupg-{name}"));
+    std::fs::create_dir_all(&home).expect("mkdir");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
+    let gpg = || {
+        let mut c = Command::new("gpg");
+        c.env("GNUPGHOME", &home).args([
+            "--batch",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+        ]);
+        c
+    };
+    run(gpg().args([
+        "--quick-gen-key",
+        &format!("{name} <{}@example.org>", name.to_lowercase()),
+        "ed25519",
+        "sign",
+        "never",
+    ]));
+    let listing = run(gpg().args(["--with-colons", "--list-keys"]));
+    let fpr = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("fpr:"))
+        .and_then(|l| l.split(':').find(|f| f.len() == 40))
+        .expect("fingerprint")
+        .to_string();
+    let armored = run(gpg().args(["--armor", "--export", &fpr]));
+    (home, fpr, armored)
+}
+
+/// Stops a GnuPG home's agent when the test ends.
+struct Agents(Vec<PathBuf>);
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for home in &self.0 {
+            let _ = Command::new("gpgconf")
+                .env("GNUPGHOME", home)
+                .args(["--kill", "gpg-agent"])
+                .status();
+        }
+    }
+}
+
+fn tools() -> bool {
+    tool("git", "/usr/bin/git")
+        && tool("openssh-client", "/usr/bin/ssh-keygen")
+        && tool("gnupg", "/usr/bin/gpg")
+        && tool("gpgv", "/usr/bin/gpgv")
+}
+
+/// The server following `repo`, trusting the keys in `trusted` (file text).
+fn serve_signed(d: &Path, repo: &Repo, trusted: &str, untrusted: Untrusted) -> Running {
+    let file = d.join("trusted-keys");
+    std::fs::write(&file, trusted).expect("write");
+    std::fs::create_dir_all(d.join("state")).expect("mkdir");
+    let keys = TrustedKeys::load(&file, &d.join("state")).expect("trusted keys");
+    let security = Security {
+        signatures: Some(Arc::new(Signatures {
+            keys,
+            required: true,
+            untrusted,
+        })),
+    };
+    serve(
+        d,
+        repo.origin(),
+        &d.join("store"),
+        Secrets {
+            security,
+            ..Default::default()
+        },
+    )
+}
+
+fn attempted(url: &str, id: &str) -> FleetStatus {
+    wait_for(
+        url,
+        &format!("{id} attempted"),
+        Duration::from_secs(30),
+        |s| s.attempted.as_ref().is_some_and(|c| c.id == id),
+    )
+}
+
+fn host_task(s: &FleetStatus, host: &str) -> Option<String> {
+    s.hosts.iter().find(|h| h.name == host)?.task.clone()
+}
+
+#[test]
+fn ssh_signed_commits_are_served_and_unsigned_untrusted_or_tampered_ones_refused() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (alice, alice_line, alice_fp) = ssh_key(d, "alice");
+    let (mallory, _, mallory_fp) = ssh_key(d, "mallory");
+    let repo = Repo::new(d);
+    let trusted = commit(&repo, &fleet(1), Sign::Ssh(&alice));
+    let server = serve_signed(
+        d,
+        &repo,
+        &format!("# who may change the fleet\n{alice_line}\n"),
+        Untrusted::Nothing,
+    );
+    let url = server.url.as_str();
+    // A trusted commit is served, its signer shown; its wipe is armed.
+    let s = wait_for(
+        url,
+        "the trusted commit applied",
+        Duration::from_secs(30),
+        |s| s.applied.as_ref().is_some_and(|c| c.id == trusted) && host_task(s, "pc01").is_some(),
+    );
+    let sig = s
+        .applied
+        .as_ref()
+        .and_then(|c| c.signature.clone())
+        .expect("signature");
+    assert!(sig.trusted, "{sig:?}");
+    assert_eq!(sig.signer.as_deref(), Some("alice@example.org"));
+    assert_eq!(sig.key.as_deref(), Some(alice_fp.as_str()));
+    assert!(host_task(&s, "pc01").is_some_and(|t| t.contains("generation 1")));
+
+    // Unsigned: refused, the trusted commit keeps serving (its task unchanged).
+    let unsigned = commit(&repo, &fleet(2), Sign::Unsigned);
+    let s = attempted(url, &unsigned);
+    assert_eq!(
+        s.applied.as_ref().map(|c| c.id.as_str()),
+        Some(trusted.as_str())
+    );
+    let problems = &s.attempted.as_ref().expect("attempted").problems;
+    assert!(problems[0].starts_with("UntrustedCommit"), "{problems:?}");
+    assert!(problems[0].contains("not signed"), "{problems:?}");
+    assert!(host_task(&s, "pc01").is_some_and(|t| t.contains("generation 1")));
+
+    // Signed by a key the server does not trust: refused, the key named.
+    let foreign = commit(&repo, &fleet(3), Sign::Ssh(&mallory));
+    let s = attempted(url, &foreign);
+    let sig = s
+        .attempted
+        .as_ref()
+        .and_then(|c| c.signature.clone())
+        .expect("signature");
+    assert!(!sig.trusted);
+    assert_eq!(sig.key.as_deref(), Some(mallory_fp.as_str()));
+    assert_eq!(sig.signer, None);
+    assert!(sig.why.contains("not in"), "{sig:?}");
+    assert_eq!(
+        s.applied.as_ref().map(|c| c.id.as_str()),
+        Some(trusted.as_str())
+    );
+
+    // Alice's signature lifted onto the unsigned commit's tree: a bad signature.
+    let forged = tamper(&repo, &trusted, &unsigned);
+    let s = attempted(url, &forged);
+    let sig = s
+        .attempted
+        .as_ref()
+        .and_then(|c| c.signature.clone())
+        .expect("signature");
+    assert!(!sig.trusted);
+    assert!(sig.why.contains("BAD signature"), "{sig:?}");
+    assert_eq!(
+        s.applied.as_ref().map(|c| c.id.as_str()),
+        Some(trusted.as_str())
+    );
+    assert!(host_task(&s, "pc01").is_some_and(|t| t.contains("generation 1")));
+
+    // A restart on the forged head still serves the last trusted commit.
+    drop(server);
+    let server = serve_signed(d, &repo, &format!("{alice_line}\n"), Untrusted::Nothing);
+    let url = server.url.as_str();
+    let s = attempted(url, &forged);
+    assert_eq!(
+        s.applied.as_ref().map(|c| c.id.as_str()),
+        Some(trusted.as_str())
+    );
+    let s = wait_for(url, "the trusted task kept", Duration::from_secs(30), |s| {
+        host_task(s, "pc01").is_some()
+    });
+    assert!(host_task(&s, "pc01").is_some_and(|t| t.contains("generation 1")));
+
+    // A trusted commit again: served, and its wipe replaces the old one.
+    run(git(&repo).args(["reset", "-q", "--hard", &trusted]));
+    let next = commit(&repo, &fleet(4), Sign::Ssh(&alice));
+    wait_for(
+        url,
+        "the next trusted commit applied",
+        Duration::from_secs(30),
+        |s| {
+            s.applied.as_ref().is_some_and(|c| c.id == next)
+                && host_task(s, "pc01").is_some_and(|t| t.contains("generation 4"))
+        },
+    );
+}
+
+#[test]
+fn gpg_signed_commits_by_trusted_keys_are_served_and_others_refused_with_their_key() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (alice_home, alice_fpr, alice_pub) = gpg_key(d, "Alice");
+    let (mallory_home, mallory_fpr, _) = gpg_key(d, "Mallory");
+    let _agents = Agents(vec![alice_home.clone(), mallory_home.clone()]);
+    let repo = Repo::new(d);
+    let trusted = commit(
+        &repo,
+        &fleet(1),
+        Sign::Gpg {
+            home: &alice_home,
+            key: &alice_fpr,
+        },
+    );
+    let server = serve_signed(d, &repo, &format!("{alice_pub}\n"), Untrusted::Nothing);
+    let url = server.url.as_str();
+    let s = wait_for(
+        url,
+        "the trusted commit applied",
+        Duration::from_secs(30),
+        |s| s.applied.as_ref().is_some_and(|c| c.id == trusted),
+    );
+    let sig = s
+        .applied
+        .as_ref()
+        .and_then(|c| c.signature.clone())
+        .expect("signature");
+    assert!(sig.trusted, "{sig:?}");
+    assert_eq!(sig.format.as_deref(), Some("openpgp"));
+    assert!(
+        sig.signer
+            .as_deref()
+            .is_some_and(|n| n.contains("alice@example.org")),
+        "{sig:?}"
+    );
+    assert_eq!(sig.key.as_deref(), Some(alice_fpr.as_str()));
+
+    let foreign = commit(
+        &repo,
+        &fleet(2),
+        Sign::Gpg {
+            home: &mallory_home,
+            key: &mallory_fpr,
+        },
+    );
+    let s = attempted(url, &foreign);
+    let sig = s
+        .attempted
+        .as_ref()
+        .and_then(|c| c.signature.clone())
+        .expect("signature");
+    assert!(!sig.trusted, "{sig:?}");
+    assert!(sig.why.contains("not in"), "{sig:?}");
+    // gpgv names the issuer by fingerprint (or its last 16 digits, the key id).
+    let key = sig.key.clone().unwrap_or_default();
+    assert!(
+        !key.is_empty() && mallory_fpr.ends_with(&key),
+        "{key} vs {mallory_fpr}"
+    );
+    assert_eq!(
+        s.applied.as_ref().map(|c| c.id.as_str()),
+        Some(trusted.as_str())
+    );
+
+    // Alice's signature over other content.
+    let forged = tamper(&repo, &trusted, &foreign);
+    let s = attempted(url, &forged);
+    let sig = s
+        .attempted
+        .as_ref()
+        .and_then(|c| c.signature.clone())
+        .expect("signature");
+    assert!(!sig.trusted);
+    assert!(sig.why.contains("BAD signature"), "{sig:?}");
+}
+
+#[test]
+fn an_untrusted_commit_may_take_inventory_but_never_wipe_under_non_destructive() {
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (alice, alice_line, _) = ssh_key(d, "alice");
+    let repo = Repo::new(d);
+    let trusted = commit(&repo, &fleet(0), Sign::Ssh(&alice));
+    let server = serve_signed(d, &repo, &alice_line, Untrusted::NonDestructive);
+    let url = server.url.as_str();
+    wait_for(
+        url,
+        "the trusted commit applied",
+        Duration::from_secs(30),
+        |s| s.applied.as_ref().is_some_and(|c| c.id == trusted),
+    );
+    let unsigned = commit(&repo, &fleet(1), Sign::Unsigned);
+    let s = wait_for(
+        url,
+        "inventory armed, wipe held",
+        Duration::from_secs(30),
+        |s| {
+            s.applied.as_ref().is_some_and(|c| c.id == unsigned)
+                && host_task(s, "pc02").is_some()
+                && s.hosts
+                    .iter()
+                    .any(|h| h.name == "pc01" && h.reason.as_deref() == Some("UntrustedCommit"))
+        },
+    );
+    assert!(s.applied.as_ref().is_some_and(|c| c.restricted));
+    assert!(host_task(&s, "pc02").is_some_and(|t| t.starts_with("inventory")));
+    let pc01 = s.hosts.iter().find(|h| h.name == "pc01").expect("pc01");
+    assert_eq!(pc01.state, "Stalled");
+    assert_eq!(pc01.task, None);
+    assert!(
+        pc01.message.as_deref().is_some_and(|m| m.contains("wipe")),
+        "{pc01:?}"
+    );
+    // Its boot script boots the disk, not the agent.
+    let script = crate::controller::script(url, PC1);
+    assert!(!script.contains("fleetwave.token="), "{script}");
+}
