@@ -92,6 +92,9 @@ enum Command {
     Retry(cli::status::RetryArgs),
     /// Make the server read its fleet source now.
     Sync(cli::status::SyncArgs),
+    /// The audit trail (who did what, with which commit and token): list it, or
+    /// `audit verify` its hash chain.
+    Audit(cli::audit::AuditArgs),
 }
 
 #[derive(Subcommand)]
@@ -394,6 +397,7 @@ fn main() -> ExitCode {
         Command::Hosts(a) => cli::status::hosts(&a, &mut out),
         Command::Retry(a) => cli::status::retry(&a, &mut out),
         Command::Sync(a) => cli::status::sync(&a, &mut out),
+        Command::Audit(a) => cli::audit::run(&a, &mut out),
         Command::Image { command } => match command {
             ImageCommand::Ls { store } => cli::image::ls(&store, &mut out),
             ImageCommand::Verify { store } => cli::image::verify_store(&store, &mut out),

@@ -161,6 +161,12 @@ pub struct Assignment {
     pub disk: DiskWanted,
     #[serde(default)]
     pub after: After,
+    /// The commit that asked for the task, and who signed it: recorded with what the
+    /// task makes (an image version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

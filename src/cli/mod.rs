@@ -2,6 +2,7 @@
 //! to the given streams so tests can run it in-process too.
 
 pub mod agent;
+pub mod audit;
 pub mod image;
 pub mod multicast;
 pub mod netboot;

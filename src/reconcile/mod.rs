@@ -197,11 +197,31 @@ impl Controller {
     }
 
     fn event(&self, host: Option<&str>, kind: &str, message: String) {
-        let mut e = EventRow::new(host, kind, message);
+        self.record(EventRow::new(host, kind, message));
+    }
+
+    /// Record `e` in the audit trail, with the time, and the commit served and its
+    /// signer unless it names its own.
+    fn record(&self, mut e: EventRow) {
         e.at = self.parts.clock.now();
-        e.commit = self.commit().map(str::to_string);
+        if e.commit.is_none() {
+            e.commit = self.commit().map(str::to_string);
+            e.signer = self
+                .applied
+                .as_ref()
+                .and_then(|c| c.signature.as_ref())
+                .and_then(|s| s.signer.clone());
+        }
         let _ = self.parts.events.send(e.clone());
         self.parts.journal.write(vec![Op::Event(e)], None);
+    }
+
+    /// An event about revision `rev` itself (applied or refused).
+    fn revision_event(&self, rev: &Revision, kind: &str, outcome: &str, message: String) {
+        let mut e = EventRow::new(None, kind, message).outcome(outcome);
+        e.commit = Some(rev.id.clone());
+        e.signer = rev.signature.as_ref().and_then(|s| s.signer.clone());
+        self.record(e);
     }
 
     fn on_revision(&mut self, rev: &Revision) {
@@ -233,9 +253,10 @@ impl Controller {
                 problems.extend(p.iter().cloned());
             }
             self.attempted = Some(view(problems, false));
-            self.event(
-                None,
+            self.revision_event(
+                rev,
                 "UntrustedCommit",
+                "refused",
                 format!(
                     "revision {} refused: {why}; {} keeps serving",
                     rev.id,
@@ -249,9 +270,10 @@ impl Controller {
                 warn!(revision = %rev.id, problems = problems.len(),
                     "revision is invalid; the last good one keeps serving");
                 self.attempted = Some(view(problems.clone(), false));
-                self.event(
-                    None,
+                self.revision_event(
+                    rev,
                     "CommitStalled",
+                    "refused",
                     format!(
                         "revision {} is invalid ({} problems); {} keeps serving:\n{}",
                         rev.id,
@@ -273,9 +295,10 @@ impl Controller {
                         .write(vec![Op::PutMeta("applied".into(), text)], None);
                 }
                 if restricted {
-                    self.event(
-                        None,
+                    self.revision_event(
+                        rev,
                         "UntrustedCommit",
+                        "restricted",
                         format!(
                             "serving revision {} for non-destructive work only: {}",
                             rev.id,
@@ -283,9 +306,10 @@ impl Controller {
                         ),
                     );
                 } else {
-                    self.event(
-                        None,
+                    self.revision_event(
+                        rev,
                         "CommitApplied",
+                        "applied",
                         format!("serving revision {}", rev.id),
                     );
                 }
@@ -384,23 +408,46 @@ impl Controller {
             return;
         };
         let before = s.phase;
+        let armed = s.task.clone();
         let noted = host::observe(s, &seen, &policy, commit.as_deref(), now, jitter);
         let after = s.phase;
         let task = s.task.as_ref().map(|a| a.task.summary());
+        // Events about the armed task carry its id and its token's.
+        let about = |e: EventRow| match &armed {
+            Some(a) => e.task(a.id).token(&a.token),
+            None => e,
+        };
+        if let (Seen::Progress { progress, .. }, Some(a)) = (&seen, &armed)
+            && let Some(m) = milestone(a.progress.as_ref(), progress)
+        {
+            self.record(about(EventRow::new(
+                Some(&name),
+                "Progress",
+                format!("{name}: {m} % of {} done", a.task.summary()),
+            )));
+        }
         match noted {
             Noted::Nothing | Noted::Stale => {}
-            Noted::Booting => self.event(
+            Noted::Booting => self.record(about(EventRow::new(
                 Some(&name),
                 "Booting",
                 format!("{name} is booting for {}", task.unwrap_or_default()),
-            ),
-            Noted::Imaging => self.event(Some(&name), "Imaging", format!("{name}: agent at work")),
+            ))),
+            Noted::Imaging => self.record(about(EventRow::new(
+                Some(&name),
+                "Imaging",
+                format!("{name}: agent at work"),
+            ))),
             Noted::Succeeded(m) => {
-                self.event(Some(&name), "TaskSucceeded", m);
+                self.record(about(
+                    EventRow::new(Some(&name), "TaskSucceeded", m).outcome("ok"),
+                ));
                 self.finished(&name);
             }
             Noted::Failed(m) => {
-                self.event(Some(&name), "TaskFailed", m);
+                self.record(about(
+                    EventRow::new(Some(&name), "TaskFailed", m).outcome("failed"),
+                ));
                 self.finished(&name);
             }
             Noted::Drifted(m) => {
@@ -716,6 +763,12 @@ impl Controller {
             task: task.clone(),
             disk: DiskWanted::from_selector(&h.disk),
             after: After::Reboot,
+            commit: self.commit().map(str::to_string),
+            signer: self
+                .applied
+                .as_ref()
+                .and_then(|c| c.signature.as_ref())
+                .and_then(|s| s.signer.clone()),
         };
         let expires = now + TOKEN_SECS;
         self.parts.api.grant(&token, assignment.clone(), expires);
@@ -738,7 +791,7 @@ impl Controller {
         // all three or none, so a restart never meets a token it does not know of.
         let mut ops = vec![
             Op::PutToken(TokenRow {
-                token,
+                token: token.clone(),
                 assignment,
                 expires,
             }),
@@ -756,10 +809,15 @@ impl Controller {
         ops.extend(self.host_row(name).map(Op::PutHost));
         self.parts.journal.write(ops, None);
         info!(host = %name, task = id, "armed: {}", task.summary());
-        self.event(
-            Some(name),
-            "Armed",
-            format!("{name}: armed task {id}: {}", task.summary()),
+        self.record(
+            EventRow::new(
+                Some(name),
+                "Armed",
+                format!("{name}: armed task {id}: {} (token minted)", task.summary()),
+            )
+            .task(id)
+            .token(&token)
+            .outcome("armed"),
         );
         self.boot_dirty = true;
     }
@@ -808,10 +866,15 @@ impl Controller {
         self.parts
             .journal
             .write(vec![Op::SpendToken(a.token.clone())], None);
-        self.event(
-            Some(name),
-            "Disarmed",
-            format!("{name}: task {} withdrawn: {why}", a.id),
+        self.record(
+            EventRow::new(
+                Some(name),
+                "Disarmed",
+                format!("{name}: task {} withdrawn: {why} (token revoked)", a.id),
+            )
+            .task(a.id)
+            .token(&a.token)
+            .outcome("withdrawn"),
         );
     }
 
@@ -928,6 +991,21 @@ impl Controller {
             events: Vec::new(),
         }
     }
+}
+
+/// The quarter (25, 50, 75) a task's progress passed between two reports, if any.
+fn milestone(
+    before: Option<&crate::protocol::Progress>,
+    now: &crate::protocol::Progress,
+) -> Option<u64> {
+    // In u128: the agent's numbers are not trusted to be small.
+    let quarter = |p: &crate::protocol::Progress| {
+        (u128::from(p.done_bytes.min(p.total_bytes)) * 4)
+            .checked_div(u128::from(p.total_bytes))
+            .map_or(0, |q| q.min(3) as u64)
+    };
+    let (was, is) = (before.map_or(0, quarter), quarter(now));
+    (is > was).then_some(is * 25)
 }
 
 /// Whether a task may only be armed by a trusted commit: it writes a disk (deploy,
@@ -1052,6 +1130,7 @@ mod tests {
                     captured_at: 0,
                     disk_bytes: 1 << 20,
                     stored_bytes: 1 << 19,
+                    made_by: None,
                 },
             )
             .expect("version");

@@ -9,9 +9,10 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use super::{EventRow, HostRow, StateError, TaskRow};
 use crate::spec::Mac;
 
-const EVENTS: &str = "SELECT id, at, host, kind, message, commit_id FROM events";
+pub(crate) const EVENTS: &str = "SELECT id, at, host, kind, message, commit_id, task_id, \
+     signer, token_id, outcome, prev, hash FROM events";
 
-fn event_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
+pub(crate) fn event_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
         id: r.get::<_, i64>(0)?.max(0) as u64,
         at: r.get::<_, i64>(1)?.max(0) as u64,
@@ -19,6 +20,12 @@ fn event_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
         kind: r.get(3)?,
         message: r.get(4)?,
         commit: r.get(5)?,
+        task: r.get::<_, Option<i64>>(6)?.map(|t| t.max(0) as u64),
+        signer: r.get(7)?,
+        token: r.get(8)?,
+        outcome: r.get(9)?,
+        prev: r.get::<_, Option<String>>(10)?.unwrap_or_default(),
+        hash: r.get::<_, Option<String>>(11)?.unwrap_or_default(),
     })
 }
 

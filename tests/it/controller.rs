@@ -251,15 +251,15 @@ impl Repo {
     }
 }
 
-const REF: &str = "52:54:00:28:00:10";
-const PC: [&str; 3] = [
+pub const REF: &str = "52:54:00:28:00:10";
+pub const PC: [&str; 3] = [
     "52:54:00:28:00:11",
     "52:54:00:28:00:12",
     "52:54:00:28:00:13",
 ];
 
 /// The lab's shape: a reference captured, a pilot wave of one, a second wave of two.
-fn lab_fleet(generation: u64) -> String {
+pub fn lab_fleet(generation: u64) -> String {
     format!(
         "{}images:
   win10:
@@ -282,7 +282,7 @@ waves:
 }
 
 /// A reference disk: an ext4 filesystem with some files.
-fn reference_disk(d: &Path) -> PathBuf {
+pub fn reference_disk(d: &Path) -> PathBuf {
     let src = d.join("src");
     std::fs::create_dir_all(&src).expect("mkdir");
     for i in 0..6u8 {
@@ -303,7 +303,7 @@ fn reference_disk(d: &Path) -> PathBuf {
 }
 
 /// An empty target disk of `bytes`.
-fn blank(path: &Path, bytes: u64) -> PathBuf {
+pub fn blank(path: &Path, bytes: u64) -> PathBuf {
     std::fs::File::create(path)
         .and_then(|f| f.set_len(bytes))
         .expect("blank disk");

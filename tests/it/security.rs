@@ -474,3 +474,200 @@ fn an_untrusted_commit_may_take_inventory_but_never_wipe_under_non_destructive()
     let script = crate::controller::script(url, PC1);
     assert!(!script.contains("fleetwave.token="), "{script}");
 }
+
+/// The events of the state database in `dir`, as `fleetwave audit --json` prints them.
+fn audit_events(state: &Path) -> Vec<fleetwave::state::EventRow> {
+    let (code, out) = crate::fleetwave(&[
+        "audit",
+        "--json",
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("an event"))
+        .collect()
+}
+
+fn audit_verify(state: &Path) -> (i32, String) {
+    crate::fleetwave(&[
+        "audit",
+        "verify",
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+    ])
+}
+
+#[test]
+fn the_audit_trail_records_who_did_what_and_verify_names_an_edited_or_deleted_event() {
+    if !tools() || !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    use crate::controller::{REF, agent, lab_fleet, reference_disk, token};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (alice, alice_line, alice_fp) = ssh_key(d, "alice");
+    let repo = Repo::new(d);
+    let first = commit(&repo, &lab_fleet(1), Sign::Ssh(&alice));
+    let server = serve_signed(d, &repo, &alice_line, Untrusted::Nothing);
+    let url = server.url.as_str();
+    let limit = Duration::from_secs(30);
+    wait_for(url, "the capture armed", limit, |s| {
+        crate::controller::state_of(s, "ref-win10") == "Armed"
+    });
+    let t = token(url, REF).expect("token");
+    let (code, out) = agent(url, REF, &t, &reference_disk(d));
+    assert_eq!(code, 0, "{out}");
+    wait_for(url, "the pilot armed", limit, |s| {
+        crate::controller::state_of(s, "pc01") == "Armed"
+    });
+    drop(server);
+
+    // The version records who made it.
+    let store = fleetwave::image::store::Store::open(&d.join("store")).expect("store");
+    let images = store.images().expect("images");
+    let v = &images["win10"].versions[0];
+    let made = v.made_by.clone().expect("made_by");
+    assert_eq!(made.host.as_deref(), Some("ref-win10"));
+    assert_eq!(made.mac, REF);
+    assert_eq!(made.commit.as_deref(), Some(first.as_str()));
+    assert_eq!(made.signer.as_deref(), Some("alice@example.org"));
+
+    // Every action is an event with its commit, signer, task, token id and outcome.
+    let state = d.join("state");
+    let events = audit_events(&state);
+    let find = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e.kind == kind)
+            .unwrap_or_else(|| panic!("no {kind} event in {events:#?}"))
+    };
+    let applied = find("CommitApplied");
+    assert_eq!(applied.commit.as_deref(), Some(first.as_str()));
+    assert_eq!(applied.signer.as_deref(), Some("alice@example.org"));
+    assert_eq!(applied.outcome.as_deref(), Some("applied"));
+    let armed = find("Armed");
+    let tid = fleetwave::state::token_id(&t);
+    assert_eq!(armed.token.as_deref(), Some(tid.as_str()));
+    assert_eq!(armed.task, Some(made.task));
+    assert_eq!(armed.host.as_deref(), Some("ref-win10"));
+    let done = find("TaskSucceeded");
+    assert_eq!(
+        (done.task, done.outcome.as_deref()),
+        (Some(made.task), Some("ok"))
+    );
+    assert_eq!(done.token.as_deref(), Some(tid.as_str()));
+    let committed = find("ImageVersionCommitted");
+    assert_eq!(committed.signer.as_deref(), Some("alice@example.org"));
+    assert!(
+        events.iter().any(|e| e.kind == "Progress"),
+        "no progress milestone"
+    );
+    // Each link names the one before.
+    for w in events.windows(2) {
+        assert_eq!(w[1].prev, w[0].hash, "event {}", w[1].id);
+    }
+    // The token itself is nowhere in the records.
+    let copy = std::fs::read_to_string(state.join("audit.jsonl")).expect("audit.jsonl");
+    assert_eq!(copy.lines().count(), events.len());
+    assert!(!copy.contains(&t), "the token is in the audit file");
+    let _ = alice_fp;
+
+    let (code, out) = audit_verify(&state);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("unbroken"), "{out}");
+    let (code, out) = crate::fleetwave(&[
+        "audit",
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+        "--host",
+        "ref-win10",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("TaskSucceeded") && !out.contains("CommitApplied"),
+        "{out}"
+    );
+
+    // A row edited in the database: caught at that row.
+    let victim = armed.id;
+    let save = d.join("saved");
+    std::fs::create_dir_all(&save).expect("mkdir");
+    for f in ["state.db", "audit.jsonl"] {
+        std::fs::copy(state.join(f), save.join(f)).expect("copy");
+    }
+    let db = rusqlite::Connection::open(state.join("state.db")).expect("db");
+    db.execute(
+        "UPDATE events SET host = 'pc02' WHERE id = ?1",
+        [victim as i64],
+    )
+    .expect("edit");
+    drop(db);
+    let (code, out) = audit_verify(&state);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("event {victim}:")) && out.contains("edited"),
+        "{out}"
+    );
+
+    // Its hash recomputed too (a careful forger): the chain breaks at the next one.
+    let db = rusqlite::Connection::open(state.join("state.db")).expect("db");
+    let mut e = audit_events(&state)
+        .into_iter()
+        .find(|e| e.id == victim)
+        .expect("event");
+    e.hash = fleetwave::state::audit::event_hash(&e);
+    db.execute(
+        "UPDATE events SET hash = ?2 WHERE id = ?1",
+        rusqlite::params![victim as i64, e.hash],
+    )
+    .expect("rehash");
+    drop(db);
+    let (code, out) = audit_verify(&state);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("event {}:", victim + 1)), "{out}");
+
+    // A row deleted: named as missing.
+    for f in ["state.db", "audit.jsonl"] {
+        std::fs::copy(save.join(f), state.join(f)).expect("restore");
+    }
+    let _ = std::fs::remove_file(state.join("state.db-wal"));
+    let _ = std::fs::remove_file(state.join("state.db-shm"));
+    let db = rusqlite::Connection::open(state.join("state.db")).expect("db");
+    db.execute("DELETE FROM events WHERE id = ?1", [victim as i64])
+        .expect("delete");
+    drop(db);
+    let (code, out) = audit_verify(&state);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("event {victim}:")) && out.contains("missing"),
+        "{out}"
+    );
+
+    // The whole chain rewritten consistently in the database: the copy disagrees.
+    for f in ["state.db", "audit.jsonl"] {
+        std::fs::copy(save.join(f), state.join(f)).expect("restore");
+    }
+    let db = rusqlite::Connection::open(state.join("state.db")).expect("db");
+    let mut prev = String::new();
+    for mut e in audit_events(&state) {
+        if e.id == victim {
+            e.host = Some("pc02".into());
+        }
+        e.prev = prev;
+        e.hash = fleetwave::state::audit::event_hash(&e);
+        db.execute(
+            "UPDATE events SET host = ?2, prev = ?3, hash = ?4 WHERE id = ?1",
+            rusqlite::params![e.id as i64, e.host, e.prev, e.hash],
+        )
+        .expect("rewrite");
+        prev = e.hash;
+    }
+    drop(db);
+    let (code, out) = audit_verify(&state);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("audit.jsonl line") && out.contains(&format!("event {victim}:")),
+        "{out}"
+    );
+}
