@@ -95,6 +95,8 @@ enum Command {
     /// The audit trail (who did what, with which commit and token): list it, or
     /// `audit verify` its hash chain.
     Audit(cli::audit::AuditArgs),
+    /// Admin tokens of a running server: create, list, revoke.
+    Token(cli::token::TokenArgs),
 }
 
 #[derive(Subcommand)]
@@ -398,6 +400,7 @@ fn main() -> ExitCode {
         Command::Retry(a) => cli::status::retry(&a, &mut out),
         Command::Sync(a) => cli::status::sync(&a, &mut out),
         Command::Audit(a) => cli::audit::run(&a, &mut out),
+        Command::Token(a) => cli::token::run(&a, &mut out),
         Command::Image { command } => match command {
             ImageCommand::Ls { store } => cli::image::ls(&store, &mut out),
             ImageCommand::Verify { store } => cli::image::verify_store(&store, &mut out),

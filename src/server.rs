@@ -202,6 +202,11 @@ pub async fn run(
         }
     });
 
+    let admin_tokens = Arc::new(crate::services::tokens::AdminTokens::new(
+        config.admin_token.as_deref(),
+        reader.admin_tokens()?,
+        Some(writer.handle()),
+    ));
     let state = HttpState {
         table: boot_rx,
         base_url: config.base_url.clone(),
@@ -215,7 +220,8 @@ pub async fn run(
             sync,
             events,
             reader,
-            admin_token: config.admin_token.clone(),
+            tokens: admin_tokens,
+            journal: Some(writer.handle()),
             webhook_secret: config.webhook_secret.clone(),
         }),
         state: Some(writer.stats()),

@@ -8,6 +8,7 @@ pub mod multicast;
 pub mod netboot;
 pub mod serve;
 pub mod status;
+pub mod token;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

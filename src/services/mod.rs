@@ -8,6 +8,7 @@ pub mod api;
 pub mod dhcp;
 pub mod http;
 pub mod tftp;
+pub mod tokens;
 pub mod wol;
 
 use std::path::{Component, Path, PathBuf};

@@ -246,6 +246,29 @@ pub enum Op {
     PutTask(TaskRow),
     /// A key of the controller's bookkeeping (`applied_commit`, `next_task`, ...).
     PutMeta(String, String),
+    /// An admin token minted (stored by its hash).
+    PutAdminToken(AdminTokenRow),
+    /// An admin token revoked at this time (Unix seconds): never honoured again.
+    RevokeAdminToken {
+        id: String,
+        at: u64,
+    },
+}
+
+/// An admin token as stored: its hash, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTokenRow {
+    /// [`token_id`] of the token: how records and `fleetwave token` name it.
+    pub id: String,
+    /// Who or what it is for (`ci`, `alice`), given when it was created.
+    pub name: String,
+    /// `read` or `operate`.
+    pub scope: String,
+    /// BLAKE3 of the token, hex.
+    #[serde(skip_serializing, default)]
+    pub hash: String,
+    pub created: u64,
+    pub revoked: Option<u64>,
 }
 
 /// Runs after the batch holding a write has committed.
@@ -323,6 +346,14 @@ CREATE TABLE IF NOT EXISTS events (
     commit_id TEXT
 );
 CREATE INDEX IF NOT EXISTS events_host ON events (host, id);
+CREATE TABLE IF NOT EXISTS admin_tokens (
+    id      TEXT    PRIMARY KEY,
+    name    TEXT    NOT NULL,
+    scope   TEXT    NOT NULL,
+    hash    TEXT    NOT NULL,
+    created INTEGER NOT NULL,
+    revoked INTEGER
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -778,6 +809,25 @@ fn commit(
                         t.ended_at.map(|x| x as i64),
                         t.result.as_ref().map(json).transpose()?
                     ])?;
+                }
+                Op::PutAdminToken(t) => {
+                    tx.prepare_cached(
+                        "INSERT INTO admin_tokens (id, name, scope, hash, created, revoked) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+                    )?
+                    .execute(params![
+                        t.id,
+                        t.name,
+                        t.scope,
+                        t.hash,
+                        t.created as i64
+                    ])?;
+                }
+                Op::RevokeAdminToken { id, at } => {
+                    tx.prepare_cached(
+                        "UPDATE admin_tokens SET revoked = ?2 WHERE id = ?1 AND revoked IS NULL",
+                    )?
+                    .execute(params![id, *at as i64])?;
                 }
                 Op::PutMeta(k, v) => {
                     tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use super::{EventRow, HostRow, StateError, TaskRow};
+use super::{AdminTokenRow, EventRow, HostRow, StateError, TaskRow};
 use crate::spec::Mac;
 
 pub(crate) const EVENTS: &str = "SELECT id, at, host, kind, message, commit_id, task_id, \
@@ -178,6 +178,26 @@ impl Reader {
         })?;
         rows.reverse();
         Ok(rows)
+    }
+
+    /// Every admin token, revoked ones too, oldest first.
+    pub fn admin_tokens(&self) -> Result<Vec<AdminTokenRow>, StateError> {
+        self.q(|c| {
+            let mut st = c.prepare(
+                "SELECT id, name, scope, hash, created, revoked FROM admin_tokens ORDER BY created, id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(AdminTokenRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    scope: r.get(2)?,
+                    hash: r.get(3)?,
+                    created: r.get::<_, i64>(4)?.max(0) as u64,
+                    revoked: r.get::<_, Option<i64>>(5)?.map(|t| t.max(0) as u64),
+                })
+            })?;
+            rows.collect()
+        })
     }
 
     /// Inventory rows: of known hosts, or (with `unknown`) of machines the fleet lacks.

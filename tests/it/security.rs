@@ -671,3 +671,132 @@ fn the_audit_trail_records_who_did_what_and_verify_names_an_edited_or_deleted_ev
         "{out}"
     );
 }
+
+/// A request with `token` as its bearer: the status code.
+fn call(method: &str, url: &str, token: &str) -> u16 {
+    let agent = crate::controller::http();
+    let auth = format!("Bearer {token}");
+    let r = match method {
+        "POST" => agent.post(url).header("Authorization", &auth).send_empty(),
+        _ => agent.get(url).header("Authorization", &auth).call(),
+    };
+    r.expect("request").status().as_u16()
+}
+
+#[test]
+fn admin_tokens_are_scoped_revocable_stored_hashed_and_every_use_is_audited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(d.join("fleet.yaml"), fleet(0)).expect("write");
+    let server = serve(
+        d,
+        fleetwave::source::watch::Origin::Dir(d.join("fleet.yaml")),
+        &d.join("store"),
+        Secrets::default(),
+    );
+    let url = server.url.as_str();
+    wait_for(url, "applied", Duration::from_secs(20), |s| {
+        s.applied.is_some()
+    });
+    let boot = crate::controller::admin_token_file(d);
+    let bf = boot.to_str().expect("utf-8");
+    // No token, or a wrong one: refused, for reading too.
+    let status_url = format!("{url}/api/v1/status");
+    let code = crate::controller::http()
+        .get(&status_url)
+        .call()
+        .expect("GET")
+        .status()
+        .as_u16();
+    assert_eq!(code, 401);
+    assert_eq!(call("GET", &status_url, "fwa_not-a-token"), 401);
+
+    // The bootstrap token makes a read token and an operate token.
+    let make = |name: &str, scope: &str| {
+        let (code, out) = crate::fleetwave(&[
+            "token",
+            "create",
+            name,
+            "--scope",
+            scope,
+            "--server",
+            url,
+            "--token-file",
+            bf,
+        ]);
+        assert_eq!(code, 0, "{out}");
+        out.lines().next().expect("the token").to_string()
+    };
+    let read = make("dashboard", "read");
+    let operate = make("alice", "operate");
+    assert!(
+        read.starts_with("fwa_") && operate.starts_with("fwa_"),
+        "{read}"
+    );
+    assert_eq!(call("GET", &status_url, &read), 200);
+    let sync_url = format!("{url}/api/v1/sync");
+    assert_eq!(
+        call("POST", &sync_url, &read),
+        403,
+        "a read token may not sync"
+    );
+    assert_eq!(call("POST", &sync_url, &operate), 202);
+    let (code, out) = crate::fleetwave(&["token", "list", "--server", url, "--token-file", bf]);
+    assert_eq!(code, 0, "{out}");
+    let read_id = fleetwave::state::token_id(&read);
+    assert!(
+        out.contains(&read_id) && out.contains("dashboard") && out.contains("operate"),
+        "{out}"
+    );
+
+    // Revoked: refused from then on.
+    let (code, out) = crate::fleetwave(&[
+        "token",
+        "revoke",
+        &read_id,
+        "--server",
+        url,
+        "--token-file",
+        bf,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(call("GET", &status_url, &read), 403);
+    drop(server);
+
+    // Stored as hashes only; every use is in the audit trail by token id.
+    let state = d.join("state");
+    let db = rusqlite::Connection::open(state.join("state.db")).expect("db");
+    let stored: Vec<String> = db
+        .prepare("SELECT id || name || scope || hash FROM admin_tokens")
+        .expect("query")
+        .query_map([], |r| r.get(0))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(stored.len(), 2);
+    for row in &stored {
+        assert!(
+            !row.contains(&read[4..]) && !row.contains(&operate[4..]),
+            "{row}"
+        );
+    }
+    drop(db);
+    let events = audit_events(&state);
+    let uses = |id: &str, outcome: &str| {
+        events
+            .iter()
+            .filter(|e| e.token.as_deref() == Some(id) && e.outcome.as_deref() == Some(outcome))
+            .count()
+    };
+    assert!(uses(&read_id, "ok") >= 1, "{events:#?}");
+    assert!(uses(&read_id, "denied") >= 2, "the 403s are recorded");
+    let op_id = fleetwave::state::token_id(&operate);
+    assert!(events.iter().any(|e| e.kind == "AdminCall"
+        && e.token.as_deref() == Some(op_id.as_str())
+        && e.message.contains("POST /api/v1/sync by alice")));
+    assert!(events.iter().any(|e| e.kind == "AdminTokenRevoked"));
+    let copy = std::fs::read_to_string(state.join("audit.jsonl")).expect("audit.jsonl");
+    assert!(!copy.contains(&read[4..]) && !copy.contains(crate::controller::TEST_ADMIN));
+    let (code, out) = audit_verify(&state);
+    assert_eq!(code, 0, "{out}");
+}
