@@ -800,3 +800,73 @@ fn admin_tokens_are_scoped_revocable_stored_hashed_and_every_use_is_audited() {
     let (code, out) = audit_verify(&state);
     assert_eq!(code, 0, "{out}");
 }
+
+/// A TCP connection to `port` on 127.0.0.1 from the loopback address `from`.
+fn connect_from(from: [u8; 4], port: u16) -> std::net::TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&std::net::SocketAddr::from((from, 0)).into())
+        .expect("bind a loopback address");
+    s.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .expect("connect");
+    s.into()
+}
+
+/// Whether the server closed `c` (reads end of stream) rather than keeping it.
+fn closed(c: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    // Generous: the server closes at once (the bound) or at its header timeout.
+    c.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut b = [0u8; 64];
+    matches!(c.read(&mut b), Ok(0))
+        || matches!(c.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+}
+
+#[test]
+fn a_thousand_idle_connections_do_not_keep_a_real_client_out() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(d.join("fleet.yaml"), fleet(0)).expect("write");
+    let server = serve(
+        d,
+        fleetwave::source::watch::Origin::Dir(d.join("fleet.yaml")),
+        &d.join("store"),
+        Secrets::default(),
+    );
+    let port: u16 = server
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    // 1,000 idle connections, from 20 addresses (50 each, under the per-client bound):
+    // the server holds every one, and both ends live in this process.
+    let mut idle = Vec::new();
+    for i in 0..1000u32 {
+        idle.push(connect_from([127, 0, 1, (i / 50) as u8 + 1], port));
+    }
+    // A real client, from elsewhere, is answered.
+    let mut c = connect_from([127, 0, 2, 1], port);
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: fleetwave\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    c.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // One address past its bound: the next connection is closed at once.
+    let mut one: Vec<_> = (0..fleetwave::services::http::MAX_CONNECTIONS_PER_CLIENT)
+        .map(|_| connect_from([127, 0, 3, 1], port))
+        .collect();
+    let mut over = connect_from([127, 0, 3, 1], port);
+    assert!(
+        closed(&mut over),
+        "a connection past the per-client bound was kept"
+    );
+    // An idle connection is closed once it has sent no request for the header timeout.
+    assert!(closed(&mut one[0]), "an idle connection was kept open");
+    assert!(closed(&mut idle[0]), "an idle connection was kept open");
+    drop(server);
+}
