@@ -398,7 +398,9 @@ impl Store {
         if Manifest::digest_of(&bytes) != *d {
             return Err(corrupt("its content does not hash to its name".into()));
         }
-        serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        m.check().map_err(corrupt)?;
+        Ok(m)
     }
 
     pub fn image(&self, name: &str) -> Result<Option<ImageRecord>> {

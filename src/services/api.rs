@@ -657,6 +657,13 @@ async fn put_manifest(State(api): State<Arc<Api>>, headers: HeaderMap, body: Byt
             return (StatusCode::BAD_REQUEST, format!("manifest: {e}\n")).into_response();
         }
     };
+    if let Err(why) = m.check() {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("manifest is inconsistent: {why}\n"),
+        )
+            .into_response();
+    }
     let a = api.clone();
     let name = image.clone();
     let made_by = MadeBy {
