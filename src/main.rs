@@ -151,12 +151,20 @@ enum ImageCommand {
         store: PathBuf,
     },
     /// Remove an image (NAME) or one version (NAME@blake3:...), then unused chunks.
+    /// With --server, through the running server's API (audited; needs an operate
+    /// token); its chunks then go at the next `image gc`.
     Rm {
         /// NAME (every version) or NAME@blake3:... (that version).
         spec: String,
         /// The image store's directory.
         #[arg(long, default_value = "/images")]
         store: PathBuf,
+        /// The server whose store it is (http://...).
+        #[arg(long)]
+        server: Option<String>,
+        /// A file whose first line is an admin token of scope operate.
+        #[arg(long, env = "FLEETWAVE_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Delete manifests and chunks no image uses.
     Gc {
@@ -404,7 +412,17 @@ fn main() -> ExitCode {
         Command::Image { command } => match command {
             ImageCommand::Ls { store } => cli::image::ls(&store, &mut out),
             ImageCommand::Verify { store } => cli::image::verify_store(&store, &mut out),
-            ImageCommand::Rm { spec, store } => cli::image::rm(&store, &spec, &mut out),
+            ImageCommand::Rm {
+                spec,
+                server: Some(server),
+                token_file,
+                ..
+            } => cli::image::rm_on_server(
+                &cli::status::Server { server, token_file },
+                &spec,
+                &mut out,
+            ),
+            ImageCommand::Rm { spec, store, .. } => cli::image::rm(&store, &spec, &mut out),
             ImageCommand::Gc { store } => cli::image::gc(&store, &mut out),
         },
         Command::Agent { command } => match command {

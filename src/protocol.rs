@@ -319,4 +319,6 @@ pub enum Command {
         host: String,
         reply: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
+    /// The image store changed (a version removed): plan again.
+    ImagesChanged,
 }

@@ -222,6 +222,7 @@ pub async fn run(
             reader,
             tokens: admin_tokens,
             journal: Some(writer.handle()),
+            images: ImageStore::open(&config.image_store).ok().map(Arc::new),
             webhook_secret: config.webhook_secret.clone(),
         }),
         state: Some(writer.stats()),

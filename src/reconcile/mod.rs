@@ -493,6 +493,10 @@ impl Controller {
             Command::Observed { reply } => {
                 let _ = reply.send(self.observed());
             }
+            Command::ImagesChanged => {
+                self.dirty = true;
+                self.boot_dirty = true;
+            }
             Command::Retry { host, reply } => {
                 let now = self.parts.clock.now_ms();
                 let r = match self.statuses.get_mut(&host) {

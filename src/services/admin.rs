@@ -8,6 +8,8 @@
 //!   `read` (or `operate`).
 //! - `POST /api/v1/retry/{host}`, `POST /api/v1/sync`, and the tokens themselves
 //!   (`GET`/`POST /api/v1/tokens`, `DELETE /api/v1/tokens/{id}`): scope `operate`.
+//! - `DELETE /api/v1/images/{NAME or NAME@blake3:...}`: remove an image or one version
+//!   (scope `operate`); its chunks go at the next `fleetwave image gc`.
 //! - Every call with a token, allowed or refused, is an `AdminCall` or `AdminDenied`
 //!   event in the audit trail, naming the token by its id.
 //! - `POST /api/v1/hooks/git`: a push webhook, signed with the shared secret (GitHub's
@@ -48,6 +50,8 @@ pub struct Control {
     pub tokens: Arc<AdminTokens>,
     /// Where admin calls are recorded (the audit trail).
     pub journal: Option<WriteHandle>,
+    /// The image store, for `DELETE /api/v1/images/...`.
+    pub images: Option<Arc<crate::image::store::Store>>,
     /// The webhook's shared secret; none: the webhook is refused.
     pub webhook_secret: Option<String>,
 }
@@ -63,6 +67,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(c: Control) -> Router<S> {
         .route("/api/v1/sync", post(sync))
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{id}", delete(revoke_token))
+        .route("/api/v1/images/{spec}", delete(remove_image))
         .route("/api/v1/hooks/git", post(hook))
         .with_state(c)
 }
@@ -421,6 +426,53 @@ async fn revoke_token(
             StatusCode::NO_CONTENT.into_response()
         }
         Err(e @ TokenError::NoSuchToken(_)) => text(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn remove_image(
+    State(c): State<Control>,
+    headers: HeaderMap,
+    UrlPath(spec): UrlPath<String>,
+) -> Response {
+    let what = format!("DELETE /api/v1/images/{spec}");
+    let caller = match authorize(&c, &headers, Scope::Operate, &what, None) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let Some(store) = c.images.clone() else {
+        return text(StatusCode::NOT_FOUND, "this server has no image store");
+    };
+    let (name, digest) = match spec.split_once('@') {
+        Some((n, d)) => match d.parse::<crate::spec::Digest>() {
+            Ok(d) => (n.to_string(), Some(d)),
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{spec}: {e}")),
+        },
+        None => (spec.clone(), None),
+    };
+    let n2 = name.clone();
+    let removed = tokio::task::spawn_blocking(move || store.remove(&n2, digest)).await;
+    match removed {
+        Ok(Ok(n)) => {
+            info!(image = %spec, versions = n, by = %caller.name, "image versions removed");
+            if let Some(j) = &c.journal {
+                let mut e = EventRow::new(
+                    None,
+                    "ImageVersionRemoved",
+                    format!("{spec}: {n} version(s) removed by {}", caller.name),
+                )
+                .outcome("removed");
+                e.token = Some(caller.id.clone());
+                j.write(vec![Op::Event(e)], None);
+            }
+            // Hosts that followed a removed version are planned again.
+            let _ = c.commands.send(Command::ImagesChanged);
+            Json(serde_json::json!({"image": name, "removed": n})).into_response()
+        }
+        Ok(Err(e @ crate::image::store::StoreError::UnknownImage(_))) => {
+            text(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Ok(Err(e)) => text(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

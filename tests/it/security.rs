@@ -870,3 +870,90 @@ fn a_thousand_idle_connections_do_not_keep_a_real_client_out() {
     assert!(closed(&mut idle[0]), "an idle connection was kept open");
     drop(server);
 }
+
+#[test]
+fn an_image_version_is_removed_through_the_api_with_an_operate_token_and_audited() {
+    use fleetwave::image::store::{Store, VersionRecord};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(d.join("fleet.yaml"), fleet(0)).expect("write");
+    let store = Store::open(&d.join("store")).expect("store");
+    let digest = format!("blake3:{}", "ab".repeat(32));
+    for (i, g) in [(0u8, 1u64), (1, 2)] {
+        let mut dg: fleetwave::spec::Digest = digest.parse().expect("digest");
+        dg.0[0] = i;
+        store
+            .add_version(
+                "win10",
+                VersionRecord {
+                    digest: dg,
+                    generation: g,
+                    captured_at: 0,
+                    disk_bytes: 1 << 20,
+                    stored_bytes: 1 << 19,
+                    made_by: None,
+                },
+            )
+            .expect("version");
+    }
+    let first = store.images().expect("images")["win10"].versions[0].digest;
+    let server = serve(
+        d,
+        fleetwave::source::watch::Origin::Dir(d.join("fleet.yaml")),
+        &d.join("store"),
+        Secrets::default(),
+    );
+    let url = server.url.as_str();
+    wait_for(url, "applied", Duration::from_secs(20), |s| {
+        s.applied.is_some()
+    });
+    let boot = crate::controller::admin_token_file(d);
+    let bf = boot.to_str().expect("utf-8");
+    let (code, out) = crate::fleetwave(&[
+        "token",
+        "create",
+        "viewer",
+        "--scope",
+        "read",
+        "--server",
+        url,
+        "--token-file",
+        bf,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let read_file = d.join("read.token");
+    std::fs::write(&read_file, out.lines().next().expect("token")).expect("write");
+    let spec = format!("win10@{first}");
+    // A read token may not remove.
+    let (code, out) = crate::fleetwave(&[
+        "image",
+        "rm",
+        &spec,
+        "--server",
+        url,
+        "--token-file",
+        read_file.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("403"), "{out}");
+    assert_eq!(store.images().expect("images")["win10"].versions.len(), 2);
+    let (code, out) =
+        crate::fleetwave(&["image", "rm", &spec, "--server", url, "--token-file", bf]);
+    assert_eq!(code, 0, "{out}");
+    let left = &store.images().expect("images")["win10"].versions;
+    assert_eq!(left.len(), 1);
+    assert_ne!(left[0].digest, first);
+    drop(server);
+    let events = audit_events(&d.join("state"));
+    let removed = events
+        .iter()
+        .find(|e| e.kind == "ImageVersionRemoved")
+        .expect("an ImageVersionRemoved event");
+    assert!(removed.message.contains(&spec) && removed.message.contains("bootstrap"));
+    assert_eq!(removed.outcome.as_deref(), Some("removed"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "AdminDenied" && e.message.contains("DELETE"))
+    );
+}
