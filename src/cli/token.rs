@@ -35,6 +35,7 @@ pub enum TokenCommand {
     },
     /// Stop honouring a token, by its id (`token list`).
     Revoke {
+        /// The token's id (16 hex digits), as `token list` and the audit trail show it.
         id: String,
         #[command(flatten)]
         server: Server,
