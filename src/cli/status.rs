@@ -365,10 +365,11 @@ pub fn events(a: &EventsArgs, out: &mut dyn Write) -> Result<u8> {
             after = after.max(e.id);
         }
         out.flush()?;
-        if !a.follow {
-            return Ok(exit::OK);
-        }
+        // A page at a time, until the end; with --follow, then wait for more.
         if rows.is_empty() {
+            if !a.follow {
+                return Ok(exit::OK);
+            }
             std::thread::sleep(Duration::from_secs(1));
         }
     }

@@ -148,6 +148,8 @@ impl Reader {
     }
 
     /// Events after `after` (an id), oldest first, at most `limit`; of one host or all.
+    /// Successful admin calls (`AdminCall`, one per status poll) are left out of this
+    /// activity feed; `fleetwave audit` shows them.
     pub fn events(
         &self,
         after: u64,
@@ -156,7 +158,8 @@ impl Reader {
     ) -> Result<Vec<EventRow>, StateError> {
         self.q(|c| {
             let mut st = c.prepare(&format!(
-                "{EVENTS} WHERE id > ?1 AND (?2 IS NULL OR host = ?2) ORDER BY id LIMIT ?3"
+                "{EVENTS} WHERE id > ?1 AND (?2 IS NULL OR host = ?2) AND kind != 'AdminCall' \
+                 ORDER BY id LIMIT ?3"
             ))?;
             let rows = st.query_map(params![after as i64, host, limit as i64], event_row)?;
             rows.collect()
@@ -171,7 +174,8 @@ impl Reader {
     ) -> Result<Vec<EventRow>, StateError> {
         let mut rows: Vec<EventRow> = self.q(|c| {
             let mut st = c.prepare(&format!(
-                "{EVENTS} WHERE ?1 IS NULL OR host = ?1 ORDER BY id DESC LIMIT ?2"
+                "{EVENTS} WHERE (?1 IS NULL OR host = ?1) AND kind != 'AdminCall' \
+                 ORDER BY id DESC LIMIT ?2"
             ))?;
             let rows = st.query_map(params![host, limit as i64], event_row)?;
             rows.collect()
