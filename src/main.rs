@@ -100,6 +100,11 @@ enum Command {
     /// capture, unicast and multicast deploys, verified disks, each VM booted from its
     /// disk (root; docs/lab.md). `lab down` removes a lab kept with --keep.
     Lab(cli::lab::LabCli),
+    /// The audit trail (who did what, with which commit and token): list it, or
+    /// `audit verify` its hash chain.
+    Audit(cli::audit::AuditArgs),
+    /// Admin tokens of a running server: create, list, revoke.
+    Token(cli::token::TokenArgs),
 }
 
 #[derive(Subcommand)]
@@ -154,12 +159,20 @@ enum ImageCommand {
         store: PathBuf,
     },
     /// Remove an image (NAME) or one version (NAME@blake3:...), then unused chunks.
+    /// With --server, through the running server's API (audited; needs an operate
+    /// token); its chunks then go at the next `image gc`.
     Rm {
         /// NAME (every version) or NAME@blake3:... (that version).
         spec: String,
         /// The image store's directory.
         #[arg(long, default_value = "/images")]
         store: PathBuf,
+        /// The server whose store it is (http://...).
+        #[arg(long)]
+        server: Option<String>,
+        /// A file whose first line is an admin token of scope operate.
+        #[arg(long, env = "FLEETWAVE_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Delete manifests and chunks no image uses.
     Gc {
@@ -413,10 +426,22 @@ fn main() -> ExitCode {
         Command::Retry(a) => cli::status::retry(&a, &mut out),
         Command::Sync(a) => cli::status::sync(&a, &mut out),
         Command::Lab(a) => cli::lab::lab(a, &mut out),
+        Command::Audit(a) => cli::audit::run(&a, &mut out),
+        Command::Token(a) => cli::token::run(&a, &mut out),
         Command::Image { command } => match command {
             ImageCommand::Ls { store } => cli::image::ls(&store, &mut out),
             ImageCommand::Verify { store } => cli::image::verify_store(&store, &mut out),
-            ImageCommand::Rm { spec, store } => cli::image::rm(&store, &spec, &mut out),
+            ImageCommand::Rm {
+                spec,
+                server: Some(server),
+                token_file,
+                ..
+            } => cli::image::rm_on_server(
+                &cli::status::Server { server, token_file },
+                &spec,
+                &mut out,
+            ),
+            ImageCommand::Rm { spec, store, .. } => cli::image::rm(&store, &spec, &mut out),
             ImageCommand::Gc { store } => cli::image::gc(&store, &mut out),
         },
         Command::Agent { command } => match command {

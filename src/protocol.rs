@@ -161,6 +161,12 @@ pub struct Assignment {
     pub disk: DiskWanted,
     #[serde(default)]
     pub after: After,
+    /// The commit that asked for the task, and who signed it: recorded with what the
+    /// task makes (an image version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +227,28 @@ pub struct CommitView {
     /// Empty when it applied; otherwise why it was refused (file:line:column).
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Who signed it, when the server checks signatures (`--trusted-keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<CommitSignature>,
+    /// Applied although untrusted (`--untrusted non-destructive`): destructive work
+    /// it asks for is held as `UntrustedCommit`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restricted: bool,
+}
+
+/// What the server made of a commit's signature.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitSignature {
+    /// A good signature by a key of `--trusted-keys`.
+    pub trusted: bool,
+    /// `ssh` or `openpgp`; none for an unsigned commit.
+    pub format: Option<String>,
+    /// The key's name in `--trusted-keys` (SSH) or its user id (OpenPGP), when known.
+    pub signer: Option<String>,
+    /// The key: `SHA256:...` (SSH) or its fingerprint or id (OpenPGP).
+    pub key: Option<String>,
+    /// Why it is trusted or not, in a sentence.
+    pub why: String,
 }
 
 /// One host in `GET /api/v1/status`.
@@ -297,4 +325,6 @@ pub enum Command {
         host: String,
         reply: tokio::sync::oneshot::Sender<Result<String, String>>,
     },
+    /// The image store changed (a version removed): plan again.
+    ImagesChanged,
 }

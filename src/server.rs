@@ -49,6 +49,15 @@ pub struct Config {
     /// Wakes the source follower at once: the webhook, `fleetwave sync` and SIGHUP
     /// notify it.
     pub sync: Arc<Notify>,
+    /// Signatures, admin tokens, limits (docs/security.md).
+    pub security: Security,
+}
+
+/// Who may drive the server, and what it trusts (docs/security.md).
+#[derive(Default, Clone)]
+pub struct Security {
+    /// Which commits are trusted; `None`: signatures are not checked.
+    pub signatures: Option<Arc<follow::Signatures>>,
 }
 
 /// One DHCP socket and what it serves.
@@ -152,6 +161,12 @@ pub async fn run(
     let sync = config.sync.clone();
     let cache = config.state_dir.join("source.git");
     let (rev_tx, revisions) = watch::channel(first.map(Arc::new));
+    // The commit served before a restart: what an untrusted head falls back to.
+    let serving = reader
+        .meta("applied")?
+        .and_then(|t| serde_json::from_str::<crate::protocol::CommitView>(&t).ok())
+        .filter(|c| !c.restricted)
+        .map(|c| c.id);
     tasks.spawn({
         let (origin, interval, sync, shutdown) = (
             config.origin.clone(),
@@ -159,8 +174,12 @@ pub async fn run(
             sync.clone(),
             shutdown.clone(),
         );
+        let rule = config.security.signatures.clone();
         async move {
-            follow::follow(origin, cache, interval, sync, rev_tx, shutdown).await;
+            follow::follow(
+                origin, cache, interval, sync, rev_tx, rule, serving, shutdown,
+            )
+            .await;
             Ok::<(), std::io::Error>(())
         }
     });
@@ -178,6 +197,7 @@ pub async fn run(
         clock: config.clock.clone(),
         policy: config.policy,
         source: config.origin.describe(),
+        signatures: config.security.signatures.clone(),
     })?;
     tasks.spawn({
         let shutdown = shutdown.clone();
@@ -192,6 +212,11 @@ pub async fn run(
         }
     });
 
+    let admin_tokens = Arc::new(crate::services::tokens::AdminTokens::new(
+        config.admin_token.as_deref(),
+        reader.admin_tokens()?,
+        Some(writer.handle()),
+    ));
     let state = HttpState {
         table: boot_rx,
         base_url: config.base_url.clone(),
@@ -205,7 +230,9 @@ pub async fn run(
             sync,
             events,
             reader,
-            admin_token: config.admin_token.clone(),
+            tokens: admin_tokens,
+            journal: Some(writer.handle()),
+            images: ImageStore::open(&config.image_store).ok().map(Arc::new),
             webhook_secret: config.webhook_secret.clone(),
         }),
         state: Some(writer.stats()),

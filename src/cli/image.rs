@@ -590,6 +590,19 @@ pub fn rm(store: &Path, spec: &str, out: &mut dyn Write) -> Result<u8> {
     Ok(exit::OK)
 }
 
+/// `fleetwave image rm SPEC --server URL`: through the server's API, audited.
+pub fn rm_on_server(server: &super::status::Server, spec: &str, out: &mut dyn Write) -> Result<u8> {
+    let answer = server.send("DELETE", &format!("images/{spec}"), None)?;
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+    writeln!(
+        out,
+        "removed {} version(s) of {}; run `fleetwave image gc` on the server to free their chunks",
+        v["removed"].as_u64().unwrap_or(0),
+        v["image"].as_str().unwrap_or(spec)
+    )?;
+    Ok(exit::OK)
+}
+
 /// `fleetwave image gc`.
 pub fn gc(store: &Path, out: &mut dyn Write) -> Result<u8> {
     let s = open(store)?;

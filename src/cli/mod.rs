@@ -2,6 +2,7 @@
 //! to the given streams so tests can run it in-process too.
 
 pub mod agent;
+pub mod audit;
 pub mod image;
 pub mod lab;
 pub mod multicast;
@@ -9,6 +10,7 @@ pub mod netboot;
 pub mod serve;
 pub mod server_config;
 pub mod status;
+pub mod token;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -39,6 +39,11 @@ pub struct ServeArgs {
     pub image_store: Option<PathBuf>,
     pub admin_token_file: Option<PathBuf>,
     pub webhook_secret_file: Option<PathBuf>,
+    /// SSH and OpenPGP public keys whose commits are trusted.
+    pub trusted_keys: Option<PathBuf>,
+    /// Refuse commits not signed by a trusted key.
+    pub require_signatures: bool,
+    pub untrusted: follow::Untrusted,
 }
 
 /// Reads the configuration again (the file and the flags), for SIGHUP.
@@ -128,6 +133,11 @@ fn restart_needed(a: &ServeArgs, b: &ServeArgs) -> Vec<&'static str> {
             "webhook_secret_file",
             a.webhook_secret_file != b.webhook_secret_file,
         ),
+        ("trusted_keys", a.trusted_keys != b.trusted_keys),
+        (
+            "require_signatures",
+            (a.require_signatures, a.untrusted) != (b.require_signatures, b.untrusted),
+        ),
     ] {
         if differs {
             out.push(name);
@@ -164,7 +174,7 @@ pub async fn run(
     // The first revision decides which sockets to bind: it must be valid to start.
     let cache = args.state_dir.join("source.git");
     let (origin, c) = (args.origin.clone(), cache.clone());
-    if matches!(origin, Origin::Git { .. }) {
+    if matches!(origin, Origin::Git { .. }) || args.trusted_keys.is_some() {
         std::fs::create_dir_all(&args.state_dir).with_context(|| {
             format!(
                 "cannot create the state directory {}",
@@ -172,10 +182,40 @@ pub async fn run(
             )
         })?;
     }
-    let first = tokio::task::spawn_blocking(move || follow::read(&origin, &c))
-        .await?
-        .map_err(anyhow::Error::msg)?;
-    let spec = match &first.fleet {
+    let signatures = signatures(args)?;
+    let rule = signatures.clone();
+    let serving = applied_before(&args.state_dir);
+    let first = tokio::task::spawn_blocking(move || {
+        let mut rev = follow::read(&origin, &c, rule.as_deref().map(|r| &r.keys))?;
+        follow::attach_fallback(&mut rev, &origin, &c, rule.as_deref(), serving.as_deref());
+        Ok::<_, String>(rev)
+    })
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    // Sockets and DHCP settings come from a trusted commit only.
+    let bind_from = if first.untrusted(signatures.as_deref())
+        && signatures
+            .as_ref()
+            .is_some_and(|r| r.untrusted == follow::Untrusted::Nothing)
+    {
+        match &first.fallback {
+            Some(fb) => fb.clone(),
+            None => bail!(
+                "{} (revision {}) is not trusted ({}) and no trusted commit was served before; \
+                 push a commit signed by a key in --trusted-keys, or see docs/security.md",
+                args.origin.describe(),
+                first.id,
+                first
+                    .signature
+                    .as_ref()
+                    .map(|s| s.why.as_str())
+                    .unwrap_or("unsigned")
+            ),
+        }
+    } else {
+        Arc::new(first.clone())
+    };
+    let spec = match &bind_from.fleet {
         Ok(spec) => spec.clone(),
         Err(problems) => {
             for p in problems {
@@ -184,7 +224,7 @@ pub async fn run(
             bail!(
                 "{} (revision {}) is invalid: fix it (`fleetwave validate`) before serving it",
                 args.origin.describe(),
-                first.id
+                bind_from.id
             );
         }
     };
@@ -202,7 +242,7 @@ pub async fn run(
     info!(
         hosts = spec.hosts.len(),
         sites = config.sites.len(),
-        revision = %first.id,
+        revision = %bind_from.id,
         "fleet loaded"
     );
     let mut sockets = Vec::new();
@@ -329,6 +369,7 @@ pub async fn run(
         policy: Default::default(),
         clock: Arc::new(crate::clock::SystemClock::default()),
         sync,
+        security: server::Security { signatures },
     };
     match server::run(config, listeners, Some(first), shutdown).await {
         Ok(()) => Ok(super::exit::OK),
@@ -384,6 +425,45 @@ impl Drop for RaResponders {
             let _ = t.join();
         }
     }
+}
+
+/// The signature rule of `--trusted-keys` and `--require-signatures`.
+fn signatures(args: &ServeArgs) -> Result<Option<Arc<follow::Signatures>>> {
+    let Some(path) = &args.trusted_keys else {
+        if args.require_signatures {
+            bail!(
+                "--require-signatures needs --trusted-keys FILE (the keys whose commits are trusted)"
+            );
+        }
+        return Ok(None);
+    };
+    let keys = crate::source::signature::TrustedKeys::load(path, &args.state_dir)?;
+    info!(
+        required = args.require_signatures,
+        "commit signatures checked against {}",
+        keys.describe()
+    );
+    Ok(Some(Arc::new(follow::Signatures {
+        keys,
+        required: args.require_signatures,
+        untrusted: args.untrusted,
+    })))
+}
+
+/// The commit the server served before it stopped, from its state database.
+fn applied_before(state_dir: &Path) -> Option<String> {
+    let db = state_dir.join("state.db");
+    if !db.exists() {
+        return None;
+    }
+    let reader = crate::state::Reader::open(&db).ok()?;
+    reader
+        .meta("applied")
+        .ok()
+        .flatten()
+        .and_then(|t| serde_json::from_str::<crate::protocol::CommitView>(&t).ok())
+        .filter(|c| !c.restricted)
+        .map(|c| c.id)
 }
 
 fn interface_exists(name: &str) -> bool {
@@ -452,6 +532,18 @@ pub struct ServeCli {
     /// A file whose first line is the webhook's shared secret.
     #[arg(long)]
     pub webhook_secret_file: Option<PathBuf>,
+    /// SSH (allowed_signers lines) and OpenPGP (armored blocks) public keys whose
+    /// commits are trusted; never read from the fleet repository (docs/security.md).
+    #[arg(long)]
+    pub trusted_keys: Option<PathBuf>,
+    /// Serve only commits signed by a key of --trusted-keys.
+    #[arg(long)]
+    pub require_signatures: bool,
+    /// What an unsigned or untrusted commit may still do: nothing, or non-destructive
+    /// work (inventory, verify); deploy, wipe and capture always need a trusted one
+    /// [default: nothing].
+    #[arg(long, value_enum)]
+    pub untrusted: Option<follow::Untrusted>,
     /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug` [default: info].
     #[arg(long, env = "FLEETWAVE_LOG")]
     pub log: Option<String>,
@@ -583,6 +675,12 @@ impl ServeCli {
                 .webhook_secret_file
                 .clone()
                 .or_else(|| file.webhook_secret_file.clone()),
+            trusted_keys: self
+                .trusted_keys
+                .clone()
+                .or_else(|| file.trusted_keys.clone()),
+            require_signatures: self.require_signatures || file.require_signatures == Some(true),
+            untrusted: self.untrusted.or(file.untrusted).unwrap_or_default(),
         })
     }
 }

@@ -42,6 +42,13 @@ pub struct ServerConfig {
     pub admin_token_file: Option<PathBuf>,
     /// A file whose first line is the push webhook's shared secret.
     pub webhook_secret_file: Option<PathBuf>,
+    /// SSH and OpenPGP public keys whose commits are trusted (docs/security.md).
+    pub trusted_keys: Option<PathBuf>,
+    /// Serve only commits signed by a key of `trusted_keys`.
+    pub require_signatures: Option<bool>,
+    /// What an unsigned or untrusted commit may still do: `nothing` (the default) or
+    /// `non-destructive` (inventory and verify).
+    pub untrusted: Option<crate::reconcile::follow::Untrusted>,
     /// Log filter in tracing's syntax: `info`, `debug`, `fleetwave=debug`.
     pub log: Option<String>,
     /// `text` for people, `json` for a log collector (one object a line).

@@ -18,7 +18,8 @@ pub struct Server {
     /// The server's base URL.
     #[arg(long, env = "FLEETWAVE_SERVER", default_value = "http://127.0.0.1")]
     pub server: String,
-    /// A file whose first line is the admin token (retry, sync).
+    /// A file whose first line is an admin token: scope `read` to read, `operate` for
+    /// retry, sync and tokens (`fleetwave token create`).
     #[arg(long, env = "FLEETWAVE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 }
@@ -96,9 +97,26 @@ impl Server {
         format!("{}/api/v1/{path}", self.server.trim_end_matches('/'))
     }
 
-    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+    /// The `Authorization` header's value, from --token-file.
+    fn bearer(&self) -> Result<Option<String>> {
+        let Some(f) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token file {}", f.display()))?;
+        Ok(Some(format!(
+            "Bearer {}",
+            text.lines().next().unwrap_or("").trim()
+        )))
+    }
+
+    pub(crate) fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
         let url = self.url(path);
-        let mut r = agent().get(&url).call().with_context(|| {
+        let mut req = agent().get(&url);
+        if let Some(b) = self.bearer()? {
+            req = req.header("Authorization", &b);
+        }
+        let mut r = req.call().with_context(|| {
             format!("cannot reach the server at {url}; is `serve` running there? (--server)")
         })?;
         let status = r.status().as_u16();
@@ -115,16 +133,44 @@ impl Server {
     }
 
     fn post(&self, path: &str) -> Result<()> {
+        self.send("POST", path, None).map(|_| ())
+    }
+
+    /// `method` on `path` with a JSON body; the answer's body.
+    pub(crate) fn send(
+        &self,
+        method: &str,
+        path: &str,
+        json: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let url = self.url(path);
-        let mut req = agent().post(&url);
-        let token;
-        if let Some(f) = &self.token_file {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read the token file {}", f.display()))?;
-            token = format!("Bearer {}", text.lines().next().unwrap_or("").trim());
-            req = req.header("Authorization", &token);
-        }
-        let mut r = req.send_empty().with_context(|| {
+        let bearer = self.bearer()?;
+        let a = agent();
+        let r = match (method, json) {
+            ("DELETE", _) => {
+                let mut req = a.delete(&url);
+                if let Some(b) = &bearer {
+                    req = req.header("Authorization", b);
+                }
+                req.call()
+            }
+            (_, Some(body)) => {
+                let mut req = a.post(&url);
+                if let Some(b) = &bearer {
+                    req = req.header("Authorization", b);
+                }
+                req.header("Content-Type", "application/json")
+                    .send(body.to_string().as_bytes())
+            }
+            _ => {
+                let mut req = a.post(&url);
+                if let Some(b) = &bearer {
+                    req = req.header("Authorization", b);
+                }
+                req.send_empty()
+            }
+        };
+        let mut r = r.with_context(|| {
             format!("cannot reach the server at {url}; is `serve` running there? (--server)")
         })?;
         let status = r.status().as_u16();
@@ -132,7 +178,7 @@ impl Server {
         if !(200..300).contains(&status) {
             bail!("{url}: HTTP {status}: {}", body.trim());
         }
-        Ok(())
+        Ok(body)
     }
 }
 
@@ -180,6 +226,28 @@ pub fn status(a: &StatusArgs, out: &mut dyn Write) -> Result<u8> {
     match &s.applied {
         Some(c) => writeln!(out, "applied: {} ({})", short(&c.id), when(c.at))?,
         None => writeln!(out, "applied: nothing yet")?,
+    }
+    if let Some(sig) = s.applied.as_ref().and_then(|c| c.signature.as_ref()) {
+        writeln!(
+            out,
+            "  signed: {} ({}{})",
+            if sig.trusted {
+                "trusted"
+            } else {
+                "NOT trusted"
+            },
+            sig.signer.as_deref().unwrap_or("unknown signer"),
+            sig.key
+                .as_deref()
+                .map(|k| format!(", key {k}"))
+                .unwrap_or_default()
+        )?;
+    }
+    if s.applied.as_ref().is_some_and(|c| c.restricted) {
+        writeln!(
+            out,
+            "  untrusted: served for non-destructive work only (--untrusted non-destructive)"
+        )?;
     }
     if let Some(c) = &s.attempted
         && !c.problems.is_empty()
@@ -297,10 +365,11 @@ pub fn events(a: &EventsArgs, out: &mut dyn Write) -> Result<u8> {
             after = after.max(e.id);
         }
         out.flush()?;
-        if !a.follow {
-            return Ok(exit::OK);
-        }
+        // A page at a time, until the end; with --follow, then wait for more.
         if rows.is_empty() {
+            if !a.follow {
+                return Ok(exit::OK);
+            }
             std::thread::sleep(Duration::from_secs(1));
         }
     }
@@ -384,9 +453,10 @@ pub fn sync(a: &SyncArgs, out: &mut dyn Write) -> Result<u8> {
 
 /// The observed state a server at `url` plans with, as JSON (`plan --observed URL`).
 pub fn fetch_observed(url: &str) -> Result<String> {
+    // `plan` has no --token-file of its own: the same variable as the other commands.
     let server = Server {
         server: url.to_string(),
-        token_file: None,
+        token_file: std::env::var_os("FLEETWAVE_TOKEN_FILE").map(PathBuf::from),
     };
     let v: serde_json::Value = server.get("observed")?;
     Ok(v.to_string())

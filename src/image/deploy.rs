@@ -34,7 +34,9 @@ pub fn placements(m: &Manifest) -> Vec<Vec<(u64, u64)>> {
             cur = if take == len {
                 ext.next()
             } else {
-                Some((off + take, len - take))
+                // Saturating: only checked manifests are deployed, but this must not
+                // overflow on any input.
+                Some((off.saturating_add(take), len - take))
             };
         }
         out.push(pieces);

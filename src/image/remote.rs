@@ -202,7 +202,13 @@ impl Repo for Remote {
                 why: "what the server sent does not hash to its name".into(),
             });
         }
-        serde_json::from_slice(&body).map_err(|e| self.net(&path, e))
+        let m: Manifest = serde_json::from_slice(&body).map_err(|e| self.net(&path, e))?;
+        m.check().map_err(|why| StoreError::CorruptManifest {
+            digest: *d,
+            path: PathBuf::from(self.url(&path)),
+            why,
+        })?;
+        Ok(m)
     }
 
     fn commit(&self, m: &Manifest, image: Option<(&str, u64)>) -> Result<(Digest, u64)> {

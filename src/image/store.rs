@@ -77,6 +77,22 @@ pub struct VersionRecord {
     pub disk_bytes: u64,
     /// Compressed bytes of its chunks (shared chunks counted in full).
     pub stored_bytes: u64,
+    /// Who made it: the capture task, its commit and signer, the source host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made_by: Option<MadeBy>,
+}
+
+/// Where a captured version came from, as the server that committed it knew.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MadeBy {
+    /// The capture task's id.
+    pub task: u64,
+    /// The host captured, and its MAC.
+    pub host: Option<String>,
+    pub mac: String,
+    /// The commit that asked for the capture, and who signed it.
+    pub commit: Option<String>,
+    pub signer: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -382,7 +398,9 @@ impl Store {
         if Manifest::digest_of(&bytes) != *d {
             return Err(corrupt("its content does not hash to its name".into()));
         }
-        serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        m.check().map_err(corrupt)?;
+        Ok(m)
     }
 
     pub fn image(&self, name: &str) -> Result<Option<ImageRecord>> {
@@ -602,6 +620,18 @@ impl Repo for Store {
         Store::manifest(self, d)
     }
     fn commit(&self, m: &Manifest, image: Option<(&str, u64)>) -> Result<(Digest, u64)> {
+        self.commit_made_by(m, image, None)
+    }
+}
+
+impl Store {
+    /// [`Repo::commit`], recording who made the version in the same write.
+    pub fn commit_made_by(
+        &self,
+        m: &Manifest,
+        image: Option<(&str, u64)>,
+        made_by: Option<MadeBy>,
+    ) -> Result<(Digest, u64)> {
         // After the flush every chunk the capture was told is present is on disk under
         // its name; one still pending (another capture's, newer) does not count.
         self.flush()?;
@@ -623,6 +653,7 @@ impl Repo for Store {
                     captured_at: crate::state::now(),
                     disk_bytes: m.disk_bytes,
                     stored_bytes: stored,
+                    made_by,
                 },
             )?;
         }

@@ -600,7 +600,7 @@ fn follow(
                 tr.booted_line = Some(line);
             }
         }
-        let Some(status) = super::supervise::status(&s.url()) else {
+        let Some(status) = super::supervise::status(&s.url(), &s.dir) else {
             if quiet_since.is_none() {
                 quiet_since = Some(Instant::now());
                 let _ = writeln!(out, "[{t:6.1}s] the server does not answer (starting?)");
@@ -699,7 +699,7 @@ fn verify(
     let store_dir = s.dir.join("store");
     let store = Store::open(&store_dir)
         .map_err(|e| LabError::Failed(format!("{}: {e}", store_dir.display())))?;
-    let status = super::supervise::status(&s.url())
+    let status = super::supervise::status(&s.url(), &s.dir)
         .ok_or_else(|| LabError::Failed("the server stopped answering".into()))?;
     let reference = s.dir.join("disks/reference.raw");
     let used = {
@@ -908,8 +908,10 @@ fn print_keep_help(s: &LabState, out: &mut dyn Write) {
     let _ = writeln!(
         out,
         "\nThe lab is kept running. Watch it:
+  export FLEETWAVE_TOKEN_FILE={dir}/admin-token
   ip netns exec {srv} fleetwave status --server {url}
   ip netns exec {srv} fleetwave events --server {url} --follow
+  the web console: ip netns exec {srv} a browser at {url}/console/ (token in {dir}/admin-token)
   tail -f {dir}/console/HOST.log        (each VM's serial console)
   tail -f {dir}/supervisor.log          (VMs powered on and off)
 Change it (e.g. bump the image's capture generation) and watch it converge again:

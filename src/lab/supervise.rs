@@ -35,13 +35,18 @@ fn append(path: &Path) -> Result<std::fs::File> {
         .map_err(io_at(path))
 }
 
-/// The server's status, if it answers.
-pub fn status(url: &str) -> Option<FleetStatus> {
+/// The server's status, if it answers; read with the lab's admin token (`dir/admin-token`).
+pub fn status(url: &str, dir: &Path) -> Option<FleetStatus> {
+    let token = std::fs::read_to_string(dir.join("admin-token")).ok()?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(3)))
         .build()
         .into();
-    let mut r = agent.get(format!("{url}/api/v1/status")).call().ok()?;
+    let mut r = agent
+        .get(format!("{url}/api/v1/status"))
+        .header("Authorization", &format!("Bearer {}", token.trim()))
+        .call()
+        .ok()?;
     let body = r.body_mut().read_to_string().ok()?;
     serde_json::from_str(&body).ok()
 }
@@ -195,7 +200,7 @@ pub fn supervise(s: &LabState, stop: &AtomicBool) -> Result<()> {
                 }
             }
         }
-        if let Some(st) = status(&url) {
+        if let Some(st) = status(&url, &s.dir) {
             for h in &s.hosts {
                 if vms.len() >= s.vms {
                     break;

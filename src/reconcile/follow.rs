@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::diag::{self, Palette};
+use crate::protocol::CommitSignature;
 use crate::source::git::CommitTree;
+use crate::source::signature::TrustedKeys;
 use crate::source::watch::{Origin, fetch};
 use crate::source::{DirTree, Tree};
 use crate::spec::{self, FleetSpec};
@@ -26,6 +28,48 @@ pub struct Revision {
     pub at: u64,
     /// The fleet, or its problems as `validate` prints them (file:line:column).
     pub fleet: Validated,
+    /// Who signed the commit, when the server has trusted keys.
+    pub signature: Option<CommitSignature>,
+    /// For an untrusted revision: the last trusted one, to serve when nothing is being
+    /// served yet (a restart).
+    pub fallback: Option<Arc<Revision>>,
+}
+
+/// What an unsigned or untrusted commit may still do.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Untrusted {
+    /// Nothing: the last trusted commit keeps serving, as for an invalid one.
+    #[default]
+    Nothing,
+    /// Non-destructive work (inventory, verify); deploy, wipe and capture are held.
+    NonDestructive,
+}
+
+/// The server's rule for commit signatures.
+#[derive(Debug)]
+pub struct Signatures {
+    pub keys: TrustedKeys,
+    /// Untrusted commits are refused (else signatures are only recorded).
+    pub required: bool,
+    pub untrusted: Untrusted,
+}
+
+impl Revision {
+    /// Whether the rule refuses it: signatures required and not a trusted one.
+    pub fn untrusted(&self, rule: Option<&Signatures>) -> bool {
+        rule.is_some_and(|r| r.required) && !self.signature.as_ref().is_some_and(|s| s.trusted)
+    }
 }
 
 /// A validated fleet, or its problems rendered.
@@ -34,18 +78,11 @@ pub type Validated = Result<Arc<FleetSpec>, Vec<String>>;
 pub type RevisionFeed = watch::Receiver<Option<Arc<Revision>>>;
 
 /// Read and validate the newest revision; `Err` when it cannot be read at all.
-pub fn read(origin: &Origin, cache: &Path) -> Result<Revision, String> {
-    let at = crate::state::now();
+pub fn read(origin: &Origin, cache: &Path, keys: Option<&TrustedKeys>) -> Result<Revision, String> {
     match origin {
         Origin::Git { url, branch, path } => {
             let commit = fetch(url, branch, cache)?;
-            let tree = CommitTree::open(cache, &commit).map_err(|e| e.to_string())?;
-            let (_, fleet) = load(&tree, path)?;
-            Ok(Revision {
-                id: commit,
-                at,
-                fleet,
-            })
+            read_commit(cache, &commit, path, keys)
         }
         Origin::Dir(path) => {
             let entry = if path.is_dir() {
@@ -56,10 +93,57 @@ pub fn read(origin: &Origin, cache: &Path) -> Result<Revision, String> {
             let (hash, fleet) = load(&DirTree, &entry)?;
             Ok(Revision {
                 id: format!("dir:{}", &hash[..16]),
-                at,
+                at: crate::state::now(),
                 fleet,
+                signature: None,
+                fallback: None,
             })
         }
+    }
+}
+
+/// One commit of the source cache, its signature checked against `keys`.
+pub fn read_commit(
+    cache: &Path,
+    commit: &str,
+    path: &Path,
+    keys: Option<&TrustedKeys>,
+) -> Result<Revision, String> {
+    let tree = CommitTree::open(cache, commit).map_err(|e| e.to_string())?;
+    let signature = keys.map(|k| k.verify(tree.repository(), commit));
+    let (_, fleet) = load(&tree, path)?;
+    Ok(Revision {
+        id: commit.to_string(),
+        at: crate::state::now(),
+        fleet,
+        signature,
+        fallback: None,
+    })
+}
+
+/// For a revision the rule refuses: attach `serving` (the last trusted commit), read
+/// again and checked, so a server that starts on an untrusted head still serves it.
+pub fn attach_fallback(
+    rev: &mut Revision,
+    origin: &Origin,
+    cache: &Path,
+    rule: Option<&Signatures>,
+    serving: Option<&str>,
+) {
+    let (Some(rule), Some(serving), Origin::Git { path, .. }) = (rule, serving, origin) else {
+        return;
+    };
+    if !rev.untrusted(Some(rule)) || serving == rev.id {
+        return;
+    }
+    match read_commit(cache, serving, path, Some(&rule.keys)) {
+        Ok(fb) if !fb.untrusted(Some(rule)) && fb.fleet.is_ok() => {
+            rev.fallback = Some(Arc::new(fb));
+        }
+        Ok(_) => {
+            warn!(revision = %serving, "the last applied revision is not trusted either; nothing is served")
+        }
+        Err(e) => warn!(revision = %serving, "cannot read the last applied revision: {e}"),
     }
 }
 
@@ -119,13 +203,17 @@ fn watch_dir(path: &Path, trigger: Arc<Notify>) -> Option<notify::RecommendedWat
     Some(w)
 }
 
-/// Follow `origin` until `shutdown`, publishing each new revision on `tx`.
+/// Follow `origin` until `shutdown`, publishing each new revision on `tx`. `serving`
+/// is the commit applied before (from the state database).
+#[allow(clippy::too_many_arguments)]
 pub async fn follow(
     origin: Origin,
     cache: PathBuf,
     interval: Duration,
     trigger: Arc<Notify>,
     tx: watch::Sender<Option<Arc<Revision>>>,
+    rule: Option<Arc<Signatures>>,
+    mut serving: Option<String>,
     shutdown: CancellationToken,
 ) {
     // A fleet on disk is read again as soon as it changes.
@@ -134,14 +222,24 @@ pub async fn follow(
         Origin::Git { .. } => None,
     };
     loop {
-        let (o, c) = (origin.clone(), cache.clone());
-        match tokio::task::spawn_blocking(move || read(&o, &c)).await {
+        let (o, c, r, s) = (origin.clone(), cache.clone(), rule.clone(), serving.clone());
+        let read = move || {
+            let mut rev = read(&o, &c, r.as_deref().map(|r| &r.keys))?;
+            attach_fallback(&mut rev, &o, &c, r.as_deref(), s.as_deref());
+            Ok::<_, String>(rev)
+        };
+        match tokio::task::spawn_blocking(read).await {
             Ok(Ok(rev)) => {
                 let new = tx.borrow().as_ref().is_none_or(|r| r.id != rev.id);
                 let reads = &crate::metrics::get().source_reads;
                 if new {
                     reads.get_or_create(&crate::metrics::outcome("new")).inc();
-                    info!(revision = %rev.id, valid = rev.fleet.is_ok(), "new revision of the fleet");
+                    info!(revision = %rev.id, valid = rev.fleet.is_ok(),
+                        trusted = rev.signature.as_ref().map(|s| s.trusted),
+                        "new revision of the fleet");
+                    if !rev.untrusted(rule.as_deref()) && rev.fleet.is_ok() {
+                        serving = Some(rev.id.clone());
+                    }
                     tx.send_replace(Some(Arc::new(rev)));
                 } else {
                     reads

@@ -58,6 +58,8 @@ pub struct Parts {
     pub policy: RetryPolicy,
     /// Where the fleet comes from, for status.
     pub source: String,
+    /// Which commits are trusted, and what an untrusted one may do.
+    pub signatures: Option<Arc<follow::Signatures>>,
 }
 
 /// What the controller reacts to.
@@ -195,27 +197,83 @@ impl Controller {
     }
 
     fn event(&self, host: Option<&str>, kind: &str, message: String) {
-        let mut e = EventRow::new(host, kind, message);
+        self.record(EventRow::new(host, kind, message));
+    }
+
+    /// Record `e` in the audit trail, with the time, and the commit served and its
+    /// signer unless it names its own.
+    fn record(&self, mut e: EventRow) {
         e.at = self.parts.clock.now();
-        e.commit = self.commit().map(str::to_string);
+        if e.commit.is_none() {
+            e.commit = self.commit().map(str::to_string);
+            e.signer = self
+                .applied
+                .as_ref()
+                .and_then(|c| c.signature.as_ref())
+                .and_then(|s| s.signer.clone());
+        }
         let _ = self.parts.events.send(e.clone());
         self.parts.journal.write(vec![Op::Event(e)], None);
     }
 
+    /// An event about revision `rev` itself (applied or refused).
+    fn revision_event(&self, rev: &Revision, kind: &str, outcome: &str, message: String) {
+        let mut e = EventRow::new(None, kind, message).outcome(outcome);
+        e.commit = Some(rev.id.clone());
+        e.signer = rev.signature.as_ref().and_then(|s| s.signer.clone());
+        self.record(e);
+    }
+
     fn on_revision(&mut self, rev: &Revision) {
-        let view = |problems: Vec<String>| CommitView {
+        let rule = self.parts.signatures.clone();
+        let untrusted = rev.untrusted(rule.as_deref());
+        // A restart on an untrusted head: serve the last trusted commit first.
+        if untrusted
+            && self.spec.is_none()
+            && let Some(fb) = &rev.fallback
+        {
+            self.on_revision(fb);
+        }
+        let view = |problems: Vec<String>, restricted: bool| CommitView {
             id: rev.id.clone(),
             at: rev.at,
             problems,
+            signature: rev.signature.clone(),
+            restricted,
         };
+        let restricted = untrusted
+            && rule
+                .as_ref()
+                .is_some_and(|r| r.untrusted == follow::Untrusted::NonDestructive);
+        if untrusted && !(restricted && rev.fleet.is_ok()) {
+            let why = untrusted_why(rev);
+            warn!(revision = %rev.id, "{why}; the last trusted one keeps serving");
+            let mut problems = vec![format!("UntrustedCommit: {why}")];
+            if let Err(p) = &rev.fleet {
+                problems.extend(p.iter().cloned());
+            }
+            self.attempted = Some(view(problems, false));
+            self.revision_event(
+                rev,
+                "UntrustedCommit",
+                "refused",
+                format!(
+                    "revision {} refused: {why}; {} keeps serving",
+                    rev.id,
+                    self.commit().unwrap_or("nothing")
+                ),
+            );
+            return;
+        }
         match &rev.fleet {
             Err(problems) => {
                 warn!(revision = %rev.id, problems = problems.len(),
                     "revision is invalid; the last good one keeps serving");
-                self.attempted = Some(view(problems.clone()));
-                self.event(
-                    None,
+                self.attempted = Some(view(problems.clone(), false));
+                self.revision_event(
+                    rev,
                     "CommitStalled",
+                    "refused",
                     format!(
                         "revision {} is invalid ({} problems); {} keeps serving:\n{}",
                         rev.id,
@@ -226,21 +284,35 @@ impl Controller {
                 );
             }
             Ok(spec) => {
-                self.attempted = Some(view(Vec::new()));
+                self.attempted = Some(view(Vec::new(), restricted));
                 if self.spec.is_some() && self.commit() == Some(rev.id.as_str()) {
                     return;
                 }
-                self.applied = Some(view(Vec::new()));
+                self.applied = Some(view(Vec::new(), restricted));
                 if let Ok(text) = serde_json::to_string(&self.applied) {
                     self.parts
                         .journal
                         .write(vec![Op::PutMeta("applied".into(), text)], None);
                 }
-                self.event(
-                    None,
-                    "CommitApplied",
-                    format!("serving revision {}", rev.id),
-                );
+                if restricted {
+                    self.revision_event(
+                        rev,
+                        "UntrustedCommit",
+                        "restricted",
+                        format!(
+                            "serving revision {} for non-destructive work only: {}",
+                            rev.id,
+                            untrusted_why(rev)
+                        ),
+                    );
+                } else {
+                    self.revision_event(
+                        rev,
+                        "CommitApplied",
+                        "applied",
+                        format!("serving revision {}", rev.id),
+                    );
+                }
                 self.apply_spec(spec.clone());
             }
         }
@@ -336,23 +408,46 @@ impl Controller {
             return;
         };
         let before = s.phase;
+        let armed = s.task.clone();
         let noted = host::observe(s, &seen, &policy, commit.as_deref(), now, jitter);
         let after = s.phase;
         let task = s.task.as_ref().map(|a| a.task.summary());
+        // Events about the armed task carry its id and its token's.
+        let about = |e: EventRow| match &armed {
+            Some(a) => e.task(a.id).token(&a.token),
+            None => e,
+        };
+        if let (Seen::Progress { progress, .. }, Some(a)) = (&seen, &armed)
+            && let Some(m) = milestone(a.progress.as_ref(), progress)
+        {
+            self.record(about(EventRow::new(
+                Some(&name),
+                "Progress",
+                format!("{name}: {m} % of {} done", a.task.summary()),
+            )));
+        }
         match noted {
             Noted::Nothing | Noted::Stale => {}
-            Noted::Booting => self.event(
+            Noted::Booting => self.record(about(EventRow::new(
                 Some(&name),
                 "Booting",
                 format!("{name} is booting for {}", task.unwrap_or_default()),
-            ),
-            Noted::Imaging => self.event(Some(&name), "Imaging", format!("{name}: agent at work")),
+            ))),
+            Noted::Imaging => self.record(about(EventRow::new(
+                Some(&name),
+                "Imaging",
+                format!("{name}: agent at work"),
+            ))),
             Noted::Succeeded(m) => {
-                self.event(Some(&name), "TaskSucceeded", m);
+                self.record(about(
+                    EventRow::new(Some(&name), "TaskSucceeded", m).outcome("ok"),
+                ));
                 self.finished(&name);
             }
             Noted::Failed(m) => {
-                self.event(Some(&name), "TaskFailed", m);
+                self.record(about(
+                    EventRow::new(Some(&name), "TaskFailed", m).outcome("failed"),
+                ));
                 self.finished(&name);
             }
             Noted::Drifted(m) => {
@@ -397,6 +492,10 @@ impl Controller {
             }
             Command::Observed { reply } => {
                 let _ = reply.send(self.observed());
+            }
+            Command::ImagesChanged => {
+                self.dirty = true;
+                self.boot_dirty = true;
             }
             Command::Retry { host, reply } => {
                 let now = self.parts.clock.now_ms();
@@ -520,6 +619,23 @@ impl Controller {
                     }
                 })
                 .or_insert_with(|| due_of(step));
+        }
+        // An untrusted commit served for non-destructive work: what writes disks or
+        // makes image versions waits for a trusted one.
+        if self.applied.as_ref().is_some_and(|c| c.restricted) {
+            for d in dues.values_mut() {
+                if let Due::Task(t) = d
+                    && needs_trust(t)
+                {
+                    *d = Due::Stalled {
+                        reason: "UntrustedCommit".into(),
+                        message: format!(
+                            "{} needs a commit signed by a trusted key; the commit served is not",
+                            t.summary()
+                        ),
+                    };
+                }
+            }
         }
         let mut members: HashMap<&str, Member> = HashMap::new();
         for h in spec.hosts.values() {
@@ -681,6 +797,12 @@ impl Controller {
             task: task.clone(),
             disk: DiskWanted::from_selector(&h.disk),
             after: After::Reboot,
+            commit: self.commit().map(str::to_string),
+            signer: self
+                .applied
+                .as_ref()
+                .and_then(|c| c.signature.as_ref())
+                .and_then(|s| s.signer.clone()),
         };
         let expires = now + TOKEN_SECS;
         self.parts.api.grant(&token, assignment.clone(), expires);
@@ -703,7 +825,7 @@ impl Controller {
         // all three or none, so a restart never meets a token it does not know of.
         let mut ops = vec![
             Op::PutToken(TokenRow {
-                token,
+                token: token.clone(),
                 assignment,
                 expires,
             }),
@@ -722,10 +844,15 @@ impl Controller {
         self.parts.journal.write(ops, None);
         info!(host = %name, task = id, commit = self.commit().unwrap_or("-"),
             "armed: {}", task.summary());
-        self.event(
-            Some(name),
-            "Armed",
-            format!("{name}: armed task {id}: {}", task.summary()),
+        self.record(
+            EventRow::new(
+                Some(name),
+                "Armed",
+                format!("{name}: armed task {id}: {} (token minted)", task.summary()),
+            )
+            .task(id)
+            .token(&token)
+            .outcome("armed"),
         );
         self.boot_dirty = true;
     }
@@ -774,10 +901,15 @@ impl Controller {
         self.parts
             .journal
             .write(vec![Op::SpendToken(a.token.clone())], None);
-        self.event(
-            Some(name),
-            "Disarmed",
-            format!("{name}: task {} withdrawn: {why}", a.id),
+        self.record(
+            EventRow::new(
+                Some(name),
+                "Disarmed",
+                format!("{name}: task {} withdrawn: {why} (token revoked)", a.id),
+            )
+            .task(a.id)
+            .token(&a.token)
+            .outcome("withdrawn"),
         );
     }
 
@@ -896,6 +1028,47 @@ impl Controller {
     }
 }
 
+/// The quarter (25, 50, 75) a task's progress passed between two reports, if any.
+fn milestone(
+    before: Option<&crate::protocol::Progress>,
+    now: &crate::protocol::Progress,
+) -> Option<u64> {
+    // In u128: the agent's numbers are not trusted to be small.
+    let quarter = |p: &crate::protocol::Progress| {
+        (u128::from(p.done_bytes.min(p.total_bytes)) * 4)
+            .checked_div(u128::from(p.total_bytes))
+            .map_or(0, |q| q.min(3) as u64)
+    };
+    let (was, is) = (before.map_or(0, quarter), quarter(now));
+    (is > was).then_some(is * 25)
+}
+
+/// Whether a task may only be armed by a trusted commit: it writes a disk (deploy,
+/// wipe) or makes an image version the fleet's hosts then deploy (capture).
+fn needs_trust(t: &Task) -> bool {
+    t.destructive() || matches!(t, Task::Capture { .. })
+}
+
+/// Why a revision is not trusted, with its signer and key, in one line.
+fn untrusted_why(rev: &Revision) -> String {
+    match &rev.signature {
+        None => format!("revision {} carries no signature check", rev.id),
+        Some(s) => format!(
+            "revision {} is not trusted: {}{}{}",
+            rev.id,
+            s.why,
+            s.signer
+                .as_ref()
+                .map(|n| format!("; signer {n}"))
+                .unwrap_or_default(),
+            s.key
+                .as_ref()
+                .map(|k| format!("; key {k}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
 /// The applied revision's id, as recorded.
 fn applied_commit(parts: &Parts) -> Result<Option<String>, crate::state::StateError> {
     Ok(parts
@@ -975,8 +1148,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         std::fs::write(d.join("fleet.yaml"), fleet).expect("write");
-        let rev = follow::read(&crate::source::watch::Origin::Dir(d.join("fleet.yaml")), d)
-            .expect("read");
+        let rev = follow::read(
+            &crate::source::watch::Origin::Dir(d.join("fleet.yaml")),
+            d,
+            None,
+        )
+        .expect("read");
         assert!(rev.fleet.is_ok(), "{:?}", rev.fleet.err());
         let store = ImageStore::open(&d.join("store")).expect("store");
         store
@@ -988,6 +1165,7 @@ mod tests {
                     captured_at: 0,
                     disk_bytes: 1 << 20,
                     stored_bytes: 1 << 19,
+                    made_by: None,
                 },
             )
             .expect("version");
@@ -1013,6 +1191,7 @@ mod tests {
             clock: Arc::new(TokioClock::new(start)),
             policy: RetryPolicy::default(),
             source: "test".into(),
+            signatures: None,
         })
         .expect("controller");
         let (_rev_tx, revisions) = watch::channel(Some(Arc::new(rev)));

@@ -4,8 +4,14 @@
 //!   the controller plans with (`plan --observed URL`); `GET /api/v1/hosts/{name}`:
 //!   one host, its tasks and events; `GET /api/v1/events?after=ID`, or as server-sent
 //!   events with `Accept: text/event-stream`; `GET /api/v1/hosts?unknown=true`:
-//!   machines that registered but are not in the fleet. Read-only, open.
-//! - `POST /api/v1/retry/{host}` and `POST /api/v1/sync`: need the admin token.
+//!   machines that registered but are not in the fleet. Need an admin token of scope
+//!   `read` (or `operate`).
+//! - `POST /api/v1/retry/{host}`, `POST /api/v1/sync`, and the tokens themselves
+//!   (`GET`/`POST /api/v1/tokens`, `DELETE /api/v1/tokens/{id}`): scope `operate`.
+//! - `DELETE /api/v1/images/{NAME or NAME@blake3:...}`: remove an image or one version
+//!   (scope `operate`); its chunks go at the next `fleetwave image gc`.
+//! - Every call with a token, allowed or refused, is an `AdminCall` or `AdminDenied`
+//!   event in the audit trail, naming the token by its id.
 //! - `POST /api/v1/hooks/git`: a push webhook, signed with the shared secret (GitHub's
 //!   `X-Hub-Signature-256`, Gitea's `X-Gitea-Signature`, GitLab's `X-Gitlab-Token`).
 
@@ -19,7 +25,7 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use hmac::{Hmac, KeyInit as _, Mac as _};
 use serde::Deserialize;
 use sha2::Sha256;
@@ -29,7 +35,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use tracing::{info, warn};
 
 use crate::protocol::{Command, FleetStatus};
-use crate::state::{EventRow, Reader};
+use crate::services::tokens::{AdminTokens, Caller, Scope, TokenError};
+use crate::state::{EventRow, Op, Reader, WriteHandle, token_id};
 
 /// What the operator's API reaches.
 #[derive(Clone)]
@@ -39,8 +46,12 @@ pub struct Control {
     pub sync: Arc<Notify>,
     pub events: broadcast::Sender<EventRow>,
     pub reader: Arc<Reader>,
-    /// Bearer token for the calls that change something; none: they are refused.
-    pub admin_token: Option<String>,
+    /// The admin tokens honoured (the bootstrap one of `--admin-token-file` too).
+    pub tokens: Arc<AdminTokens>,
+    /// Where admin calls are recorded (the audit trail).
+    pub journal: Option<WriteHandle>,
+    /// The image store, for `DELETE /api/v1/images/...`.
+    pub images: Option<Arc<crate::image::store::Store>>,
     /// The webhook's shared secret; none: the webhook is refused.
     pub webhook_secret: Option<String>,
 }
@@ -54,6 +65,9 @@ pub fn routes<S: Clone + Send + Sync + 'static>(c: Control) -> Router<S> {
         .route("/api/v1/events", get(events))
         .route("/api/v1/retry/{host}", post(retry))
         .route("/api/v1/sync", post(sync))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", delete(revoke_token))
+        .route("/api/v1/images/{spec}", delete(remove_image))
         .route("/api/v1/hooks/git", post(hook))
         .with_state(c)
 }
@@ -67,25 +81,58 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub(crate) fn admin(c: &Control, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let Some(want) = &c.admin_token else {
-        return Err(Box::new(text(
-            StatusCode::FORBIDDEN,
-            "this server has no admin token: start `serve` with --admin-token-file",
-        )));
-    };
-    let got = headers
+/// The caller of an admin call, if its bearer token allows `need`. The call, allowed
+/// or not, goes to the audit trail (`what`: method and path), but for a request with
+/// no token at all: anyone can send those, and they change nothing.
+pub(crate) fn authorize(
+    c: &Control,
+    headers: &HeaderMap,
+    need: Scope,
+    what: &str,
+    host: Option<&str>,
+) -> Result<Caller, Box<Response>> {
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match got {
-        Some(t) if same(t.as_bytes(), want.as_bytes()) => Ok(()),
-        Some(_) => Err(Box::new(text(StatusCode::FORBIDDEN, "wrong admin token"))),
-        None => Err(Box::new(text(
-            StatusCode::UNAUTHORIZED,
-            "an admin token is required (Authorization: Bearer ...; `fleetwave --token-file`)",
-        ))),
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let (kind, outcome, message, id, refusal) = match c.tokens.check(bearer, need) {
+        Ok(caller) => (
+            "AdminCall",
+            "ok",
+            format!("{what} by {}", caller.name),
+            caller.id.clone(),
+            Ok(caller),
+        ),
+        Err((TokenError::Missing, _)) => {
+            return Err(Box::new(text(
+                StatusCode::UNAUTHORIZED,
+                TokenError::Missing.to_string(),
+            )));
+        }
+        Err((e, id)) => {
+            warn!("{what} refused: {e}");
+            let code = if matches!(e, TokenError::Unknown) {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            (
+                "AdminDenied",
+                "denied",
+                format!("{what} refused: {e}"),
+                // An unknown token is named by its id too: repeated guesses show as one.
+                id.unwrap_or_else(|| token_id(bearer.unwrap_or_default())),
+                Err(Box::new(text(code, e.to_string()))),
+            )
+        }
+    };
+    if let Some(j) = &c.journal {
+        let mut e = EventRow::new(host, kind, message).outcome(outcome);
+        e.token = Some(id);
+        j.write(vec![Op::Event(e)], None);
     }
+    refusal
 }
 
 pub(crate) async fn ask_status(c: &Control) -> Result<FleetStatus, Response> {
@@ -104,7 +151,10 @@ pub(crate) async fn ask_status(c: &Control) -> Result<FleetStatus, Response> {
     })
 }
 
-async fn status(State(c): State<Control>) -> Response {
+async fn status(State(c): State<Control>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&c, &headers, Scope::Read, "GET /api/v1/status", None) {
+        return *r;
+    }
     let mut s = match ask_status(&c).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -118,7 +168,10 @@ async fn status(State(c): State<Control>) -> Response {
     Json(s).into_response()
 }
 
-async fn observed(State(c): State<Control>) -> Response {
+async fn observed(State(c): State<Control>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&c, &headers, Scope::Read, "GET /api/v1/observed", None) {
+        return *r;
+    }
     let (reply, rx) = oneshot::channel();
     if c.commands.send(Command::Observed { reply }).is_err() {
         return text(
@@ -135,7 +188,15 @@ async fn observed(State(c): State<Control>) -> Response {
     }
 }
 
-async fn host(State(c): State<Control>, UrlPath(name): UrlPath<String>) -> Response {
+async fn host(
+    State(c): State<Control>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    let what = format!("GET /api/v1/hosts/{name}");
+    if let Err(r) = authorize(&c, &headers, Scope::Read, &what, Some(&name)) {
+        return *r;
+    }
     let s = match ask_status(&c).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -175,7 +236,14 @@ struct HostsQuery {
     unknown: bool,
 }
 
-async fn hosts(State(c): State<Control>, Query(q): Query<HostsQuery>) -> Response {
+async fn hosts(
+    State(c): State<Control>,
+    headers: HeaderMap,
+    Query(q): Query<HostsQuery>,
+) -> Response {
+    if let Err(r) = authorize(&c, &headers, Scope::Read, "GET /api/v1/hosts", None) {
+        return *r;
+    }
     if !q.unknown {
         return match ask_status(&c).await {
             Ok(s) => Json(s.hosts).into_response(),
@@ -208,6 +276,9 @@ async fn events(
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Response {
+    if let Err(r) = authorize(&c, &headers, Scope::Read, "GET /api/v1/events", None) {
+        return *r;
+    }
     let stream = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -242,7 +313,8 @@ async fn retry(
     headers: HeaderMap,
     UrlPath(host): UrlPath<String>,
 ) -> Response {
-    if let Err(r) = admin(&c, &headers) {
+    let what = format!("POST /api/v1/retry/{host}");
+    if let Err(r) = authorize(&c, &headers, Scope::Operate, &what, Some(&host)) {
         return *r;
     }
     let (reply, rx) = oneshot::channel();
@@ -263,11 +335,146 @@ async fn retry(
 }
 
 async fn sync(State(c): State<Control>, headers: HeaderMap) -> Response {
-    if let Err(r) = admin(&c, &headers) {
+    if let Err(r) = authorize(&c, &headers, Scope::Operate, "POST /api/v1/sync", None) {
         return *r;
     }
     c.sync.notify_one();
     StatusCode::ACCEPTED.into_response()
+}
+
+async fn list_tokens(State(c): State<Control>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&c, &headers, Scope::Operate, "GET /api/v1/tokens", None) {
+        return *r;
+    }
+    Json(c.tokens.list()).into_response()
+}
+
+#[derive(Deserialize)]
+struct NewToken {
+    name: String,
+    scope: String,
+}
+
+async fn create_token(State(c): State<Control>, headers: HeaderMap, body: Bytes) -> Response {
+    let caller = match authorize(&c, &headers, Scope::Operate, "POST /api/v1/tokens", None) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let req: NewToken = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"name\": ..., \"scope\": \"read\"|\"operate\"}}: {e}"),
+            );
+        }
+    };
+    match c.tokens.create(&req.name, &req.scope).await {
+        Ok((token, row)) => {
+            info!(id = %row.id, name = %row.name, scope = %row.scope, "admin token created");
+            if let Some(j) = &c.journal {
+                let mut e = EventRow::new(
+                    None,
+                    "AdminTokenCreated",
+                    format!(
+                        "token {} ({}, scope {}) created by {}",
+                        row.id, row.name, row.scope, caller.name
+                    ),
+                )
+                .outcome("ok");
+                e.token = Some(row.id.clone());
+                j.write(vec![Op::Event(e)], None);
+            }
+            (
+                StatusCode::CREATED,
+                Json(serde_json::json!({
+                    "id": row.id, "name": row.name, "scope": row.scope, "token": token,
+                })),
+            )
+                .into_response()
+        }
+        Err(e @ (TokenError::BadName | TokenError::BadScope)) => {
+            text(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn revoke_token(
+    State(c): State<Control>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let what = format!("DELETE /api/v1/tokens/{id}");
+    let caller = match authorize(&c, &headers, Scope::Operate, &what, None) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    match c.tokens.revoke(&id).await {
+        Ok(row) => {
+            info!(id = %row.id, name = %row.name, "admin token revoked");
+            if let Some(j) = &c.journal {
+                let mut e = EventRow::new(
+                    None,
+                    "AdminTokenRevoked",
+                    format!("token {} ({}) revoked by {}", row.id, row.name, caller.name),
+                )
+                .outcome("ok");
+                e.token = Some(row.id.clone());
+                j.write(vec![Op::Event(e)], None);
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e @ TokenError::NoSuchToken(_)) => text(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn remove_image(
+    State(c): State<Control>,
+    headers: HeaderMap,
+    UrlPath(spec): UrlPath<String>,
+) -> Response {
+    let what = format!("DELETE /api/v1/images/{spec}");
+    let caller = match authorize(&c, &headers, Scope::Operate, &what, None) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let Some(store) = c.images.clone() else {
+        return text(StatusCode::NOT_FOUND, "this server has no image store");
+    };
+    let (name, digest) = match spec.split_once('@') {
+        Some((n, d)) => match d.parse::<crate::spec::Digest>() {
+            Ok(d) => (n.to_string(), Some(d)),
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{spec}: {e}")),
+        },
+        None => (spec.clone(), None),
+    };
+    let n2 = name.clone();
+    let removed = tokio::task::spawn_blocking(move || store.remove(&n2, digest)).await;
+    match removed {
+        Ok(Ok(n)) => {
+            info!(image = %spec, versions = n, by = %caller.name, "image versions removed");
+            if let Some(j) = &c.journal {
+                let mut e = EventRow::new(
+                    None,
+                    "ImageVersionRemoved",
+                    format!("{spec}: {n} version(s) removed by {}", caller.name),
+                )
+                .outcome("removed");
+                e.token = Some(caller.id.clone());
+                j.write(vec![Op::Event(e)], None);
+            }
+            // Hosts that followed a removed version are planned again.
+            let _ = c.commands.send(Command::ImagesChanged);
+            Json(serde_json::json!({"image": name, "removed": n})).into_response()
+        }
+        Ok(Err(e @ crate::image::store::StoreError::UnknownImage(_))) => {
+            text(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Ok(Err(e)) => text(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// Whether a webhook request proves the shared secret, in any of the three styles.

@@ -26,7 +26,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::image::manifest::Manifest;
-use crate::image::store::{Repo, Store, StoreError};
+use crate::image::store::{MadeBy, Store, StoreError};
 use crate::protocol::{Assignment, Task};
 pub use crate::protocol::{Progress, TaskResult};
 use crate::spec::{Digest, Mac};
@@ -216,6 +216,8 @@ impl Api {
                 task: Task::Register,
                 disk: Default::default(),
                 after: crate::protocol::After::Poweroff,
+                commit: None,
+                signer: None,
             })
         })
     }
@@ -642,7 +644,7 @@ async fn get_manifest(
 /// Commit a capture's manifest as a version of the image and generation its task
 /// names (whatever the request says).
 async fn put_manifest(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
-    let (_, g) = match api.authorize(&headers, Need::CaptureChunks) {
+    let (token, g) = match api.authorize(&headers, Need::CaptureChunks) {
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };
@@ -655,25 +657,42 @@ async fn put_manifest(State(api): State<Arc<Api>>, headers: HeaderMap, body: Byt
             return (StatusCode::BAD_REQUEST, format!("manifest: {e}\n")).into_response();
         }
     };
+    if let Err(why) = m.check() {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("manifest is inconsistent: {why}\n"),
+        )
+            .into_response();
+    }
     let a = api.clone();
     let name = image.clone();
-    let r = blocking(move || a.store.commit(&m, Some((&name, generation)))).await;
+    let made_by = MadeBy {
+        task: g.assignment.id,
+        host: g.assignment.host.clone(),
+        mac: g.assignment.mac.to_string(),
+        commit: g.assignment.commit.clone(),
+        signer: g.assignment.signer.clone(),
+    };
+    let r = blocking(move || {
+        a.store
+            .commit_made_by(&m, Some((&name, generation)), Some(made_by))
+    })
+    .await;
     match r {
         Ok(Ok((digest, stored))) => {
             info!(mac = %g.assignment.mac, image = %image, generation, %digest,
                 "image version committed");
-            let _ = api
-                .record(
-                    vec![Op::Event(crate::state::EventRow::new(
-                        g.assignment.host.as_deref(),
-                        "ImageVersionCommitted",
-                        format!(
-                            "{image} generation {generation}: {digest} ({stored} bytes stored)"
-                        ),
-                    ))],
-                    false,
-                )
-                .await;
+            let mut e = crate::state::EventRow::new(
+                g.assignment.host.as_deref(),
+                "ImageVersionCommitted",
+                format!("{image} generation {generation}: {digest} ({stored} bytes stored)"),
+            )
+            .task(g.assignment.id)
+            .token(&token)
+            .outcome("committed");
+            e.commit = g.assignment.commit.clone();
+            e.signer = g.assignment.signer.clone();
+            let _ = api.record(vec![Op::Event(e)], false).await;
             (
                 StatusCode::CREATED,
                 Json(serde_json::json!({"digest": digest, "stored_bytes": stored})),

@@ -6,9 +6,11 @@
 //!   snapshot whenever it changes, so the page moves without reloading.
 //! - `GET /api/v1/images`: every image's versions (sizes, what they share).
 //! - `GET /api/v1/multicast/sessions`: sessions sending now and the newest that ended.
-//! - `POST /api/v1/wake/{host}`: a Wake-on-LAN packet now (admin token).
+//! - `POST /api/v1/wake/{host}`: a Wake-on-LAN packet now (scope operate).
 //!
-//! Read-only without the admin token; the few actions (retry, sync, wake) send it.
+//! The page itself is open; what it reads needs a token of scope `read`, as
+//! `GET /api/v1/status` does, and its actions (retry, sync, wake) one of scope
+//! `operate` (docs/security.md). The page keeps the token in the browser tab.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -24,8 +26,9 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use super::admin::{admin, ask_status};
+use super::admin::{ask_status, authorize};
 use super::http::HttpState;
+use super::tokens::Scope;
 use crate::protocol::{Command, FleetStatus};
 use crate::spec::Digest;
 
@@ -84,9 +87,17 @@ async fn snapshot(st: &HttpState) -> Result<FleetStatus, Response> {
     Ok(s)
 }
 
-async fn stream(State(st): State<HttpState>) -> Response {
-    if st.control.is_none() {
-        return unavailable("this server runs no controller");
+/// Whether the request's token may read (a refusal to send back if not).
+fn may_read(st: &HttpState, headers: &HeaderMap, what: &str) -> Result<(), Box<Response>> {
+    let Some(c) = &st.control else {
+        return Err(Box::new(unavailable("this server runs no controller")));
+    };
+    authorize(c, headers, Scope::Read, what, None).map(|_| ())
+}
+
+async fn stream(State(st): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Err(r) = may_read(&st, &headers, "GET /api/v1/status/stream") {
+        return *r;
     }
     let snapshots = status_stream(st);
     Sse::new(snapshots)
@@ -149,7 +160,10 @@ struct VersionView {
     chunks: usize,
 }
 
-async fn images(State(st): State<HttpState>) -> Response {
+async fn images(State(st): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Err(r) = may_read(&st, &headers, "GET /api/v1/images") {
+        return *r;
+    }
     let Some(api) = st.api.clone() else {
         return unavailable("this server serves no image store");
     };
@@ -203,7 +217,10 @@ struct RunningView {
     rate_bps: f64,
 }
 
-async fn sessions(State(st): State<HttpState>) -> Response {
+async fn sessions(State(st): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Err(r) = may_read(&st, &headers, "GET /api/v1/multicast/sessions") {
+        return *r;
+    }
     let Some(s) = st.api.as_ref().and_then(|a| a.sessions.clone()) else {
         return Json(serde_json::json!({"running": [], "ended": []})).into_response();
     };
@@ -233,7 +250,7 @@ async fn wake(
     let Some(c) = &st.control else {
         return unavailable("this server runs no controller");
     };
-    if let Err(r) = admin(c, &headers) {
+    if let Err(r) = authorize(c, &headers, Scope::Operate, "POST /api/v1/wake", None) {
         return *r;
     }
     let (reply, rx) = oneshot::channel();

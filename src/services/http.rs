@@ -228,15 +228,87 @@ pub fn router(state: HttpState) -> Router {
         )
 }
 
+/// Connections one client address may hold open at once. iPXE and an agent use one
+/// or two; a room behind one NAT address stays far below it.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 64;
+/// Connections in all; beyond it new ones are closed at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// A request's headers must arrive within this, and an idle kept-alive connection is
+/// closed after it (hyper's header timer runs while it waits for the next request).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// The largest request head (start line and headers).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
 /// Serve on `listener` until `shutdown`; requests in flight finish first.
+///
+/// Accepts by hand (rather than `axum::serve`) to bound connections per client and in
+/// all, and to time out slow or idle ones: a machine that opens thousands of
+/// connections and sends nothing cannot starve the others.
 pub async fn run(
     listener: TcpListener,
     state: HttpState,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let app = router(state);
+    let clients = super::PerClient::new(MAX_CONNECTIONS_PER_CLIENT);
+    let total = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors (EMFILE) and the like: wait for some to close
+                    // rather than spin.
+                    tracing::warn!("HTTP: cannot accept a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = clients.take(peer.ip()) else {
+            tracing::debug!(%peer, "HTTP: too many connections from this client; closed");
+            continue;
+        };
+        let Ok(permit) = total.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "HTTP: {MAX_CONNECTIONS} connections open; closed");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _held = (slot, permit);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES.max(8192) * 4)
+                .max_header_size(MAX_HEADER_BYTES);
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::debug!(%peer, "HTTP connection ended: {e}");
+            }
+        });
+    }
+    connections.close();
+    // Requests in flight get a moment to finish; an event stream never would.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connections.wait()).await;
+    Ok(())
 }
 
 fn text(status: StatusCode, body: String) -> Response {

@@ -93,11 +93,20 @@ struct ResultLabels {
     result: &'static str,
 }
 
-pub async fn scrape(State(st): State<HttpState>) -> Response {
+pub async fn scrape(State(st): State<HttpState>, headers: axum::http::HeaderMap) -> Response {
     let status = match &st.control {
-        Some(c) => match super::admin::ask_status(c).await {
-            Ok(s) => Some(s),
-            Err(r) => return r,
+        Some(c) => match super::admin::authorize(
+            c,
+            &headers,
+            super::tokens::Scope::Read,
+            "GET /metrics",
+            None,
+        ) {
+            Err(r) => return *r,
+            Ok(_) => match super::admin::ask_status(c).await {
+                Ok(s) => Some(s),
+                Err(r) => return r,
+            },
         },
         None => None,
     };

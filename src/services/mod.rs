@@ -10,9 +10,63 @@ pub mod dhcp;
 pub mod http;
 pub mod metrics;
 pub mod tftp;
+pub mod tokens;
 pub mod wol;
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// A bound on what one client (one IP address) holds at once: connections for HTTP,
+/// transfers for TFTP. One machine cannot take every slot from the others.
+#[derive(Debug)]
+pub struct PerClient {
+    max: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One slot of a client, given back when dropped.
+#[derive(Debug)]
+pub struct ClientSlot {
+    owner: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    pub fn new(max: usize) -> Arc<PerClient> {
+        Arc::new(PerClient {
+            max,
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for `ip`, or `None` when it already holds `max`.
+    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            owner: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut held = self.owner.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// The file a request names, if it lies inside the root.
 pub fn confine(root: &Path, name: &str) -> Result<PathBuf, &'static str> {

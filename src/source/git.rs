@@ -110,6 +110,13 @@ impl CommitTree {
     }
 }
 
+impl CommitTree {
+    /// The repository the commit is in (to read its signature).
+    pub fn repository(&self) -> &Repository {
+        &self.repo
+    }
+}
+
 impl Tree for CommitTree {
     fn read(&self, path: &Path) -> Result<String, String> {
         let key = normalize_path(path);

@@ -2,6 +2,7 @@
 //! and the YAML node trees read from them with every position kept.
 
 pub mod git;
+pub mod signature;
 pub mod syntax;
 pub mod watch;
 pub mod yaml;

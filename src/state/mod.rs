@@ -21,6 +21,7 @@ use tracing::{error, warn};
 use crate::protocol::{Assignment, Inventory, Progress, Task, TaskResult};
 use crate::spec::Mac;
 
+pub mod audit;
 pub mod read;
 pub use read::Reader;
 
@@ -136,6 +137,24 @@ pub struct EventRow {
     pub kind: String,
     pub message: String,
     pub commit: Option<String>,
+    /// The task it concerns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<u64>,
+    /// Who signed the commit it acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// The id of the token minted or used ([`token_id`]), never the token itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// How it ended: `applied`, `refused`, `armed`, `ok`, `failed`, `denied`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// The hash of the event before it (empty for the first): the audit chain.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prev: String,
+    /// This event's hash ([`audit::event_hash`]), set when it is written.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hash: String,
 }
 
 impl EventRow {
@@ -147,8 +166,37 @@ impl EventRow {
             kind: kind.to_string(),
             message,
             commit: None,
+            task: None,
+            signer: None,
+            token: None,
+            outcome: None,
+            prev: String::new(),
+            hash: String::new(),
         }
     }
+
+    pub fn task(mut self, id: u64) -> Self {
+        self.task = Some(id);
+        self
+    }
+
+    /// The token's id, from the token.
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token_id(token));
+        self
+    }
+
+    pub fn outcome(mut self, outcome: &str) -> Self {
+        self.outcome = Some(outcome.to_string());
+        self
+    }
+}
+
+/// What names a token in records: the first 16 hex digits of its BLAKE3 hash. It
+/// identifies the token without being able to stand in for it.
+pub fn token_id(token: &str) -> String {
+    let h = blake3::hash(token.as_bytes()).to_hex();
+    h[..16].to_string()
 }
 
 /// A task the controller armed, and how it ended.
@@ -198,6 +246,29 @@ pub enum Op {
     PutTask(TaskRow),
     /// A key of the controller's bookkeeping (`applied_commit`, `next_task`, ...).
     PutMeta(String, String),
+    /// An admin token minted (stored by its hash).
+    PutAdminToken(AdminTokenRow),
+    /// An admin token revoked at this time (Unix seconds): never honoured again.
+    RevokeAdminToken {
+        id: String,
+        at: u64,
+    },
+}
+
+/// An admin token as stored: its hash, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTokenRow {
+    /// [`token_id`] of the token: how records and `fleetwave token` name it.
+    pub id: String,
+    /// Who or what it is for (`ci`, `alice`), given when it was created.
+    pub name: String,
+    /// `read` or `operate`.
+    pub scope: String,
+    /// BLAKE3 of the token, hex.
+    #[serde(skip_serializing, default)]
+    pub hash: String,
+    pub created: u64,
+    pub revoked: Option<u64>,
 }
 
 /// Runs after the batch holding a write has committed.
@@ -212,6 +283,8 @@ struct Batch {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// The JSON-lines copy of the event chain (`audit.jsonl` beside the database).
+    audit: PathBuf,
 }
 
 const SCHEMA: &str = "
@@ -273,6 +346,14 @@ CREATE TABLE IF NOT EXISTS events (
     commit_id TEXT
 );
 CREATE INDEX IF NOT EXISTS events_host ON events (host, id);
+CREATE TABLE IF NOT EXISTS admin_tokens (
+    id      TEXT    PRIMARY KEY,
+    name    TEXT    NOT NULL,
+    scope   TEXT    NOT NULL,
+    hash    TEXT    NOT NULL,
+    created INTEGER NOT NULL,
+    revoked INTEGER
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -297,9 +378,11 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open)?;
         conn.execute_batch(SCHEMA).map_err(open)?;
+        audit::migrate(&conn).map_err(open)?;
         Ok(Store {
             conn,
             path: path.to_owned(),
+            audit: audit::file_beside(path),
         })
     }
 
@@ -541,6 +624,17 @@ pub type Tap = tokio::sync::mpsc::UnboundedSender<Op>;
 
 fn write_loop(store: Store, rx: mpsc::Receiver<Batch>, tap: Option<Tap>, stats: &WriterStats) {
     let mut conn = store.conn;
+    let mut chain = match audit::Chain::start(&conn, &store.audit) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(
+                "state database {}: cannot read the end of the audit chain: {e}; events are \
+                 chained from a fresh start",
+                store.path.display()
+            );
+            audit::Chain::default()
+        }
+    };
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
         let mut ops = batches[0].ops.len();
@@ -553,8 +647,10 @@ fn write_loop(store: Store, rx: mpsc::Receiver<Batch>, tap: Option<Tap>, stats: 
                 Err(_) => break,
             }
         }
-        match commit(&mut conn, &batches) {
-            Ok(()) => {
+        let before = chain.clone();
+        match commit(&mut conn, &batches, &mut chain) {
+            Ok(written) => {
+                chain.append(&store.audit, &written);
                 let written = batches
                     .iter()
                     .flat_map(|b| &b.ops)
@@ -578,15 +674,24 @@ fn write_loop(store: Store, rx: mpsc::Receiver<Batch>, tap: Option<Tap>, stats: 
                     }
                 }
             }
-            Err(e) => error!(
-                "state database {}: commit of {ops} writes failed: {e}; their replies are not sent",
-                store.path.display()
-            ),
+            Err(e) => {
+                chain = before;
+                error!(
+                    "state database {}: commit of {ops} writes failed: {e}; their replies are not sent",
+                    store.path.display()
+                )
+            }
         }
     }
 }
 
-fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
+/// Commit `batches` in one transaction; the events written, chained.
+fn commit(
+    conn: &mut Connection,
+    batches: &[Batch],
+    chain: &mut audit::Chain,
+) -> rusqlite::Result<Vec<EventRow>> {
+    let mut written = Vec::new();
     let tx = conn.transaction()?;
     {
         let mut put = tx.prepare_cached(
@@ -654,10 +759,27 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
                     ])?;
                 }
                 Op::Event(e) => {
+                    let e = chain.link(e.clone());
                     tx.prepare_cached(
-                        "INSERT INTO events (at, host, kind, message, commit_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        "INSERT INTO events (id, at, host, kind, message, commit_id, task_id, \
+                         signer, token_id, outcome, prev, hash) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                     )?
-                    .execute(params![e.at as i64, e.host, e.kind, e.message, e.commit])?;
+                    .execute(params![
+                        e.id as i64,
+                        e.at as i64,
+                        e.host,
+                        e.kind,
+                        e.message,
+                        e.commit,
+                        e.task.map(|t| t as i64),
+                        e.signer,
+                        e.token,
+                        e.outcome,
+                        e.prev,
+                        e.hash
+                    ])?;
+                    written.push(e);
                 }
                 Op::PutHost(h) => {
                     tx.prepare_cached(
@@ -688,6 +810,25 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
                         t.result.as_ref().map(json).transpose()?
                     ])?;
                 }
+                Op::PutAdminToken(t) => {
+                    tx.prepare_cached(
+                        "INSERT INTO admin_tokens (id, name, scope, hash, created, revoked) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+                    )?
+                    .execute(params![
+                        t.id,
+                        t.name,
+                        t.scope,
+                        t.hash,
+                        t.created as i64
+                    ])?;
+                }
+                Op::RevokeAdminToken { id, at } => {
+                    tx.prepare_cached(
+                        "UPDATE admin_tokens SET revoked = ?2 WHERE id = ?1 AND revoked IS NULL",
+                    )?
+                    .execute(params![id, *at as i64])?;
+                }
                 Op::PutMeta(k, v) => {
                     tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
                         .execute(params![k, v])?;
@@ -704,7 +845,8 @@ fn commit(conn: &mut Connection, batches: &[Batch]) -> rusqlite::Result<()> {
             tx.execute(PRUNE_TOKENS, [now() as i64])?;
         }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(written)
 }
 
 fn json(v: &impl Serialize) -> rusqlite::Result<String> {
@@ -746,6 +888,8 @@ mod tests {
                 task: Task::Inventory { generation: 1 },
                 disk: Default::default(),
                 after: Default::default(),
+                commit: None,
+                signer: None,
             },
             expires,
         };

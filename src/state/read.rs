@@ -6,12 +6,13 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use super::{EventRow, HostRow, StateError, TaskRow};
+use super::{AdminTokenRow, EventRow, HostRow, StateError, TaskRow};
 use crate::spec::Mac;
 
-const EVENTS: &str = "SELECT id, at, host, kind, message, commit_id FROM events";
+pub(crate) const EVENTS: &str = "SELECT id, at, host, kind, message, commit_id, task_id, \
+     signer, token_id, outcome, prev, hash FROM events";
 
-fn event_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
+pub(crate) fn event_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
         id: r.get::<_, i64>(0)?.max(0) as u64,
         at: r.get::<_, i64>(1)?.max(0) as u64,
@@ -19,6 +20,12 @@ fn event_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
         kind: r.get(3)?,
         message: r.get(4)?,
         commit: r.get(5)?,
+        task: r.get::<_, Option<i64>>(6)?.map(|t| t.max(0) as u64),
+        signer: r.get(7)?,
+        token: r.get(8)?,
+        outcome: r.get(9)?,
+        prev: r.get::<_, Option<String>>(10)?.unwrap_or_default(),
+        hash: r.get::<_, Option<String>>(11)?.unwrap_or_default(),
     })
 }
 
@@ -141,6 +148,8 @@ impl Reader {
     }
 
     /// Events after `after` (an id), oldest first, at most `limit`; of one host or all.
+    /// Successful admin calls (`AdminCall`, one per status poll) are left out of this
+    /// activity feed; `fleetwave audit` shows them.
     pub fn events(
         &self,
         after: u64,
@@ -149,7 +158,8 @@ impl Reader {
     ) -> Result<Vec<EventRow>, StateError> {
         self.q(|c| {
             let mut st = c.prepare(&format!(
-                "{EVENTS} WHERE id > ?1 AND (?2 IS NULL OR host = ?2) ORDER BY id LIMIT ?3"
+                "{EVENTS} WHERE id > ?1 AND (?2 IS NULL OR host = ?2) AND kind != 'AdminCall' \
+                 ORDER BY id LIMIT ?3"
             ))?;
             let rows = st.query_map(params![after as i64, host, limit as i64], event_row)?;
             rows.collect()
@@ -164,13 +174,34 @@ impl Reader {
     ) -> Result<Vec<EventRow>, StateError> {
         let mut rows: Vec<EventRow> = self.q(|c| {
             let mut st = c.prepare(&format!(
-                "{EVENTS} WHERE ?1 IS NULL OR host = ?1 ORDER BY id DESC LIMIT ?2"
+                "{EVENTS} WHERE (?1 IS NULL OR host = ?1) AND kind != 'AdminCall' \
+                 ORDER BY id DESC LIMIT ?2"
             ))?;
             let rows = st.query_map(params![host, limit as i64], event_row)?;
             rows.collect()
         })?;
         rows.reverse();
         Ok(rows)
+    }
+
+    /// Every admin token, revoked ones too, oldest first.
+    pub fn admin_tokens(&self) -> Result<Vec<AdminTokenRow>, StateError> {
+        self.q(|c| {
+            let mut st = c.prepare(
+                "SELECT id, name, scope, hash, created, revoked FROM admin_tokens ORDER BY created, id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(AdminTokenRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    scope: r.get(2)?,
+                    hash: r.get(3)?,
+                    created: r.get::<_, i64>(4)?.max(0) as u64,
+                    revoked: r.get::<_, Option<i64>>(5)?.map(|t| t.max(0) as u64),
+                })
+            })?;
+            rows.collect()
+        })
     }
 
     /// Inventory rows: of known hosts, or (with `unknown`) of machines the fleet lacks.

@@ -62,6 +62,8 @@ pub fn assignment(mac: &str, task: Task) -> Assignment {
         task,
         disk: Default::default(),
         after: Default::default(),
+        commit: None,
+        signer: None,
     }
 }
 

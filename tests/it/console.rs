@@ -195,6 +195,13 @@ fn the_console_shows_the_fleet_moves_a_progress_bar_live_and_shows_a_stalled_com
     });
 
     let mut b = Browser::start();
+    // Reading the status takes a token of scope read: the page keeps it in its tab.
+    b.go(&format!("{url}/console/"));
+    b.wait("the page", "document.readyState === 'complete'");
+    b.eval(&format!(
+        "sessionStorage.setItem('fleetwave-token', '{}')",
+        crate::controller::TEST_ADMIN
+    ));
     b.go(&format!("{url}/console/"));
     b.wait(
         "the fleet page",

@@ -31,11 +31,24 @@ impl Drop for Running {
     }
 }
 
+/// The admin token every test server takes (its bootstrap token, scope operate), and
+/// that [`get`] sends: every operator endpoint needs one.
+pub const TEST_ADMIN: &str = "an-admin-token-of-some-length";
+
+/// [`TEST_ADMIN`] in `dir/admin.token`, for the CLI's --token-file; its path.
+pub fn admin_token_file(dir: &Path) -> PathBuf {
+    let f = dir.join("admin.token");
+    std::fs::write(&f, format!("{TEST_ADMIN}\n")).expect("write the admin token");
+    f
+}
+
 /// Secrets for the operator's API.
 #[derive(Default, Clone)]
 pub struct Secrets {
     pub admin: Option<String>,
     pub webhook: Option<String>,
+    /// Trusted keys and the rules that go with them.
+    pub security: server::Security,
 }
 
 /// `server::run` on 127.0.0.1:0 following `origin`, state under `dir/state`, images in
@@ -70,11 +83,12 @@ pub fn serve_with(
         files_dir: files.to_owned(),
         image_store: store.to_owned(),
         base_url: url.clone(),
-        admin_token: secrets.admin,
+        admin_token: Some(secrets.admin.unwrap_or_else(|| TEST_ADMIN.into())),
         webhook_secret: secrets.webhook,
         policy: Default::default(),
         clock: Arc::new(fleetwave::clock::SystemClock::default()),
         sync: Default::default(),
+        security: secrets.security,
     };
     let stop = CancellationToken::new();
     let s = stop.clone();
@@ -104,7 +118,11 @@ pub fn http() -> ureq::Agent {
 }
 
 pub fn get(url: &str) -> (u16, String) {
-    let mut r = http().get(url).call().expect("GET");
+    let mut r = http()
+        .get(url)
+        .header("Authorization", &format!("Bearer {TEST_ADMIN}"))
+        .call()
+        .expect("GET");
     let status = r.status().as_u16();
     (status, r.body_mut().read_to_string().unwrap_or_default())
 }
@@ -257,8 +275,8 @@ impl Repo {
     }
 }
 
-const REF: &str = "52:54:00:28:00:10";
-const PC: [&str; 3] = [
+pub const REF: &str = "52:54:00:28:00:10";
+pub const PC: [&str; 3] = [
     "52:54:00:28:00:11",
     "52:54:00:28:00:12",
     "52:54:00:28:00:13",
@@ -288,7 +306,7 @@ waves:
 }
 
 /// A reference disk: an ext4 filesystem with some files.
-fn reference_disk(d: &Path) -> PathBuf {
+pub fn reference_disk(d: &Path) -> PathBuf {
     let src = d.join("src");
     std::fs::create_dir_all(&src).expect("mkdir");
     for i in 0..6u8 {
@@ -309,7 +327,7 @@ fn reference_disk(d: &Path) -> PathBuf {
 }
 
 /// An empty target disk of `bytes`.
-fn blank(path: &Path, bytes: u64) -> PathBuf {
+pub fn blank(path: &Path, bytes: u64) -> PathBuf {
     std::fs::File::create(path)
         .and_then(|f| f.set_len(bytes))
         .expect("blank disk");
@@ -345,8 +363,9 @@ fn a_commit_converges_the_lab_wave_by_wave_through_capture_and_verified_deploys(
         repo.origin(),
         &d.join("store"),
         Secrets {
-            admin: Some("an-admin-token-of-some-length".into()),
+            admin: Some(TEST_ADMIN.into()),
             webhook: Some(secret.into()),
+            ..Default::default()
         },
     );
     let url = server.url.as_str();
@@ -716,6 +735,8 @@ fn serve_process(d: &Path, repo: &Repo, port: u16) -> Process {
         .arg("--files-dir")
         .arg(d)
         .args(["--http-port", &port.to_string(), "--tftp-port", "0"])
+        .arg("--admin-token-file")
+        .arg(admin_token_file(d))
         .env("FLEETWAVE_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -826,14 +847,16 @@ fn plan_reads_the_observed_state_from_a_running_server() {
     wait_for(&server.url, "applied", Duration::from_secs(20), |s| {
         s.applied.is_some()
     });
-    let (code, out) = cli(&[
-        "plan",
-        d.join("fleet.yaml").to_str().expect("utf-8"),
-        "--observed",
-        &server.url,
-    ]);
-    assert_eq!(code, 1, "{out}");
-    assert!(out.contains("capture win10"), "{out}");
+    // With the token the other commands take (`plan` reads FLEETWAVE_TOKEN_FILE).
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+        .args(["plan", d.join("fleet.yaml").to_str().expect("utf-8")])
+        .args(["--observed", &server.url])
+        .env("FLEETWAVE_TOKEN_FILE", admin_token_file(d))
+        .output()
+        .expect("plan runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("capture win10"), "{text}");
     // Unreachable: the error names the URL.
     let (code, out) = cli(&[
         "plan",
@@ -851,8 +874,9 @@ fn an_unknown_machine_registers_and_the_operator_commands_show_and_act() {
     let d = dir.path();
     let fleet = lab_fleet(1).replace("lease: 1h}\n", "lease: 1h}\n    unknown_hosts: register\n");
     std::fs::write(d.join("fleet.yaml"), &fleet).expect("write");
-    let admin = "an-admin-token-of-some-length";
-    std::fs::write(d.join("admin.token"), format!("{admin}\n")).expect("write");
+    let admin = TEST_ADMIN;
+    let token_file = admin_token_file(d);
+    let tf = token_file.to_str().expect("utf-8");
     let server = serve(
         d,
         Origin::Dir(d.join("fleet.yaml")),
@@ -860,6 +884,7 @@ fn an_unknown_machine_registers_and_the_operator_commands_show_and_act() {
         Secrets {
             admin: Some(admin.into()),
             webhook: None,
+            ..Default::default()
         },
     );
     let url = server.url.as_str();
@@ -879,7 +904,11 @@ fn an_unknown_machine_registers_and_the_operator_commands_show_and_act() {
     );
     let (code, out) = agent(url, stranger, &t, Path::new("/nonexistent"));
     assert_eq!(code, 0, "{out}");
+    // Reading needs a token too.
     let (code, out) = cli(&["hosts", "--unknown", "--server", url]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("401"), "{out}");
+    let (code, out) = cli(&["hosts", "--unknown", "--server", url, "--token-file", tf]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(stranger), "{out}");
     assert!(
@@ -887,19 +916,25 @@ fn an_unknown_machine_registers_and_the_operator_commands_show_and_act() {
         "{out}"
     );
     // The status table names every host and why it waits.
-    let (code, out) = cli(&["status", "--server", url]);
+    let (code, out) = cli(&["status", "--server", url, "--token-file", tf]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ref-win10") && out.contains("Armed"), "{out}");
     assert!(out.contains("WaitingForCapture"), "{out}");
-    let (code, out) = cli(&["status", "--server", url, "--wave", "room-a"]);
+    let (code, out) = cli(&[
+        "status",
+        "--server",
+        url,
+        "--wave",
+        "room-a",
+        "--token-file",
+        tf,
+    ]);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("pc01 ") && out.contains("pc02"), "{out}");
     // Retry and sync need the admin token.
     let (code, out) = cli(&["retry", "pc01", "--server", url]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("401"), "{out}");
-    let token_file = d.join("admin.token");
-    let tf = token_file.to_str().expect("utf-8");
     let (code, out) = cli(&["retry", "pc01", "--server", url, "--token-file", tf]);
     assert_eq!(code, 0, "{out}");
     let (code, out) = cli(&["retry", "nobody", "--server", url, "--token-file", tf]);
@@ -907,7 +942,7 @@ fn an_unknown_machine_registers_and_the_operator_commands_show_and_act() {
     assert!(out.contains("not in the fleet"), "{out}");
     let (code, out) = cli(&["sync", "--server", url, "--token-file", tf]);
     assert_eq!(code, 0, "{out}");
-    let (code, out) = cli(&["events", "--server", url]);
+    let (code, out) = cli(&["events", "--server", url, "--token-file", tf]);
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("UnknownHostRegistered") && out.contains("Retry"),
@@ -994,6 +1029,8 @@ fn an_armed_host_that_may_be_woken_gets_its_magic_packet() {
             .args([
                 "wget",
                 "-q",
+                "--header",
+                &format!("Authorization: Bearer {TEST_ADMIN}"),
                 "-O",
                 "-",
                 "http://127.0.0.1:8080/api/v1/events",

@@ -58,6 +58,7 @@ fn start() -> Http {
                 captured_at: 0,
                 disk_bytes: 1_000_000,
                 stored_bytes: 400_000,
+                made_by: None,
             },
         )
         .expect("version");

@@ -17,6 +17,7 @@ mod netlab;
 mod package;
 mod plan_props;
 mod schema;
+mod security;
 mod service;
 mod snapshots;
 mod tftp;

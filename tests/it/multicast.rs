@@ -604,6 +604,8 @@ fn a_session_starts_on_max_wait_short_of_receivers_and_a_cut_off_receiver_fills_
         .args([
             "wget",
             "-q",
+            "--header",
+            &format!("Authorization: Bearer {}", crate::controller::TEST_ADMIN),
             "-O",
             "-",
             "http://127.0.0.1:8080/api/v1/multicast/sessions",

@@ -274,7 +274,11 @@ pub fn workdir(fleet: &str) -> tempfile::TempDir {
 /// The arguments that point `serve` at a [`workdir`].
 pub fn serve_args(dir: &Path) -> Vec<String> {
     let p = |s: &str| dir.join(s).display().to_string();
+    // Every operator endpoint needs a token: the tests' own.
+    crate::controller::admin_token_file(dir);
     vec![
+        "--admin-token-file".into(),
+        p("admin.token"),
         "--fleet".into(),
         p("fleet.yaml"),
         "--state-dir".into(),

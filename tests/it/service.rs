@@ -46,8 +46,9 @@ fn serve_takes_its_settings_from_server_yaml_with_flags_over_them_and_logs_json(
         "# yaml-language-server: $schema=schemas/server.schema.json\n\
          fleet: {d}/fleet.yaml\ninterval: 1h\nstate_dir: {d}/state\nimage_store: {d}/store\n\
          ipxe_dir: {d}\nfiles_dir: {d}\nlisten: {{http: 1, tftp: 0}}\n\
-         log: info\nlog_format: json\n",
-        d = d.display()
+         log: info\nlog_format: json\nadmin_token_file: {token}\n",
+        d = d.display(),
+        token = crate::controller::admin_token_file(d).display()
     );
     // Apart from the fleet, whose directory the server watches.
     std::fs::create_dir(d.join("etc")).expect("mkdir");

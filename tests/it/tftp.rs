@@ -20,6 +20,11 @@ struct Server {
 
 impl Server {
     fn start(root: &Path) -> Server {
+        Server::start_with(root, |_| {})
+    }
+
+    /// [`Server::start`] with `adjust` applied to its configuration.
+    fn start_with(root: &Path, adjust: impl FnOnce(&mut Config)) -> Server {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -34,6 +39,9 @@ impl Server {
         let (s, t) = (stats.clone(), stop.clone());
         let mut config = Config::new(root);
         config.timeout = std::time::Duration::from_millis(500);
+        // Every test client is 127.0.0.1; a lab's machines each have their own address.
+        config.max_per_client = 64;
+        adjust(&mut config);
         let thread = std::thread::spawn(move || rt.block_on(tftp::run(socket, config, s, t)));
         Server {
             addr,
@@ -429,4 +437,49 @@ fn shutdown_ends_transfers_in_flight() {
         "no transfer outlived the server"
     );
     let _ = from;
+}
+
+#[test]
+fn one_address_cannot_hold_every_transfer_and_others_are_still_served() {
+    let f = files();
+    std::fs::write(f.root.join("boot.bin"), bytes(50_000, 3)).expect("write");
+    // A long retransmission timeout: the silent transfers below hold their slots for
+    // the whole test, however slow the machine.
+    let server = Server::start_with(&f.root, |c| c.timeout = std::time::Duration::from_secs(60));
+    // 64 silent transfers from 127.0.0.1 (its bound in these tests), never ACKed: each
+    // holds its slot until its retries run out.
+    let silent: Vec<_> = (0..64)
+        .map(|_| {
+            let c = raw_client();
+            c.send_to(&rrq("boot.bin"), server.addr).expect("send");
+            let mut buf = [0u8; 1024];
+            let (_, _) = c.recv_from(&mut buf).expect("block 1");
+            assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), 3, "DATA");
+            c
+        })
+        .collect();
+    // The next one from the same address is refused at once.
+    let c = raw_client();
+    c.send_to(&rrq("boot.bin"), server.addr).expect("send");
+    let mut buf = [0u8; 1024];
+    let (n, _) = c.recv_from(&mut buf).expect("an answer");
+    assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), 5, "ERROR");
+    assert!(
+        String::from_utf8_lossy(&buf[4..n]).contains("too many transfers"),
+        "{}",
+        String::from_utf8_lossy(&buf[4..n])
+    );
+    // Another address is served.
+    let other = std::net::UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    other
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    other.send_to(&rrq("boot.bin"), server.addr).expect("send");
+    let (_, _) = other.recv_from(&mut buf).expect("an answer");
+    assert_eq!(
+        u16::from_be_bytes([buf[0], buf[1]]),
+        3,
+        "DATA for another client"
+    );
+    drop(silent);
 }

@@ -31,6 +31,9 @@ pub struct Config {
     pub root: PathBuf,
     /// Transfers at once; requests beyond it get "server busy".
     pub max_transfers: usize,
+    /// Transfers at once from one client address, so one machine (or one flood of
+    /// requests) cannot take every slot.
+    pub max_per_client: usize,
     /// Sends of one window before a silent client is given up.
     pub retries: u32,
     /// Retransmission timeout when the client asks for none.
@@ -70,6 +73,7 @@ impl Config {
         Config {
             root: root.into(),
             max_transfers: 512,
+            max_per_client: 16,
             retries: 5,
             timeout: Duration::from_secs(1),
             max_window: 64,
@@ -109,6 +113,7 @@ pub async fn run(
     let local_ip = socket.local_addr()?.ip();
     let config = Arc::new(Config { root, ..config });
     let slots = Arc::new(Semaphore::new(config.max_transfers));
+    let clients = super::PerClient::new(config.max_per_client);
     let transfers = tokio_util::task::TaskTracker::new();
     let mut buf = vec![0u8; 2048];
     info!(addr = %socket.local_addr()?, root = %config.root.display(), "tftp: serving");
@@ -143,6 +148,15 @@ pub async fn run(
                 .await;
             continue;
         }
+        let Some(slot) = clients.take(peer.ip()) else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "tftp: too many transfers from this client");
+            let msg = "too many transfers from your address at once, try again";
+            let _ = socket
+                .send_to(&packet::error(ErrorCode::NotDefined, msg), peer)
+                .await;
+            continue;
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             let _ = socket
                 .send_to(
@@ -154,7 +168,7 @@ pub async fn run(
         };
         let (config, stats, shutdown) = (config.clone(), stats.clone(), shutdown.clone());
         transfers.spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             let file = request.filename.clone();
             match transfer(request, peer, local_ip, &config, &stats, &shutdown).await {
                 Ok(bytes) => {
