@@ -158,6 +158,8 @@ struct VersionView {
     /// version added to the store.
     new_bytes: u64,
     chunks: usize,
+    /// Who captured it: the task, the host, the commit and its signer.
+    made_by: Option<crate::image::store::MadeBy>,
 }
 
 async fn images(State(st): State<HttpState>, headers: HeaderMap) -> Response {
@@ -193,6 +195,7 @@ async fn images(State(st): State<HttpState>, headers: HeaderMap) -> Response {
                     stored_bytes: v.stored_bytes,
                     new_bytes,
                     chunks: chunks.len(),
+                    made_by: v.made_by.clone(),
                 });
             }
             versions.reverse();

@@ -56,7 +56,9 @@ impl Lab {
         let (code, out) = run(Command::new("ip")
             .args(["netns", "exec", &format!("{}-srv", self.name)])
             .arg(static_agent())
-            .args(["status", "--json", "--server", "http://172.28.0.1"]));
+            .args(["status", "--json", "--server", "http://172.28.0.1"])
+            // The lab's own admin token: the operator's API needs one.
+            .env("FLEETWAVE_TOKEN_FILE", self.dir.join("admin-token")));
         if code != 0 {
             return None;
         }

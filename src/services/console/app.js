@@ -250,7 +250,8 @@ function imagesPage() {
     <h2>${esc(img.name)}</h2><div class="card"><table><thead><tr><th>Version</th><th>Generation</th>
       <th>Captured</th><th>Disk</th><th>Stored</th><th>New in this version</th><th class="wide">Chunks</th></tr></thead><tbody>
     ${img.versions.map((v) => `<tr><td class="mono">${esc(short(v.digest))}</td><td>${v.generation}</td>
-      <td>${when(v.captured_at)}${v.captured_by ? ` by ${esc(v.captured_by)}` : ""}</td>
+      <td>${when(v.captured_at)}${v.made_by ? `<br><span class="muted">from ${v.made_by.host ? link("host", v.made_by.host) : esc(v.made_by.mac)},
+        task ${v.made_by.task}${v.made_by.commit ? `, commit <span class="mono">${esc(short(v.made_by.commit))}</span>` : ""}${v.made_by.signer ? `, signed by ${esc(v.made_by.signer)}` : ""}</span>` : ""}</td>
       <td>${bytes(v.disk_bytes)}</td><td>${bytes(v.stored_bytes)}</td>
       <td>${bytes(v.new_bytes)} ${v.stored_bytes ? `(${Math.round((100 * v.new_bytes) / v.stored_bytes)}%)` : ""}</td>
       <td class="wide">${v.chunks}</td></tr>`).join("")}</tbody></table></div>`).join("") ||
