@@ -35,6 +35,7 @@ fn site(name: &str, third: u8, mode: DhcpMode, relayed: bool) -> SiteNet {
         } else {
             UnknownHosts::Register
         },
+        secure_boot: third == 3,
     }
 }
 
