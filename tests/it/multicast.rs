@@ -68,6 +68,17 @@ fn image(dir: &Path, store: &Path, name: &str, seed: u64) -> (PathBuf, String) {
 /// Drop `percent`% of the UDP datagrams reaching `host`: the group's and those sent to
 /// it alone (the kernel's nftables; the machine's kernel has no netem).
 fn lose(lab: &Lab, host: &str, percent: u32) {
+    let p = percent.to_string();
+    drop_udp(
+        lab,
+        host,
+        &["numgen", "random", "mod", "100", "<", &p, "drop"],
+    );
+}
+
+/// An nftables rule on every UDP datagram reaching `host`, before anything else
+/// sees it: `verdict` says which to drop.
+fn drop_udp(lab: &Lab, host: &str, verdict: &[&str]) {
     let nft = |args: &[&str]| {
         let ok = lab.cmd(host, "nft").args(args).status();
         assert!(ok.is_ok_and(|s| s.success()), "nft {args:?}");
@@ -81,23 +92,11 @@ fn lose(lab: &Lab, host: &str, percent: u32) {
         "in",
         "{ type filter hook prerouting priority -300; }",
     ]);
-    nft(&[
-        "add",
-        "rule",
-        "inet",
-        "fwloss",
-        "in",
-        "meta",
-        "l4proto",
-        "udp",
-        "numgen",
-        "random",
-        "mod",
-        "100",
-        "<",
-        &percent.to_string(),
-        "drop",
-    ]);
+    let mut rule = vec![
+        "add", "rule", "inet", "fwloss", "in", "meta", "l4proto", "udp",
+    ];
+    rule.extend_from_slice(verdict);
+    nft(&rule);
 }
 
 /// A started command whose output goes to `log`.
@@ -212,6 +211,43 @@ fn log_of(target: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// The three hosts in wave `room-a`, multicast on 239.28.0.1:9000 with `session`'s
+/// settings (min_receivers, max_wait, max_rate).
+fn room_fleet(fleet_head: &str, session: &str) -> String {
+    format!(
+        "{fleet_head}multicast:\n  room-a: {{address: 239.28.0.1, port: 9000, {session}}}\n\
+         hosts:\n{}waves:\n  room-a: {{transport: multicast, multicast: room-a}}\n",
+        MACS.iter()
+            .enumerate()
+            .map(|(i, m)| format!(
+                "  pc0{}: {{mac: \"{m}\", site: lab, image: win10, wave: room-a}}\n",
+                i + 1
+            ))
+            .collect::<String>()
+    )
+}
+
+/// Receiver `i` deploys `digest` from the server with its task `token`, joining the
+/// session, onto `disk{i}.img` (kept if it exists: a restarted deploy resumes);
+/// its output goes to `r{i}.log`.
+fn deploy_from_server(lab: &Lab, d: &Path, digest: &str, i: usize, token: &str) -> Child {
+    let target = d.join(format!("disk{i}.img"));
+    if !target.exists() {
+        std::fs::File::create(&target).expect("target");
+    }
+    let mut c = lab.cmd(&format!("r{}", i + 1), env!("CARGO_BIN_EXE_fleetwave"));
+    c.args(["agent", "deploy", digest])
+        .arg(&target)
+        .args([
+            "--server",
+            &format!("http://{SERVER}:8080"),
+            "--token",
+            token,
+        ])
+        .args(["--mac", MACS[i], "--multicast", "--json"]);
+    spawn(c, &d.join(format!("r{i}.log")))
+}
+
 #[test]
 fn a_wave_converges_by_multicast_with_a_late_a_restarted_and_a_lossy_receiver() {
     if !tools() {
@@ -226,16 +262,9 @@ fn a_wave_converges_by_multicast_with_a_late_a_restarted_and_a_lossy_receiver() 
     let (img, digest) = image(d, &d.join("store"), "win10", 11);
     // A slow group (8 Mbit/s): the session lasts long enough to join late and to
     // kill a receiver in the middle of it.
-    let fleet = format!(
-        "{fleet_head}multicast:\n  room-a: {{address: 239.28.0.1, port: 9000, min_receivers: 2, max_wait: 30s, max_rate: 8Mbit}}\n\
-         hosts:\n{}waves:\n  room-a: {{transport: multicast, multicast: room-a}}\n",
-        MACS.iter()
-            .enumerate()
-            .map(|(i, m)| format!(
-                "  pc0{}: {{mac: \"{m}\", site: lab, image: win10, wave: room-a}}\n",
-                i + 1
-            ))
-            .collect::<String>()
+    let fleet = room_fleet(
+        &fleet_head,
+        "min_receivers: 2, max_wait: 30s, max_rate: 8Mbit",
     );
     std::fs::write(d.join("fleet.yaml"), &fleet).expect("write");
     // The version is in the server's store: the controller arms the wave's deploys.
@@ -244,24 +273,7 @@ fn a_wave_converges_by_multicast_with_a_late_a_restarted_and_a_lossy_receiver() 
     let mut serve = lab.serve("srv", &args);
     lose(&lab, "r1", 5);
 
-    let deploy = |i: usize, token: &str| {
-        let host = format!("r{}", i + 1);
-        let target = d.join(format!("disk{i}.img"));
-        if !target.exists() {
-            std::fs::File::create(&target).expect("target");
-        }
-        let mut c = lab.cmd(&host, env!("CARGO_BIN_EXE_fleetwave"));
-        c.args(["agent", "deploy", &digest])
-            .arg(&target)
-            .args([
-                "--server",
-                &format!("http://{SERVER}:8080"),
-                "--token",
-                token,
-            ])
-            .args(["--mac", MACS[i], "--multicast", "--json"]);
-        spawn(c, &d.join(format!("r{i}.log")))
-    };
+    let deploy = |i: usize, token: &str| deploy_from_server(&lab, d, &digest, i, token);
     let tokens: Vec<String> = (0..3)
         .map(|i| token(&lab, &format!("r{}", i + 1), MACS[i]))
         .collect();
@@ -476,23 +488,7 @@ fn a_lossy_receivers_repairs_go_to_it_alone_and_take_a_bounded_share_of_the_pass
 
 /// Drop every UDP datagram reaching `host` from now on (TCP still passes).
 fn cut(lab: &Lab, host: &str) {
-    for args in [
-        &["add", "table", "inet", "fwcut"][..],
-        &[
-            "add",
-            "chain",
-            "inet",
-            "fwcut",
-            "in",
-            "{ type filter hook prerouting priority -300; }",
-        ],
-        &[
-            "add", "rule", "inet", "fwcut", "in", "meta", "l4proto", "udp", "drop",
-        ],
-    ] {
-        let ok = lab.cmd(host, "nft").args(args).status();
-        assert!(ok.is_ok_and(|s| s.success()), "nft {args:?}");
-    }
+    drop_udp(lab, host, &["drop"]);
 }
 
 /// Allocated bytes of a file (what a receiver has written so far).
@@ -517,37 +513,17 @@ fn a_session_starts_on_max_wait_short_of_receivers_and_a_cut_off_receiver_fills_
     let d = dir.path();
     let (img, digest) = image(d, &d.join("store"), "win10", 23);
     // Three receivers wanted, two come: the session must start when max_wait is up.
-    let fleet = format!(
-        "{fleet_head}multicast:\n  room-a: {{address: 239.28.0.1, port: 9000, min_receivers: 3, max_wait: 5s, max_rate: 4Mbit}}\n\
-         hosts:\n{}waves:\n  room-a: {{transport: multicast, multicast: room-a}}\n",
-        MACS.iter()
-            .enumerate()
-            .map(|(i, m)| format!(
-                "  pc0{}: {{mac: \"{m}\", site: lab, image: win10, wave: room-a}}\n",
-                i + 1
-            ))
-            .collect::<String>()
+    let fleet = room_fleet(
+        &fleet_head,
+        "min_receivers: 3, max_wait: 5s, max_rate: 4Mbit",
     );
     std::fs::write(d.join("fleet.yaml"), &fleet).expect("write");
     let args = serve_args(d);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut serve = lab.serve("srv", &args);
     let deploy = |i: usize| {
-        let host = format!("r{}", i + 1);
-        let target = d.join(format!("disk{i}.img"));
-        std::fs::File::create(&target).expect("target");
-        let token = token(&lab, &host, MACS[i]);
-        let mut c = lab.cmd(&host, env!("CARGO_BIN_EXE_fleetwave"));
-        c.args(["agent", "deploy", &digest])
-            .arg(&target)
-            .args([
-                "--server",
-                &format!("http://{SERVER}:8080"),
-                "--token",
-                &token,
-            ])
-            .args(["--mac", MACS[i], "--multicast", "--json"]);
-        spawn(c, &d.join(format!("r{i}.log")))
+        let token = token(&lab, &format!("r{}", i + 1), MACS[i]);
+        deploy_from_server(&lab, d, &digest, i, &token)
     };
     let r0 = deploy(0);
     let r1 = deploy(1);
