@@ -408,7 +408,7 @@ fn pxe_run(case: &Case) -> Option<Run> {
         _ => serve_setup(d, MAC, &store, "golden", case.host_extra),
     };
     let files = match case.firmware {
-        Firmware::SecureBoot { .. } => {
+        Firmware::SecureBoot { unsigned_kernel } => {
             let fleet = d.join("fleet.yaml");
             let text = std::fs::read_to_string(&fleet).expect("fleet");
             let text = text.replace(
@@ -416,10 +416,7 @@ fn pxe_run(case: &Case) -> Option<Run> {
                 "    interface: eth0\n    secure_boot: true\n",
             );
             std::fs::write(&fleet, text).expect("fleet");
-            if let Firmware::SecureBoot {
-                unsigned_kernel: true,
-            } = case.firmware
-            {
+            if unsigned_kernel {
                 unsigned_copy(&files, &d.join("files"))
             } else {
                 files
@@ -486,36 +483,34 @@ fn pxe_run(case: &Case) -> Option<Run> {
             qemu.arg("-fw_cfg")
                 .arg(format!("name=etc/sercon-port,file={}", sercon.display()));
         }
-        Firmware::SecureBoot { .. } => {
+        Firmware::Uefi | Firmware::SecureBoot { .. } => {
+            let secure = matches!(case.firmware, Firmware::SecureBoot { .. });
+            let (code, vars_from) = if secure {
+                // Microsoft's keys enrolled, Secure Boot enforced.
+                ("OVMF_CODE_4M.secboot.fd", "OVMF_VARS_4M.ms.fd")
+            } else {
+                ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd")
+            };
             let vars = d.join("vars.fd");
-            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.ms.fd", &vars).expect("OVMF vars");
-            // SMM keeps the variables (and so the keys) out of the OS's reach.
-            qemu.args([
-                "-machine",
-                "q35,smm=on",
-                "-global",
-                "driver=cfi.pflash01,property=secure,value=on",
-                "-drive",
-                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
-            ])
-            .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=1,file={}",
-                vars.display()
-            ));
-        }
-        Firmware::Uefi => {
-            let vars = d.join("vars.fd");
-            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF vars");
-            qemu.args([
-                "-drive",
-                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-            ])
-            .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=1,file={}",
-                vars.display()
-            ));
+            std::fs::copy(Path::new("/usr/share/OVMF").join(vars_from), &vars).expect("OVMF vars");
+            if secure {
+                // SMM keeps the variables (and so the keys) out of the OS's reach.
+                qemu.args([
+                    "-machine",
+                    "q35,smm=on",
+                    "-global",
+                    "driver=cfi.pflash01,property=secure,value=on",
+                ]);
+            }
+            qemu.arg("-drive")
+                .arg(format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/{code}"
+                ))
+                .arg("-drive")
+                .arg(format!(
+                    "if=pflash,format=raw,unit=1,file={}",
+                    vars.display()
+                ));
         }
     }
     let vm = qemu
