@@ -155,17 +155,23 @@ async fn status(State(c): State<Control>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&c, &headers, Scope::Read, "GET /api/v1/status", None) {
         return *r;
     }
-    let mut s = match ask_status(&c).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+    match status_with_events(&c).await {
+        Ok(s) => Json(s).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// The controller's status with the newest events: what `GET /api/v1/status` answers
+/// and the console's stream sends.
+pub(crate) async fn status_with_events(c: &Control) -> Result<FleetStatus, Response> {
+    let mut s = ask_status(c).await?;
     let r = c.reader.clone();
     match tokio::task::spawn_blocking(move || r.recent_events(None, 20)).await {
         Ok(Ok(events)) => s.events = events,
-        Ok(Err(e)) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(Err(e)) => return Err(text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(e) => return Err(text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
-    Json(s).into_response()
+    Ok(s)
 }
 
 async fn observed(State(c): State<Control>, headers: HeaderMap) -> Response {

@@ -26,7 +26,7 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use super::admin::{ask_status, authorize};
+use super::admin::{authorize, status_with_events};
 use super::http::HttpState;
 use super::tokens::Scope;
 use crate::protocol::{Command, FleetStatus};
@@ -79,12 +79,7 @@ async fn snapshot(st: &HttpState) -> Result<FleetStatus, Response> {
     let Some(c) = &st.control else {
         return Err(unavailable("this server runs no controller"));
     };
-    let mut s = ask_status(c).await?;
-    let r = c.reader.clone();
-    if let Ok(Ok(events)) = tokio::task::spawn_blocking(move || r.recent_events(None, 20)).await {
-        s.events = events;
-    }
-    Ok(s)
+    status_with_events(c).await
 }
 
 /// Whether the request's token may read (a refusal to send back if not).
