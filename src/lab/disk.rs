@@ -226,8 +226,9 @@ pub fn put_data(disk: &Path, name: &str, bytes: &[u8], work: &Path) -> Result<()
     Ok(())
 }
 
-/// Repeatable noise (xorshift), so two builds of the disk hold the same data.
-fn noise(n: usize, seed: u64) -> Vec<u8> {
+/// Repeatable noise (xorshift), so two builds of the disk hold the same data (and a
+/// test's data reproduces).
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..n)
         .map(|_| {

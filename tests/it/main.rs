@@ -135,15 +135,7 @@ pub fn mkfs_ext4(src: &Path, img: &Path, bytes: u64, args: &[&str]) {
 
 /// Deterministic pseudo-random bytes, so a failure reproduces.
 pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    fleetwave::lab::disk::noise(n, seed)
 }
 
 /// A loop device over a sparse file of `bytes`; detached on drop. `None` (a skip)
