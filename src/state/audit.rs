@@ -219,19 +219,23 @@ pub struct Report {
     pub broken: Option<Break>,
 }
 
+/// The state database at `db`, read only (the audit commands run beside a server).
+fn open_read_only(db: &Path) -> Result<Connection, StateError> {
+    Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
+        StateError::Open {
+            path: db.to_owned(),
+            source,
+        }
+    })
+}
+
 /// Check the database's chain, then the JSON-lines copy's, then that the two agree.
 pub fn verify(db: &Path, file: &Path) -> Result<Report, StateError> {
     let query = |source| StateError::Query {
         path: db.to_owned(),
         source,
     };
-    let conn =
-        Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
-            StateError::Open {
-                path: db.to_owned(),
-                source,
-            }
-        })?;
+    let conn = open_read_only(db)?;
     let mut st = conn
         .prepare(&format!("{EVENTS} ORDER BY id"))
         .map_err(query)?;
@@ -391,13 +395,7 @@ pub fn read(db: &Path, filter: &Filter) -> Result<Vec<EventRow>, StateError> {
         path: db.to_owned(),
         source,
     };
-    let conn =
-        Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
-            StateError::Open {
-                path: db.to_owned(),
-                source,
-            }
-        })?;
+    let conn = open_read_only(db)?;
     let mut st = conn
         .prepare(&format!(
             "{EVENTS} WHERE (?1 IS NULL OR host = ?1) AND at >= ?2 \
