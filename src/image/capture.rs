@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::layout::BLOCK;
+use super::chunker::{Chunks, Extents};
 use super::manifest::{ChunkRef, Chunker, Manifest, PartitionTable};
 use super::store::{self, Repo, StoreError};
 use super::*;
@@ -56,90 +56,8 @@ pub struct CaptureReport {
     pub seconds: f64,
 }
 
-/// Where the data stream's bytes sit on the disk, filled in while the stream is read.
-#[derive(Default)]
-struct Extents {
-    data: Vec<(u64, u64)>,
-    zeros: Vec<(u64, u64)>,
-}
-
-fn push_run(v: &mut Vec<(u64, u64)>, off: u64, len: u64) {
-    match v.last_mut() {
-        Some(last) if last.0 + last.1 == off => last.1 += len,
-        _ => v.push((off, len)),
-    }
-}
-
-/// Reads the non-zero used blocks of a disk, in order, as one stream.
-struct UsedData {
-    file: File,
-    runs: Vec<(u64, u64)>,
-    run: usize,
-    pos: u64,
-    buf: Vec<u8>,
-    buf_start: usize,
-    buf_end: usize,
-    extents: Arc<Mutex<Extents>>,
-    meter: Option<Arc<Meter>>,
-}
-
-const READ_SIZE: usize = 4 << 20;
 /// Chunks a capture worker takes at once (one missing-chunk query for all).
 const BATCH: usize = 16;
-static ZERO: [u8; BLOCK as usize] = [0; BLOCK as usize];
-
-impl UsedData {
-    /// Fill `buf` with the next non-zero blocks.
-    fn refill(&mut self) -> io::Result<()> {
-        self.buf_start = 0;
-        self.buf_end = 0;
-        while self.buf_end == 0 {
-            let Some(&(start, len)) = self.runs.get(self.run) else {
-                return Ok(());
-            };
-            let end = start + len;
-            if self.pos < start {
-                self.pos = start;
-            }
-            if self.pos >= end {
-                self.run += 1;
-                continue;
-            }
-            let n = ((end - self.pos) as usize).min(READ_SIZE);
-            let mut raw = vec![0u8; n];
-            self.file.read_exact_at(&mut raw, self.pos)?;
-            let mut ext = self.extents.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, block) in raw.chunks(BLOCK as usize).enumerate() {
-                let off = self.pos + (i as u64) * BLOCK;
-                if block == &ZERO[..block.len()] {
-                    push_run(&mut ext.zeros, off, block.len() as u64);
-                } else {
-                    push_run(&mut ext.data, off, block.len() as u64);
-                    self.buf[self.buf_end..self.buf_end + block.len()].copy_from_slice(block);
-                    self.buf_end += block.len();
-                }
-            }
-            self.pos += n as u64;
-            Meter::add(self.meter.as_deref(), n as u64);
-        }
-        Ok(())
-    }
-}
-
-impl Read for UsedData {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.buf_start == self.buf_end {
-            self.refill()?;
-            if self.buf_end == 0 {
-                return Ok(0);
-            }
-        }
-        let n = out.len().min(self.buf_end - self.buf_start);
-        out[..n].copy_from_slice(&self.buf[self.buf_start..self.buf_start + n]);
-        self.buf_start += n;
-        Ok(n)
-    }
-}
 
 /// Capture the disk (or image file) at `disk` into `store`; with `name`, record the
 /// version under that image with `generation`.
@@ -169,26 +87,15 @@ pub fn capture(
     let used_bytes = layout.used.iter().map(|r| r.1).sum();
 
     let extents = Arc::new(Mutex::new(Extents::default()));
-    let reader = UsedData {
-        file: file.try_clone().map_err(io_err(disk))?,
-        runs: layout.used.clone(),
-        run: 0,
-        pos: 0,
-        buf: vec![0u8; READ_SIZE],
-        buf_start: 0,
-        buf_end: 0,
-        extents: extents.clone(),
-        meter: opts.meter.clone(),
-    };
     if let Some(m) = &opts.meter {
         m.total.store(used_bytes, Ordering::Relaxed);
     }
-    let chunker = Chunker::current();
-    let cdc = fastcdc::v2020::StreamCDC::new(
-        reader,
-        chunker.min as usize,
-        chunker.avg as usize,
-        chunker.max as usize,
+    let cdc = Chunks::new(
+        file.try_clone().map_err(io_err(disk))?,
+        layout.used.clone(),
+        &layout.files,
+        extents.clone(),
+        opts.meter.clone(),
     );
 
     // Workers hash, ask the repository, compress and store; the chunker runs here.
@@ -262,13 +169,13 @@ pub fn capture(
         for chunk in cdc {
             match chunk {
                 Ok(c) => {
-                    if tx.send((count, c.data)).is_err() {
+                    if tx.send((count, c)).is_err() {
                         break;
                     }
                     count += 1;
                 }
                 Err(e) => {
-                    read_error = Some(io::Error::other(e.to_string()));
+                    read_error = Some(e);
                     break;
                 }
             }
@@ -306,7 +213,7 @@ pub fn capture(
     let manifest = Manifest {
         format: 1,
         disk_bytes,
-        chunker,
+        chunker: Chunker::current(),
         partition_table: PartitionTable {
             kind: layout.table,
             sector: layout.sector,

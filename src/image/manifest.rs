@@ -10,10 +10,23 @@ use crate::spec::Digest;
 /// boundaries can match this version's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunker {
-    /// `fastcdc-v2020`, normalization level 1.
+    /// `fastcdc-v2020`, normalization level 1; `+file-extents` when it also cuts at
+    /// files' boundaries.
     pub algorithm: String,
     /// The exact crate version (pinned in Cargo.toml): boundaries depend on it.
     pub implementation: String,
+    /// Sizes inside files' data (everywhere, for versions without `metadata`).
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+    /// Sizes outside files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Sizes>,
+}
+
+/// A chunker's minimum, average and maximum chunk sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sizes {
     pub min: u32,
     pub avg: u32,
     pub max: u32,
@@ -21,12 +34,14 @@ pub struct Chunker {
 
 impl Chunker {
     pub fn current() -> Chunker {
+        use super::chunker::{DATA, META};
         Chunker {
-            algorithm: "fastcdc-v2020".into(),
+            algorithm: "fastcdc-v2020+file-extents".into(),
             implementation: "fastcdc 5.0.0".into(),
-            min: 128 * 1024,
-            avg: 512 * 1024,
-            max: 2048 * 1024,
+            min: DATA.min,
+            avg: DATA.avg,
+            max: DATA.max,
+            metadata: Some(META),
         }
     }
 }

@@ -3,14 +3,17 @@
 //!
 //! A disk becomes a *data stream*: the bytes of its used blocks (filesystem bitmaps,
 //! see [`layout`]) that are not all zeros, in disk order. The stream is cut into
-//! content-defined chunks (FastCDC), so an edit moves few chunk boundaries and a
+//! content-defined chunks (FastCDC) and at files' boundaries (see `chunker`), so a
 //! recapture stores only what changed. The manifest maps the stream back onto the disk.
 
 mod capture;
+mod chunker;
 mod deploy;
 pub(crate) mod disk;
+mod extents;
 pub mod gpt;
 pub mod growfs;
+mod jbd2;
 pub mod layout;
 pub mod loopdev;
 pub mod manifest;

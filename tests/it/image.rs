@@ -311,7 +311,7 @@ fn capture_then_deploy_to_the_same_size_and_to_a_larger_disk() {
 }
 
 #[test]
-fn a_recapture_after_changing_5_percent_of_the_files_stores_little() {
+fn a_recapture_after_changing_5_percent_of_the_files_moves_at_most_1_5_times_the_change() {
     if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
         return;
     }
@@ -349,19 +349,18 @@ fn a_recapture_after_changing_5_percent_of_the_files_stores_little() {
     let second =
         image::capture(&fs, &store, Some(("fs", 2)), CaptureOptions::default()).expect("recapture");
     assert_ne!(first.digest, second.digest);
-    let share = second.new_data_bytes as f64 / second.data_bytes as f64;
+    // Chunks are cut where files start and end, so the rewritten files (moved by the
+    // rewrite) cost their own bytes and a few metadata blocks, not their neighbours'.
+    let changed = 5u64 << 20;
     eprintln!(
-        "recapture after changing 5 of 100 files: {} of {} bytes new ({:.1}%)",
+        "recapture after changing 5 of 100 files ({changed} bytes): {} bytes new, {:.2} x the change",
         second.new_data_bytes,
-        second.data_bytes,
-        share * 100.0
+        second.new_data_bytes as f64 / changed as f64
     );
     assert!(
-        share <= 0.10,
-        "the recapture sent {} of {} bytes ({:.1}%)",
-        second.new_data_bytes,
-        second.data_bytes,
-        share * 100.0
+        second.new_data_bytes * 2 <= changed * 3,
+        "the recapture sent {} bytes for {changed} changed (more than 1.5 x)",
+        second.new_data_bytes
     );
     // Both versions deploy and verify.
     for v in [first.digest, second.digest] {
@@ -370,6 +369,136 @@ fn a_recapture_after_changing_5_percent_of_the_files_stores_little() {
         std::fs::File::create(&t).expect("create");
         image::deploy(&store, &v, &t, threads()).expect("deploy");
     }
+}
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Each file's bytes in an ext4 image, read with debugfs.
+fn ext4_files(img: &Path, names: &[&str]) -> Vec<Vec<u8>> {
+    names
+        .iter()
+        .map(|n| {
+            let out = Command::new("debugfs")
+                .args(["-R", &format!("cat /{n}")])
+                .arg(img)
+                .output()
+                .expect("debugfs");
+            out.stdout
+        })
+        .collect()
+}
+
+/// The 50.7 % recapture of issue 17: a filesystem captured while mounted (or after a
+/// power cut) has needs_recovery set, and was read whole, deleted files included.
+/// Now its bitmaps count with their journaled copies, and the deployed copy replays
+/// its journal into the same files.
+#[test]
+fn a_filesystem_captured_while_mounted_is_read_by_its_bitmaps_and_journal() {
+    if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI runs as root: the test mounts a loop device");
+        }
+        crate::skipped("mounting the filesystem needs root".into());
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let mut names: Vec<String> = Vec::new();
+    for i in 0..20u64 {
+        let name = format!("f{i:02}");
+        std::fs::write(src.join(&name), content(1 << 20, i, i % 2 == 0)).expect("write");
+        names.push(name);
+    }
+    std::fs::write(src.join("gone"), crate::bytes(24 << 20, 9)).expect("write");
+    let fs = dir.path().join("fs.img");
+    crate::mkfs_ext4(&src, &fs, 96 << 20, &["-b", "4096"]);
+    sh(Command::new("debugfs")
+        .args(["-w", "-R", "rm gone"])
+        .arg(&fs));
+    let store = Store::open(&dir.path().join("store")).expect("store");
+    let clean = image::capture(&fs, &store, None, CaptureOptions::default()).expect("capture");
+
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    sh(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&fs)
+        .arg(&mnt));
+    let mounted = Mounted(mnt.clone());
+    std::fs::write(mnt.join("new"), content(3 << 20, 77, false)).expect("write");
+    std::fs::write(mnt.join("f03"), content(1 << 20, 78, true)).expect("write");
+    names.push("new".into());
+    sh(&mut Command::new("sync"));
+    // The disk as a power cut would leave it.
+    let snap = dir.path().join("snap.img");
+    std::fs::copy(&fs, &snap).expect("copy");
+    drop(mounted);
+    let sb = std::fs::read(&snap).expect("read");
+    let incompat = u32::from_le_bytes([sb[1024 + 96], sb[1024 + 97], sb[1024 + 98], sb[1024 + 99]]);
+    assert_ne!(incompat & 0x4, 0, "the copy should need recovery");
+
+    let report = image::capture(&snap, &store, None, CaptureOptions::default()).expect("capture");
+    eprintln!(
+        "clean: {} bytes used; mounted: {} bytes used of {}, {} new",
+        clean.used_bytes, report.used_bytes, report.disk_bytes, report.new_data_bytes
+    );
+    // Not the whole disk, and not the 24 MiB of deleted data: what changed (4 MiB of
+    // files and their metadata and journal blocks) and little more.
+    assert!(
+        report.used_bytes <= clean.used_bytes + (8 << 20),
+        "read {} bytes against {} when clean",
+        report.used_bytes,
+        clean.used_bytes
+    );
+    assert!(
+        report.new_data_bytes <= 8 << 20,
+        "{} bytes new",
+        report.new_data_bytes
+    );
+
+    // Deployed and replayed, it holds what the snapshot holds once replayed.
+    let target = dir.path().join("t.img");
+    std::fs::File::create(&target).expect("create");
+    image::deploy(&store, &report.digest, &target, threads()).expect("deploy");
+    for img in [&snap, &target] {
+        let status = Command::new("e2fsck")
+            .arg("-fy")
+            .arg(img)
+            .output()
+            .expect("e2fsck");
+        // 0: clean, 1: corrected (the journal replayed).
+        assert!(
+            matches!(status.status.code(), Some(0 | 1)),
+            "e2fsck {}: {}",
+            img.display(),
+            String::from_utf8_lossy(&status.stdout)
+        );
+        sh(Command::new("e2fsck").arg("-fn").arg(img));
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let want = ext4_files(&snap, &names);
+    assert_eq!(
+        want[3],
+        content(1 << 20, 78, true),
+        "the rewrite is in the journal copy"
+    );
+    assert_eq!(want[20], content(3 << 20, 77, false));
+    assert!(
+        ext4_files(&target, &names) == want,
+        "the deployed files differ"
+    );
 }
 
 #[test]
