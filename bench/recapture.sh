@@ -18,6 +18,13 @@ for t in partclone.ext4 partclone.ntfs zstd mkfs.ext4 mkntfs ntfs-3g python3; do
 done
 WORK=$(mktemp -d /var/tmp/fleetwave-recapture.XXXXXX)
 cleanup() { umount "$WORK/mnt" 2>/dev/null || true; rm -rf "$WORK"; }
+# umount returns before a loop device's autoclear and an ntfs-3g daemon have written
+# everything to the image file: wait for both, or the capture reads the old bytes.
+unmnt() {
+    umount "$WORK/mnt"
+    while losetup -j "$1" | grep -q . || pgrep -f "ntfs-3g $1" >/dev/null; do sleep 0.1; done
+    sync
+}
 trap cleanup EXIT
 if [ -z "${FW:-}" ]; then
     cargo build --release --quiet --bin fleetwave
@@ -69,30 +76,32 @@ for fs in ${FS:-ext4 ntfs}; do
     else
         mkntfs -q -F -f "$img" >/dev/null
         mnt() { ntfs-3g "$img" "$WORK/mnt"; }
-        mnt; cp "$WORK/src"/* "$WORK/mnt"/; umount "$WORK/mnt"
+        mnt; cp "$WORK/src"/* "$WORK/mnt"/; unmnt "$img"
     fi
     echo
     echo "### $fs"
-    echo "| round | changed | fleetwave moved (raw) | × changed | moved compressed | fleetwave stored (all versions) | partclone+zstd image | partclone+zstd moved |"
+    echo "| round | changed | fleetwave moved | × changed | moved, compressed | fleetwave version stored | store, all versions | partclone+zstd image (moved each time) |"
     echo "|---|---|---|---|---|---|---|---|"
     "$FW" agent capture "$img" --image b --store "$store" --json > "$WORK/c.json"
     pc=$(partclone.$fs -c -s "$img" -o - 2>/dev/null | zstd -q -T0 -3 | wc -c)
-    echo "| capture | | $(mib "$(field "$WORK/c.json" new_data_bytes)") MiB | | $(mib "$(field "$WORK/c.json" new_stored_bytes)") MiB | $(mib "$(du -sb "$store/chunks" | cut -f1)") MiB | $(mib "$pc") MiB | $(mib "$pc") MiB |"
+    total=$(field "$WORK/c.json" new_stored_bytes)
+    echo "| capture | | $(mib "$(field "$WORK/c.json" new_data_bytes)") MiB | | $(mib "$total") MiB | $(mib "$(field "$WORK/c.json" stored_bytes)") MiB | $(mib "$total") MiB | $(mib "$pc") MiB |"
     for round in $(seq "$ROUNDS") mounted; do
         mnt
         changed=$(python3 "$WORK/files.py" rewrite "$WORK/mnt" "$((100 + ${round/mounted/99}))")
         if [ "$round" = mounted ]; then
             sync
             cp --sparse=always "$img" "$WORK/snap.img"
-            umount "$WORK/mnt"
+            unmnt "$img"
             src=$WORK/snap.img
         else
-            umount "$WORK/mnt"
+            unmnt "$img"
             src=$img
         fi
         "$FW" agent capture "$src" --image b --store "$store" --json > "$WORK/c.json"
         pc=$(partclone.$fs -c -s "$img" -o - 2>/dev/null | zstd -q -T0 -3 | wc -c)
         moved=$(field "$WORK/c.json" new_data_bytes)
-        echo "| $round | $(mib "$changed") MiB | $(mib "$moved") MiB | $(python3 -c "import sys; print(f'{int(sys.argv[1])/int(sys.argv[2]):.2f}')" "$moved" "$changed") | $(mib "$(field "$WORK/c.json" new_stored_bytes)") MiB | $(mib "$(du -sb "$store/chunks" | cut -f1)") MiB | $(mib "$pc") MiB | $(mib "$pc") MiB |"
+        total=$((total + $(field "$WORK/c.json" new_stored_bytes)))
+        echo "| $round | $(mib "$changed") MiB | $(mib "$moved") MiB | $(python3 -c "import sys; print(f'{int(sys.argv[1])/int(sys.argv[2]):.2f}')" "$moved" "$changed") | $(mib "$(field "$WORK/c.json" new_stored_bytes)") MiB | $(mib "$(field "$WORK/c.json" stored_bytes)") MiB | $(mib "$total") MiB | $(mib "$pc") MiB |"
     done
 done

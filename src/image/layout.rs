@@ -235,7 +235,8 @@ fn read_gpt(f: &File, disk_bytes: u64) -> io::Result<Option<(u64, Vec<RawPart>)>
 
 fn read_mbr(f: &File, disk_bytes: u64) -> io::Result<Option<Vec<RawPart>>> {
     let mbr = read_at(f, 0, 512)?;
-    if mbr[510] != 0x55 || mbr[511] != 0xAA {
+    // A bare NTFS or exFAT boot sector ends in 55 AA too; its OEM name tells it apart.
+    if mbr[510] != 0x55 || mbr[511] != 0xAA || matches!(&mbr[3..11], b"NTFS    " | b"EXFAT   ") {
         return Ok(None);
     }
     let entry = |b: &[u8], i: usize| {
@@ -280,7 +281,8 @@ fn read_mbr(f: &File, disk_bytes: u64) -> io::Result<Option<Vec<RawPart>>> {
         }
         parts.push((i as u32 + 1, start, bytes, format!("0x{kind:02x}")));
     }
-    Ok(Some(parts))
+    // No entry at all: boot code without a table, or a filesystem's boot sector.
+    Ok((!parts.is_empty()).then_some(parts))
 }
 
 /// The filesystem in `[start, start+bytes)` and its used byte ranges (absolute); its

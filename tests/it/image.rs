@@ -371,6 +371,51 @@ fn a_recapture_after_changing_5_percent_of_the_files_moves_at_most_1_5_times_the
     }
 }
 
+/// A bare NTFS (no partition table) ends its boot sector in 55 AA like an MBR; it was
+/// taken for an empty MBR disk and captured whole. Read as NTFS, only its used clusters
+/// are kept, and a rewritten file costs its own bytes (the chunker cuts at its runs).
+#[test]
+fn a_bare_ntfs_filesystem_is_read_by_its_bitmap_and_cut_at_its_files() {
+    if !tool("ntfs-3g", "/usr/sbin/mkntfs") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("ntfs.img");
+    sh(Command::new("truncate").args(["-s", "128M"]).arg(&img));
+    sh(Command::new("mkntfs").args(["-q", "-F", "-Q"]).arg(&img));
+    let put = |name: &str, data: &[u8]| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, data).expect("write");
+        sh(Command::new("ntfscp")
+            .arg("-q")
+            .arg(&img)
+            .arg(&file)
+            .arg(name));
+    };
+    for i in 0..12u64 {
+        put(&format!("f{i:02}"), &content(1 << 20, i, i % 2 == 0));
+    }
+    let file = std::fs::File::open(&img).expect("open");
+    let layout = image::layout::read(&file, 128 << 20).expect("layout");
+    assert_eq!(layout.table, image::layout::TableKind::None);
+    assert_eq!(layout.partitions[0].fs, image::layout::Fs::Ntfs);
+    assert!(
+        layout.partitions[0].used_bytes < 32 << 20,
+        "{:?}",
+        layout.partitions
+    );
+    let store = Store::open(&dir.path().join("store")).expect("store");
+    image::capture(&img, &store, None, CaptureOptions::default()).expect("capture");
+    // ntfscp overwrites in place: the new bytes land where the old ones were.
+    put("f05", &content(1 << 20, 500, false));
+    let again = image::capture(&img, &store, None, CaptureOptions::default()).expect("capture");
+    assert!(
+        again.new_data_bytes * 2 <= 3 << 20,
+        "{} bytes new for 1 MiB changed",
+        again.new_data_bytes
+    );
+}
+
 /// Unmounts on drop, so a failing test leaves no mount behind.
 struct Mounted(PathBuf);
 
