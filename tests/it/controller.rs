@@ -89,12 +89,14 @@ pub fn serve_with(
         clock: Arc::new(fleetwave::clock::SystemClock::default()),
         sync: Default::default(),
         security: secrets.security,
+        tls: None,
     };
     let stop = CancellationToken::new();
     let s = stop.clone();
     let thread = std::thread::spawn(move || {
         let listeners = Listeners {
             http,
+            https: None,
             tftp: None,
             dhcp: None,
         };
