@@ -191,6 +191,7 @@ pub fn token(url: &str, mac: &str) -> Option<String> {
 pub fn agent(url: &str, mac: &str, token: &str, disk: &Path) -> (u8, String) {
     let boot = Boot {
         server: url.to_string(),
+        pin: None,
         token: token.to_string(),
         mac: mac.parse().expect("mac"),
         root: PathBuf::from("/"),
