@@ -81,8 +81,13 @@ pub struct Outcome {
 pub fn run(boot: &Boot, out: &mut dyn Write) -> Result<Outcome> {
     let remote = Remote::new(&boot.server, &boot.token, boot.mac, boot.pin);
     let assignment = remote.task().map_err(|e| {
+        let why = e.to_string();
+        // A failed TLS check reached the server and says what to check itself.
+        if why.contains("TLS with ") {
+            return anyhow!("cannot fetch the task from {}: {why}", boot.server);
+        }
         anyhow!(
-            "cannot fetch the task from {}: {e}; check that the server is reachable from \
+            "cannot fetch the task from {}: {why}; check that the server is reachable from \
              this machine and that the token is current (reboot for a new one)",
             boot.server
         )

@@ -121,9 +121,7 @@ impl Server {
         if let Some(b) = self.bearer()? {
             req = req.header("Authorization", &b);
         }
-        let mut r = req.call().with_context(|| {
-            format!("cannot reach the server at {url}; is `serve` running there? (--server)")
-        })?;
+        let mut r = req.call().map_err(|e| unreachable(&url, e))?;
         let status = r.status().as_u16();
         let body = r
             .body_mut()
@@ -175,9 +173,7 @@ impl Server {
                 req.send_empty()
             }
         };
-        let mut r = r.with_context(|| {
-            format!("cannot reach the server at {url}; is `serve` running there? (--server)")
-        })?;
+        let mut r = r.map_err(|e| unreachable(&url, e))?;
         let status = r.status().as_u16();
         let body = r.body_mut().read_to_string().unwrap_or_default();
         if !(200..300).contains(&status) {
@@ -185,6 +181,18 @@ impl Server {
         }
         Ok(body)
     }
+}
+
+/// A request without an answer. A failed TLS check says so itself (a pin mismatch
+/// names both fingerprints): the server was reached, so "is it running" would mislead.
+fn unreachable(url: &str, e: ureq::Error) -> anyhow::Error {
+    let why = e.to_string();
+    if why.contains("TLS with ") {
+        return anyhow::anyhow!("{url}: {why}");
+    }
+    anyhow::Error::new(e).context(format!(
+        "cannot reach the server at {url}; is `serve` running there? (--server)"
+    ))
 }
 
 fn short(id: &str) -> &str {
