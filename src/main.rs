@@ -379,7 +379,7 @@ struct RepoArgs {
     /// The SHA-256 of an https server's certificate, sha256:HEX (`fleetwave tls
     /// fingerprint CERT.pem`; fleetwave.pin= on the kernel command line): that
     /// certificate only is trusted. Without it, the system's root certificates.
-    #[arg(long, env = "FLEETWAVE_PIN", requires = "server")]
+    #[arg(long, env = "FLEETWAVE_PIN")]
     pin: Option<fleetwave::tls::Pin>,
 }
 

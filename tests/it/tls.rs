@@ -471,3 +471,82 @@ fn serve_refuses_an_unusable_certificate_or_key_naming_the_file() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("--tls-key"), "{out}");
 }
+
+/// `fleetwave serve` from server.yaml's `tls:` and `listen.https`: the fingerprint is
+/// logged at start, the API answers over HTTPS, and SIGHUP after the certificate file
+/// was replaced names it as needing a restart (the running one keeps serving).
+#[test]
+fn serve_reads_tls_from_server_yaml_logs_the_pin_and_sighup_names_a_new_certificate() {
+    use std::io::Read as _;
+    if !tool("openssl", "/usr/bin/openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(d.join("fleet.yaml"), crate::service::lab_without_dhcp()).expect("write");
+    let (cert, key) = certificate(d, "server");
+    let pin: Pin = openssl_fingerprint(&cert).parse().expect("pin");
+    let (http_port, https_port) = (crate::service::free_port(), crate::service::free_port());
+    let config = d.join("server.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "fleet: {d}/fleet.yaml\ninterval: 1h\nstate_dir: {d}/state\nimage_store: {d}/store\n\
+             ipxe_dir: {d}\nfiles_dir: {d}\nlisten: {{http: {http_port}, https: {https_port}, tftp: 0}}\n\
+             admin_token_file: {token}\ntls: {{cert: {cert}, key: {key}}}\n",
+            d = d.display(),
+            token = admin_token_file(d).display(),
+            cert = cert.display(),
+            key = key.display(),
+        ),
+    )
+    .expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("FLEETWAVE_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    let https = format!("https://127.0.0.1:{https_port}");
+    let start = Instant::now();
+    let up = loop {
+        let r = pinned(pin).get(format!("{https}/health")).call();
+        if r.as_ref().is_ok_and(|r| r.status().as_u16() == 200) {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(30) || child.try_wait().ok().flatten().is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if up {
+        assert!(status(&https, pin).hosts.iter().any(|h| h.name == "pc01"));
+        // A renewed certificate in the same file, then a reload.
+        let (new_cert, new_key) = certificate(d, "renewed");
+        std::fs::copy(&new_cert, &cert).expect("copy");
+        std::fs::copy(&new_key, &key).expect("copy");
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+        std::thread::sleep(Duration::from_millis(500));
+        // The running certificate still serves until the restart.
+        let _ = status(&https, pin);
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    } else {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let mut log = String::new();
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut log));
+    assert!(up, "serve did not answer over HTTPS:\n{log}");
+    assert!(
+        log.contains(&format!("certificate fingerprint {pin}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("SIGHUP: tls certificate (its fingerprint) changed; that takes a restart"),
+        "{log}"
+    );
+}
