@@ -369,7 +369,7 @@ const MAC: &str = "52:54:00:28:00:31";
 /// Capture the reference disk, start serve in a namespace LAN, boot the VM to its end.
 /// `None` when the machine cannot run it (a skip).
 fn pxe_run(case: &Case) -> Option<Run> {
-    if !ready() {
+    if !ready() || (case.tls && !tool("openssl", "/usr/bin/openssl")) {
         return None;
     }
     let _turn = QEMU.lock().unwrap_or_else(|p| p.into_inner());
