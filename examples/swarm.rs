@@ -169,6 +169,7 @@ fn latency(a: &Args, url: &str, repo: &Path, generation: u64, hook: Option<&str>
             // Spend it, so the next bump arms a new one.
             let boot = Boot {
                 server: url.into(),
+                pin: None,
                 token: t,
                 mac: probe.parse().expect("mac"),
                 root: "/".into(),
@@ -334,6 +335,7 @@ fn main() {
                     let _ = std::fs::File::create(&disk);
                     let boot = Boot {
                         server: url.clone(),
+                        pin: None,
                         token: t,
                         mac: m.parse().expect("mac"),
                         root: "/".into(),

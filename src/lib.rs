@@ -21,6 +21,8 @@
 //!   agent API.
 //! - [`state`]: the server's durable state (leases, observations) in SQLite.
 //! - [`metrics`]: the process's Prometheus counters (served by `services::metrics`).
+//! - [`tls`]: the API over HTTPS (rustls): the server's certificate, its pin, and the
+//!   clients' connector that checks a pin or the system's roots.
 //! - [`diag`]: problems with their place, rendered with the source line and a hint.
 //! - [`cli`]: the `fleetwave` command's glue and output formats.
 
@@ -43,6 +45,7 @@ pub mod services;
 pub mod source;
 pub mod spec;
 pub mod state;
+pub mod tls;
 
 /// Test data for the unit tests.
 #[cfg(test)]

@@ -105,6 +105,22 @@ enum Command {
     Audit(cli::audit::AuditArgs),
     /// Admin tokens of a running server: create, list, revoke.
     Token(cli::token::TokenArgs),
+    /// The server's TLS certificate: `tls fingerprint CERT.pem` prints the pin
+    /// (sha256:HEX) clients give with --pin.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Print the SHA-256 fingerprint of a PEM certificate's first (end-entity)
+    /// certificate as sha256:HEX: what `--pin` and `fleetwave.pin=` take.
+    Fingerprint {
+        /// The certificate, PEM (e.g. serve's --tls-cert).
+        cert: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -167,12 +183,15 @@ enum ImageCommand {
         /// The image store's directory.
         #[arg(long, default_value = "/images")]
         store: PathBuf,
-        /// The server whose store it is (http://...).
+        /// The server whose store it is (http://... or https://...).
         #[arg(long)]
         server: Option<String>,
         /// A file whose first line is an admin token of scope operate.
         #[arg(long, env = "FLEETWAVE_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        /// The SHA-256 of an https server's certificate, sha256:HEX (as for status).
+        #[arg(long, env = "FLEETWAVE_PIN")]
+        pin: Option<fleetwave::tls::Pin>,
     },
     /// Delete manifests and chunks no image uses.
     Gc {
@@ -281,6 +300,14 @@ enum AgentCommand {
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
     },
+    /// Print what the machine does once the task on the kernel command line has ended
+    /// (reboot or poweroff), asked of the server (what the netboot environment's /init
+    /// asks before the agent runs); exit 1 when the server cannot be asked.
+    After {
+        /// The kernel command line with fleetwave.server=, .mac=, .token= and .pin=.
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+    },
     /// Report the task named on the kernel command line as failed, with a reason and
     /// the tail of a log (what the netboot environment does when a step fails).
     Fail {
@@ -349,6 +376,11 @@ struct RepoArgs {
     /// This machine's MAC, the one the token is bound to.
     #[arg(long)]
     mac: Option<String>,
+    /// The SHA-256 of an https server's certificate, sha256:HEX (`fleetwave tls
+    /// fingerprint CERT.pem`; fleetwave.pin= on the kernel command line): that
+    /// certificate only is trusted. Without it, the system's root certificates.
+    #[arg(long, env = "FLEETWAVE_PIN")]
+    pin: Option<fleetwave::tls::Pin>,
 }
 
 impl RepoArgs {
@@ -372,6 +404,7 @@ fn with_where<T>(
     f(&cli::image::Where {
         store: &r.store,
         server,
+        pin: r.pin,
     })
 }
 
@@ -428,6 +461,14 @@ fn main() -> ExitCode {
         Command::Lab(a) => cli::lab::lab(a, &mut out),
         Command::Audit(a) => cli::audit::run(&a, &mut out),
         Command::Token(a) => cli::token::run(&a, &mut out),
+        Command::Tls {
+            command: TlsCommand::Fingerprint { cert },
+        } => fleetwave::tls::fingerprint(&cert)
+            .map_err(anyhow::Error::from)
+            .and_then(|pin| {
+                writeln!(out, "{pin}")?;
+                Ok(exit::OK)
+            }),
         Command::Image { command } => match command {
             ImageCommand::Ls { store } => cli::image::ls(&store, &mut out),
             ImageCommand::Verify { store } => cli::image::verify_store(&store, &mut out),
@@ -435,9 +476,14 @@ fn main() -> ExitCode {
                 spec,
                 server: Some(server),
                 token_file,
+                pin,
                 ..
             } => cli::image::rm_on_server(
-                &cli::status::Server { server, token_file },
+                &cli::status::Server {
+                    server,
+                    token_file,
+                    pin,
+                },
                 &spec,
                 &mut out,
             ),
@@ -496,6 +542,7 @@ fn main() -> ExitCode {
                 log,
                 cmdline,
             } => cli::netboot::agent_fail(&cmdline, &reason, log.as_deref(), &mut out),
+            AgentCommand::After { cmdline } => cli::netboot::agent_after(&cmdline, &mut out),
             AgentCommand::Wipe {
                 disk,
                 mode,

@@ -51,6 +51,9 @@ pub struct Config {
     pub sync: Arc<Notify>,
     /// Signatures, admin tokens, limits (docs/security.md).
     pub security: Security,
+    /// The API over HTTPS too (needs `Listeners::https`); agents are sent there with
+    /// the certificate's pin.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Who may drive the server, and what it trusts (docs/security.md).
@@ -80,6 +83,8 @@ pub struct DhcpSetup {
 /// Sockets the caller bound (port 0 in tests).
 pub struct Listeners {
     pub http: TcpListener,
+    /// The HTTPS port, served when `Config::tls` is set.
+    pub https: Option<TcpListener>,
     pub tftp: Option<tokio::net::UdpSocket>,
     pub dhcp: Option<DhcpSetup>,
 }
@@ -92,6 +97,22 @@ pub async fn run(
     first: Option<Revision>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let (tls, https) = match (config.tls.clone(), listeners.https) {
+        (Some(t), Some(l)) => {
+            let port = l.local_addr().context("the HTTPS socket")?.port();
+            let https = http::Https { port, pin: t.pin };
+            (
+                Some(http::TlsListener {
+                    listener: l,
+                    config: t.config,
+                }),
+                Some(https),
+            )
+        }
+        (None, None) => (None, None),
+        (Some(_), None) => anyhow::bail!("TLS is configured but no HTTPS socket was bound"),
+        (None, Some(_)) => anyhow::bail!("an HTTPS socket was bound but TLS has no certificate"),
+    };
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
             "cannot create the state directory {}",
@@ -146,6 +167,7 @@ pub async fn run(
             config.files_dir.clone(),
             boot_rx.clone(),
             config.base_url.clone(),
+            https,
             Some(api.clone()),
         ));
         tasks.spawn(tftp::run(
@@ -236,12 +258,31 @@ pub async fn run(
             webhook_secret: config.webhook_secret.clone(),
         }),
         state: Some(writer.stats()),
+        https,
     };
+    if let (Some(t), Some(c)) = (&tls, &config.tls) {
+        match t.listener.local_addr() {
+            Ok(a) => info!(
+                certificate = %c.cert.display(),
+                "HTTPS listening on {a}; certificate fingerprint {} (the agents' pin)",
+                c.pin
+            ),
+            Err(e) => warn!("HTTPS listening (address unknown: {e})"),
+        }
+    }
     match listeners.http.local_addr() {
+        Ok(a) if tls.is_some() => {
+            info!("HTTP listening on {a} (boot files and scripts only; the API is on HTTPS)")
+        }
         Ok(a) => info!("HTTP listening on {a}"),
         Err(e) => warn!("HTTP listening (address unknown: {e})"),
     }
-    tasks.spawn(http::run(listeners.http, state, shutdown.clone()));
+    tasks.spawn(http::run_with_tls(
+        listeners.http,
+        tls,
+        state,
+        shutdown.clone(),
+    ));
 
     let mut failed = None;
     while let Some(done) = tasks.join_next().await {

@@ -14,12 +14,16 @@ use crate::image::remote::Remote;
 use crate::image::store::Repo;
 use crate::protocol::{After, Assignment, Task, TaskResult};
 use crate::spec::Mac;
+use crate::tls::Pin;
 
 /// Where the agent finds its server and its machine.
 #[derive(Debug, Clone)]
 pub struct Boot {
-    /// The server's base URL, e.g. `http://172.28.0.1`.
+    /// The server's base URL, e.g. `http://172.28.0.1` or `https://172.28.0.1:443`.
     pub server: String,
+    /// The SHA-256 of the server's certificate (`fleetwave.pin=`): over https the
+    /// agent trusts that certificate only.
+    pub pin: Option<Pin>,
     pub token: String,
     pub mac: Mac,
     /// `/` on a real machine; tests point it at a directory that looks like one.
@@ -29,8 +33,8 @@ pub struct Boot {
 }
 
 impl Boot {
-    /// From a kernel command line's `fleetwave.server=`, `fleetwave.token=` and
-    /// `fleetwave.mac=`.
+    /// From a kernel command line's `fleetwave.server=`, `fleetwave.token=`,
+    /// `fleetwave.mac=` and (over https) `fleetwave.pin=`.
     pub fn from_cmdline(text: &str, source: &Path) -> Result<Boot> {
         let args: HashMap<&str, &str> = text
             .split_whitespace()
@@ -45,8 +49,14 @@ impl Boot {
                 )
             })
         };
+        let pin = args
+            .get("pin")
+            .map(|p| p.parse::<Pin>())
+            .transpose()
+            .map_err(|e| anyhow!("fleetwave.pin= in {}: {e}", source.display()))?;
         Ok(Boot {
             server: need("server")?.to_string(),
+            pin,
             token: need("token")?.to_string(),
             mac: need("mac")?
                 .parse()
@@ -69,10 +79,15 @@ pub struct Outcome {
 /// Fetch the task, carry it out, report it. `Err` when the task could not even be
 /// fetched; every other failure is reported to the server before it is returned.
 pub fn run(boot: &Boot, out: &mut dyn Write) -> Result<Outcome> {
-    let remote = Remote::new(&boot.server, &boot.token, boot.mac);
+    let remote = Remote::new(&boot.server, &boot.token, boot.mac, boot.pin);
     let assignment = remote.task().map_err(|e| {
+        let why = e.to_string();
+        // A failed TLS check reached the server and says what to check itself.
+        if why.contains("TLS with ") {
+            return anyhow!("cannot fetch the task from {}: {why}", boot.server);
+        }
         anyhow!(
-            "cannot fetch the task from {}: {e}; check that the server is reachable from \
+            "cannot fetch the task from {}: {why}; check that the server is reachable from \
              this machine and that the token is current (reboot for a new one)",
             boot.server
         )
@@ -133,6 +148,7 @@ fn carry_out(
     let w = work::Where {
         store: Path::new("/images"),
         server: Some((&boot.server, &boot.token, boot.mac)),
+        pin: boot.pin,
     };
     match &assignment.task {
         Task::Register | Task::Inventory { .. } => {
@@ -183,5 +199,44 @@ fn carry_out(
             )?;
             Ok(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = "initrd=initrd.img console=ttyS0,115200 fleetwave.server=https://10.0.0.1:443 \
+                        fleetwave.mac=52:54:00:28:00:11 fleetwave.task=deploy fleetwave.token=t0k";
+
+    #[test]
+    fn the_command_line_gives_the_server_token_mac_and_pin() {
+        let hex = "ab".repeat(32);
+        let b = Boot::from_cmdline(
+            &format!("{LINE} fleetwave.pin=sha256:{hex}"),
+            Path::new("/proc/cmdline"),
+        )
+        .expect("boot");
+        assert_eq!(b.server, "https://10.0.0.1:443");
+        assert_eq!(b.token, "t0k");
+        assert_eq!(b.mac.to_string(), "52:54:00:28:00:11");
+        assert_eq!(b.pin.map(|p| p.to_string()), Some(format!("sha256:{hex}")));
+        // Plain HTTP: no pin.
+        let b = Boot::from_cmdline(LINE, Path::new("/proc/cmdline")).expect("boot");
+        assert_eq!(b.pin, None);
+    }
+
+    #[test]
+    fn a_malformed_pin_on_the_command_line_is_an_error_naming_it() {
+        let e = Boot::from_cmdline(
+            &format!("{LINE} fleetwave.pin=md5:abc"),
+            Path::new("/proc/cmdline"),
+        )
+        .expect_err("bad pin");
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("fleetwave.pin=") && e.contains("/proc/cmdline"),
+            "{e}"
+        );
     }
 }

@@ -29,6 +29,8 @@ pub struct Where<'a> {
     pub store: &'a Path,
     /// Server URL, task token and this machine's MAC.
     pub server: Option<(&'a str, &'a str, Mac)>,
+    /// The server certificate's SHA-256, for an https server (`--pin`).
+    pub pin: Option<crate::tls::Pin>,
 }
 
 enum Opened {
@@ -131,7 +133,7 @@ fn metered<T>(o: &Opened, label: &str, f: impl FnOnce(&Arc<Meter>) -> T) -> T {
 /// The store to work against; a local one is created only for a capture (`create`).
 fn open_where(w: &Where, create: bool) -> Result<Opened> {
     Ok(match w.server {
-        Some((url, token, mac)) => Opened::Remote(Remote::new(url, token, mac)),
+        Some((url, token, mac)) => Opened::Remote(Remote::new(url, token, mac, w.pin)),
         None if create => Opened::Local(Store::open(w.store)?),
         None => Opened::Local(open(w.store)?),
     })

@@ -120,7 +120,7 @@ pub fn agent_fail(
         .with_context(|| format!("cannot read the kernel command line {}", cmdline.display()))?;
     let boot = crate::agent::run::Boot::from_cmdline(&text, cmdline)
         .context("the failure cannot be reported")?;
-    let remote = Remote::new(&boot.server, &boot.token, boot.mac);
+    let remote = Remote::new(&boot.server, &boot.token, boot.mac, boot.pin);
     let log_tail = log.map(|log| match netboot::tail(log, netboot::LOG_TAIL_BYTES) {
         Ok(t) => format!("--- last lines of {} ---\n{t}", log.display()),
         Err(e) => format!("(no log: {}: {e})", log.display()),
@@ -147,6 +147,35 @@ pub fn agent_fail(
                 out,
                 "the server did not take the failure report: {why}{note}"
             )?;
+            Ok(exit::CHANGES)
+        }
+    }
+}
+
+/// `fleetwave agent after`: what the task on the kernel command line says to do once
+/// it has ended (`reboot` or `poweroff`), asked of the server with that line's token
+/// and pin. /init asks before the agent runs (the result spends the token); through
+/// the agent, not busybox wget, so an https server's pin is checked before the token
+/// is sent. Exit 1, printing nothing on stdout, when the server cannot be asked.
+pub fn agent_after(cmdline: &Path, out: &mut dyn Write) -> Result<u8> {
+    use crate::image::remote::Remote;
+    use crate::protocol::After;
+
+    let text = std::fs::read_to_string(cmdline)
+        .with_context(|| format!("cannot read the kernel command line {}", cmdline.display()))?;
+    let boot = crate::agent::run::Boot::from_cmdline(&text, cmdline)?;
+    let remote = Remote::new(&boot.server, &boot.token, boot.mac, boot.pin);
+    match remote.task() {
+        Ok(a) => {
+            let after = match a.after {
+                After::Reboot => "reboot",
+                After::Poweroff => "poweroff",
+            };
+            writeln!(out, "{after}")?;
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("fleetwave: cannot ask the server what to do after the task: {e}");
             Ok(exit::CHANGES)
         }
     }

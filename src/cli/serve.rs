@@ -44,6 +44,17 @@ pub struct ServeArgs {
     /// Refuse commits not signed by a trusted key.
     pub require_signatures: bool,
     pub untrusted: follow::Untrusted,
+    /// The API over HTTPS too, with this certificate and key (PEM).
+    pub tls: Option<TlsFiles>,
+    /// The HTTPS port, when `tls` is set.
+    pub https_port: u16,
+}
+
+/// The server's certificate (chain) and private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Reads the configuration again (the file and the flags), for SIGHUP.
@@ -85,6 +96,14 @@ async fn on_signals(
         error!("cannot install signal handlers; stop the server with SIGKILL");
         return std::future::pending().await;
     };
+    // The certificate as it was read at start: a new one in the same file (a renewal)
+    // is told apart by its fingerprint.
+    let pin_of = |a: &ServeArgs| {
+        a.tls
+            .as_ref()
+            .and_then(|t| crate::tls::fingerprint(&t.cert).ok())
+    };
+    let started_with = pin_of(running);
     loop {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: stopping"),
@@ -92,7 +111,10 @@ async fn on_signals(
             _ = hup.recv() => {
                 match reread() {
                     Ok(new) => {
-                        let changed = restart_needed(running, &new);
+                        let mut changed = restart_needed(running, &new);
+                        if pin_of(&new) != started_with && !changed.contains(&"tls") {
+                            changed.push("tls certificate (its fingerprint)");
+                        }
                         if changed.is_empty() {
                             info!("SIGHUP: configuration unchanged; reading the fleet's source now");
                         } else {
@@ -134,6 +156,9 @@ fn restart_needed(a: &ServeArgs, b: &ServeArgs) -> Vec<&'static str> {
             a.webhook_secret_file != b.webhook_secret_file,
         ),
         ("trusted_keys", a.trusted_keys != b.trusted_keys),
+        // A restart, not a reload: the pin is handed to agents when they boot, so a new
+        // certificate is a deliberate, visible event (docs/security.md).
+        ("tls", (&a.tls, a.https_port) != (&b.tls, b.https_port)),
         (
             "require_signatures",
             (a.require_signatures, a.untrusted) != (b.require_signatures, b.untrusted),
@@ -169,6 +194,11 @@ pub async fn run(
     sync: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) -> Result<u8> {
+    // Checked before anything is created or bound: a bad certificate names its file.
+    let tls = match &args.tls {
+        Some(t) => Some(crate::tls::load_server(&t.cert, &t.key)?),
+        None => None,
+    };
     let admin_token = secret(&args.admin_token_file, "admin token")?;
     let webhook_secret = secret(&args.webhook_secret_file, "webhook secret")?;
     // The first revision decides which sockets to bind: it must be valid to start.
@@ -307,6 +337,17 @@ pub async fn run(
     let http = tokio::net::TcpListener::bind(http_addr)
         .await
         .with_context(|| format!("cannot bind HTTP to {http_addr}"))?;
+    let https = match &tls {
+        Some(_) => {
+            let addr = SocketAddrV4::new(args.listen_address, args.https_port);
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot bind HTTPS to {addr}"))?,
+            )
+        }
+        None => None,
+    };
     // iPXE waits for IPv6 unless told there is nothing to configure (ipv6_ra).
     let _ra = RaResponders::start(
         spec.sites
@@ -349,6 +390,7 @@ pub async fn run(
     let sites = args.sites.clone();
     let listeners = Listeners {
         http,
+        https,
         tftp: Some(tftp),
         dhcp: Some(DhcpSetup {
             config,
@@ -370,6 +412,7 @@ pub async fn run(
         clock: Arc::new(crate::clock::SystemClock::default()),
         sync,
         security: server::Security { signatures },
+        tls,
     };
     match server::run(config, listeners, Some(first), shutdown).await {
         Ok(()) => Ok(super::exit::OK),
@@ -544,6 +587,17 @@ pub struct ServeCli {
     /// [default: nothing].
     #[arg(long, value_enum)]
     pub untrusted: Option<follow::Untrusted>,
+    /// The server's certificate (PEM; a chain, end-entity first): with --tls-key, the
+    /// API, console and metrics are served over HTTPS too, and agents are sent there
+    /// with the certificate's fingerprint to pin (docs/security.md).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The HTTPS port, when TLS is on [default: 443].
+    #[arg(long)]
+    pub https_port: Option<u16>,
     /// Log filter (tracing's syntax), e.g. `debug` or `fleetwave=debug` [default: info].
     #[arg(long, env = "FLEETWAVE_LOG")]
     pub log: Option<String>,
@@ -641,6 +695,19 @@ impl ServeCli {
             (None, None) => Duration::from_secs(60),
         };
         let listen = file.listen.as_ref();
+        // Flags over the file, as a pair: a certificate never goes with another's key.
+        let tls = match (&self.tls_cert, &self.tls_key, &file.tls) {
+            (Some(cert), Some(key), _) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None, Some(t)) => Some(TlsFiles {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            }),
+            (None, None, None) => None,
+            _ => bail!("--tls-cert and --tls-key go together: give both"),
+        };
         Ok(ServeArgs {
             origin,
             interval,
@@ -681,6 +748,11 @@ impl ServeCli {
                 .or_else(|| file.trusted_keys.clone()),
             require_signatures: self.require_signatures || file.require_signatures == Some(true),
             untrusted: self.untrusted.or(file.untrusted).unwrap_or_default(),
+            tls,
+            https_port: self
+                .https_port
+                .or(listen.and_then(|l| l.https))
+                .unwrap_or(443),
         })
     }
 }

@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub image_store: Option<PathBuf>,
     /// Ports to listen on (all addresses; DHCP on each site's interface).
     pub listen: Option<Listen>,
+    /// Serve the API, console and metrics over HTTPS too (port `listen.https`), with
+    /// this certificate and key; agents are sent there with the certificate's pin.
+    pub tls: Option<TlsConfig>,
     /// A file whose first line is the admin token (retry, sync).
     pub admin_token_file: Option<PathBuf>,
     /// A file whose first line is the push webhook's shared secret.
@@ -66,6 +69,15 @@ pub struct SourceConfig {
     pub path: Option<PathBuf>,
 }
 
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate, PEM (a chain: the server's own certificate first).
+    pub cert: PathBuf,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
@@ -74,6 +86,8 @@ pub struct Listen {
     pub address: Option<std::net::Ipv4Addr>,
     /// Default 80.
     pub http: Option<u16>,
+    /// Default 443; used only with `tls`.
+    pub https: Option<u16>,
     /// Default 69.
     pub tftp: Option<u16>,
     /// Default 67.
@@ -172,14 +186,20 @@ mod tests {
         let c = parse(
             "server.yaml",
             "source: {url: 'https://git.example/fleet.git', branch: prod}\n\
-             interval: 30s\nstate_dir: /srv/fw\nlisten: {http: 8080}\nlog_format: json\n",
+             interval: 30s\nstate_dir: /srv/fw\nlisten: {http: 8080, https: 8443}\nlog_format: json\n\
+             tls: {cert: /etc/fleetwave/tls/cert.pem, key: /etc/fleetwave/tls/key.pem}\n",
         )
         .expect("valid");
         assert_eq!(
             c.source.as_ref().map(|s| s.url.as_str()),
             Some("https://git.example/fleet.git")
         );
-        assert_eq!(c.listen.and_then(|l| l.http), Some(8080));
+        assert_eq!(c.listen.as_ref().and_then(|l| l.http), Some(8080));
+        assert_eq!(c.listen.as_ref().and_then(|l| l.https), Some(8443));
+        assert_eq!(
+            c.tls.map(|t| t.key),
+            Some(PathBuf::from("/etc/fleetwave/tls/key.pem"))
+        );
         assert_eq!(c.log_format, Some(LogFormat::Json));
     }
 

@@ -22,6 +22,11 @@ pub struct Server {
     /// retry, sync and tokens (`fleetwave token create`).
     #[arg(long, env = "FLEETWAVE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// The SHA-256 of an https server's certificate, sha256:HEX (`fleetwave tls
+    /// fingerprint CERT.pem`, or serve's log): that certificate only is trusted, as
+    /// for a self-signed one. Without it, the system's root certificates.
+    #[arg(long, env = "FLEETWAVE_PIN")]
+    pub pin: Option<crate::tls::Pin>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,15 +89,15 @@ pub struct SyncArgs {
     pub server: Server,
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
-}
-
 impl Server {
+    fn agent(&self) -> ureq::Agent {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build();
+        crate::tls::agent(config, self.pin)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}/api/v1/{path}", self.server.trim_end_matches('/'))
     }
@@ -112,13 +117,11 @@ impl Server {
 
     pub(crate) fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
         let url = self.url(path);
-        let mut req = agent().get(&url);
+        let mut req = self.agent().get(&url);
         if let Some(b) = self.bearer()? {
             req = req.header("Authorization", &b);
         }
-        let mut r = req.call().with_context(|| {
-            format!("cannot reach the server at {url}; is `serve` running there? (--server)")
-        })?;
+        let mut r = req.call().map_err(|e| unreachable(&url, e))?;
         let status = r.status().as_u16();
         let body = r
             .body_mut()
@@ -145,7 +148,7 @@ impl Server {
     ) -> Result<String> {
         let url = self.url(path);
         let bearer = self.bearer()?;
-        let a = agent();
+        let a = self.agent();
         let r = match (method, json) {
             ("DELETE", _) => {
                 let mut req = a.delete(&url);
@@ -170,9 +173,7 @@ impl Server {
                 req.send_empty()
             }
         };
-        let mut r = r.with_context(|| {
-            format!("cannot reach the server at {url}; is `serve` running there? (--server)")
-        })?;
+        let mut r = r.map_err(|e| unreachable(&url, e))?;
         let status = r.status().as_u16();
         let body = r.body_mut().read_to_string().unwrap_or_default();
         if !(200..300).contains(&status) {
@@ -180,6 +181,18 @@ impl Server {
         }
         Ok(body)
     }
+}
+
+/// A request without an answer. A failed TLS check says so itself (a pin mismatch
+/// names both fingerprints): the server was reached, so "is it running" would mislead.
+fn unreachable(url: &str, e: ureq::Error) -> anyhow::Error {
+    let why = e.to_string();
+    if why.contains("TLS with ") {
+        return anyhow::anyhow!("{url}: {why}");
+    }
+    anyhow::Error::new(e).context(format!(
+        "cannot reach the server at {url}; is `serve` running there? (--server)"
+    ))
 }
 
 fn short(id: &str) -> &str {
@@ -457,6 +470,11 @@ pub fn fetch_observed(url: &str) -> Result<String> {
     let server = Server {
         server: url.to_string(),
         token_file: std::env::var_os("FLEETWAVE_TOKEN_FILE").map(PathBuf::from),
+        pin: std::env::var("FLEETWAVE_PIN")
+            .ok()
+            .map(|p| p.parse())
+            .transpose()
+            .map_err(|e: String| anyhow::anyhow!("FLEETWAVE_PIN: {e}"))?,
     };
     let v: serde_json::Value = server.get("observed")?;
     Ok(v.to_string())

@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::manifest::Manifest;
 use super::store::{Repo, StoreError, decompress};
 use crate::spec::{Digest, Mac};
+use crate::tls::Pin;
 
 pub struct Remote {
     base: String,
@@ -23,6 +24,9 @@ type Result<T> = std::result::Result<T, StoreError>;
 /// The request never got an answer: name the URL and what to check.
 fn unreachable(url: String, e: ureq::Error) -> StoreError {
     let why = match e {
+        // The connector's words already say what to check (a pin mismatch names both
+        // fingerprints); the server was reached.
+        ureq::Error::Io(e) if e.to_string().starts_with("TLS with ") => e.to_string(),
         ureq::Error::Io(_)
         | ureq::Error::ConnectionFailed
         | ureq::Error::HostNotFound
@@ -36,8 +40,10 @@ fn unreachable(url: String, e: ureq::Error) -> StoreError {
 }
 
 impl Remote {
-    /// `server` is the base URL, e.g. `http://172.28.0.1`.
-    pub fn new(server: &str, token: &str, mac: Mac) -> Remote {
+    /// `server` is the base URL, e.g. `http://172.28.0.1` or `https://172.28.0.1:443`;
+    /// an https server's certificate must have the SHA-256 `pin`, or without one
+    /// chain to the system's roots.
+    pub fn new(server: &str, token: &str, mac: Mac, pin: Option<Pin>) -> Remote {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(300)))
@@ -46,7 +52,7 @@ impl Remote {
             base: server.trim_end_matches('/').to_string(),
             token: token.to_string(),
             mac,
-            agent: config.into(),
+            agent: crate::tls::agent(config, pin),
         }
     }
 

@@ -31,6 +31,7 @@ use crate::services::api::Api;
 use crate::services::dhcp;
 use crate::services::tftp;
 use crate::spec::Mac;
+use crate::tls::Pin;
 
 /// Every known host's boot instruction, by MAC, as the controller last published it.
 #[derive(Debug, Clone, Default)]
@@ -84,15 +85,23 @@ fn decide(table: &BootTable, mac: Mac, api: Option<&Api>) -> Option<(String, Opt
     }
 }
 
-/// The iPXE script for `mac` (see [`decide`]).
-pub fn script(table: &BootTable, mac: Mac, base_url: &str, api: Option<&Api>) -> Option<String> {
+/// The iPXE script for `mac` (see [`decide`]). The kernel and initrd come from
+/// `base_url` (plain HTTP: what iPXE fetches); the agent is sent to the HTTPS side
+/// with its pin when there is one.
+pub fn script(
+    table: &BootTable,
+    mac: Mac,
+    base_url: &str,
+    https: Option<&Https>,
+    api: Option<&Api>,
+) -> Option<String> {
     let (comment, agent) = decide(table, mac, api)?;
     let mut s = String::from("#!ipxe\n");
     let _ = writeln!(s, "# fleetwave: {comment}");
     match agent {
         None => s.push_str(LOCAL_BOOT),
         Some(args) => {
-            let cmdline = kernel_cmdline(base_url, mac, &args);
+            let cmdline = kernel_cmdline(base_url, https, mac, &args);
             let _ = writeln!(
                 s,
                 "kernel {base_url}/files/vmlinuz {cmdline} || goto failed"
@@ -112,6 +121,7 @@ pub fn grub_config(
     table: &BootTable,
     mac: Mac,
     base_url: &str,
+    https: Option<&Https>,
     api: Option<&Api>,
 ) -> Option<String> {
     let (comment, agent) = decide(table, mac, api)?;
@@ -121,7 +131,7 @@ pub fn grub_config(
         // Back to the firmware, which boots its next entry: the disk.
         None => s.push_str("exit\n"),
         Some(args) => {
-            let cmdline = kernel_cmdline(base_url, mac, &args);
+            let cmdline = kernel_cmdline(base_url, https, mac, &args);
             let _ = writeln!(s, "linux /vmlinuz {cmdline}");
             s.push_str("initrd /initrd.img\nboot\n");
             s.push_str(
@@ -151,6 +161,7 @@ pub fn secure_boot_files(
     files_root: PathBuf,
     table: BootFeed,
     base_url: String,
+    https: Option<Https>,
     api: Option<Arc<Api>>,
 ) -> tftp::Generator {
     let existing = |p: PathBuf| p.is_file().then_some(tftp::Generated::File(p));
@@ -169,16 +180,50 @@ pub fn secure_boot_files(
                 .parse()
                 .ok()?;
             let table = table.borrow().clone();
-            grub_config(&table, mac, &base_url, api.as_deref())
+            grub_config(&table, mac, &base_url, https.as_ref(), api.as_deref())
                 .map(|s| tftp::Generated::Bytes(s.into_bytes()))
         }
     }))
 }
 
-fn kernel_cmdline(base: &str, mac: Mac, args: &[(&str, String)]) -> String {
+/// The API's HTTPS side when TLS is on: where agents are sent, and the pin of the
+/// certificate they must find there.
+#[derive(Debug, Clone, Copy)]
+pub struct Https {
+    pub port: u16,
+    pub pin: Pin,
+}
+
+/// The host of an authority (`HOST`, `HOST:PORT`, `[V6]:PORT`), without the port.
+fn host_of(authority: &str) -> &str {
+    match authority.strip_prefix('[') {
+        Some(rest) => rest.find(']').map_or(authority, |i| &authority[..i + 2]),
+        None => authority.split(':').next().unwrap_or(authority),
+    }
+}
+
+/// The URL the agent is given: `base` itself, or the same host's HTTPS port.
+pub fn agent_url(base: &str, https: Option<&Https>) -> String {
+    match https {
+        None => base.to_string(),
+        Some(h) => {
+            let authority = base
+                .split_once("://")
+                .map_or(base, |(_, rest)| rest)
+                .trim_end_matches('/');
+            format!("https://{}:{}", host_of(authority), h.port)
+        }
+    }
+}
+
+fn kernel_cmdline(base: &str, https: Option<&Https>, mac: Mac, args: &[(&str, String)]) -> String {
+    let server = agent_url(base, https);
     let mut cmdline = format!(
-        "initrd=initrd.img console=tty0 console=ttyS0,115200 fleetwave.server={base} fleetwave.mac={mac}"
+        "initrd=initrd.img console=tty0 console=ttyS0,115200 fleetwave.server={server} fleetwave.mac={mac}"
     );
+    if let Some(h) = https {
+        let _ = write!(cmdline, " fleetwave.pin={}", h.pin);
+    }
     for (k, v) in args {
         let _ = write!(cmdline, " fleetwave.{k}={v}");
     }
@@ -201,6 +246,9 @@ pub struct HttpState {
     pub control: Option<super::admin::Control>,
     /// The state database's writes, for `/health`.
     pub state: Option<Arc<crate::state::WriterStats>>,
+    /// TLS is on: agents are sent to this HTTPS port with the pin, and plain HTTP
+    /// serves only what firmware and iPXE fetch ([`boot_router`]).
+    pub https: Option<Https>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -228,6 +276,34 @@ pub fn router(state: HttpState) -> Router {
         )
 }
 
+/// What plain HTTP serves when TLS is on: what stock firmware and iPXE fetch (they
+/// cannot pin a certificate) and `/health`. Anything else, the APIs, the console and
+/// `/metrics`, which carry tokens, is refused with where to go instead: a token sent
+/// in the clear by mistake should fail loudly, not work.
+pub fn boot_router(state: HttpState) -> Router {
+    let port = state.https.map(|h| h.port).unwrap_or(443);
+    Router::new()
+        .route("/boot/{file}", get(boot_script))
+        .route("/ipxe/{*path}", get(ipxe_file))
+        .route("/files/{*path}", get(boot_file))
+        .route("/health", get(health))
+        .fallback(move |uri: axum::http::Uri| async move {
+            text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this server serves {uri} over HTTPS only (TLS is on): use https://SERVER:{port}{uri}\n"
+                ),
+            )
+        })
+        .with_state(state)
+        .layer(axum::middleware::from_fn(super::metrics::count))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+}
+
 /// Connections one client address may hold open at once. iPXE and an agent use one
 /// or two; a room behind one NAT address stays far below it.
 pub const MAX_CONNECTIONS_PER_CLIENT: usize = 64;
@@ -239,23 +315,89 @@ pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 /// The largest request head (start line and headers).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// A TLS handshake must be done within this; a client that connects and sends
+/// nothing (or trickles) is closed after it, like one that sends no request headers.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The HTTPS side: its socket and the server's rustls configuration.
+pub struct TlsListener {
+    pub listener: TcpListener,
+    pub config: Arc<rustls::ServerConfig>,
+}
+
 /// Serve on `listener` until `shutdown`; requests in flight finish first.
-///
-/// Accepts by hand (rather than `axum::serve`) to bound connections per client and in
-/// all, and to time out slow or idle ones: a machine that opens thousands of
-/// connections and sends nothing cannot starve the others.
 pub async fn run(
     listener: TcpListener,
     state: HttpState,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+    run_with_tls(listener, None, state, shutdown).await
+}
+
+/// Bounds shared by the plain and the TLS listener: one client cannot hold more
+/// connections by using both.
+struct Limits {
+    clients: Arc<super::PerClient>,
+    total: Arc<tokio::sync::Semaphore>,
+    connections: tokio_util::task::TaskTracker,
+}
+
+/// Serve plain HTTP on `listener` and, when `tls` is given, the whole router over
+/// HTTPS on its listener (plain HTTP then keeps only [`boot_router`]), until
+/// `shutdown`.
+///
+/// Accepts by hand (rather than `axum::serve`) to bound connections per client and in
+/// all, and to time out slow or idle ones (and slow TLS handshakes): a machine that
+/// opens thousands of connections and sends nothing cannot starve the others.
+pub async fn run_with_tls(
+    listener: TcpListener,
+    tls: Option<TlsListener>,
+    state: HttpState,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let limits = Arc::new(Limits {
+        clients: super::PerClient::new(MAX_CONNECTIONS_PER_CLIENT),
+        total: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        connections: tokio_util::task::TaskTracker::new(),
+    });
+    let plain_app = match &tls {
+        Some(_) => boot_router(state.clone()),
+        None => router(state.clone()),
+    };
+    let plain = accept(listener, plain_app, None, limits.clone(), shutdown.clone());
+    let secure = async {
+        if let Some(t) = tls {
+            let acceptor = tokio_rustls::TlsAcceptor::from(t.config);
+            accept(
+                t.listener,
+                router(state),
+                Some(acceptor),
+                limits.clone(),
+                shutdown.clone(),
+            )
+            .await;
+        }
+    };
+    tokio::join!(plain, secure);
+    limits.connections.close();
+    // Requests in flight get a moment to finish; an event stream never would.
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), limits.connections.wait()).await;
+    Ok(())
+}
+
+/// Accept on `listener` until `shutdown`, each connection in its own task.
+async fn accept(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Arc<Limits>,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
 
-    let app = router(state);
-    let clients = super::PerClient::new(MAX_CONNECTIONS_PER_CLIENT);
-    let total = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let connections = tokio_util::task::TaskTracker::new();
+    let scheme = if tls.is_some() { "HTTPS" } else { "HTTP" };
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -264,51 +406,76 @@ pub async fn run(
                 Err(e) => {
                     // Out of descriptors (EMFILE) and the like: wait for some to close
                     // rather than spin.
-                    tracing::warn!("HTTP: cannot accept a connection: {e}");
+                    tracing::warn!("{scheme}: cannot accept a connection: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let Some(slot) = clients.take(peer.ip()) else {
-            tracing::debug!(%peer, "HTTP: too many connections from this client; closed");
+        let Some(slot) = limits.clients.take(peer.ip()) else {
+            tracing::debug!(%peer, "{scheme}: too many connections from this client; closed");
             continue;
         };
-        let Ok(permit) = total.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "HTTP: {MAX_CONNECTIONS} connections open; closed");
+        let Ok(permit) = limits.total.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "{scheme}: {MAX_CONNECTIONS} connections open; closed");
             continue;
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         let shutdown = shutdown.clone();
-        connections.spawn(async move {
+        let tls = tls.clone();
+        limits.connections.spawn(async move {
             let _held = (slot, permit);
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES.max(8192) * 4)
-                .max_header_size(MAX_HEADER_BYTES);
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let r = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let Some(acceptor) = tls else {
+                return serve_connection(TokioIo::new(stream), service, peer, shutdown).await;
             };
-            if let Err(e) = r {
-                tracing::debug!(%peer, "HTTP connection ended: {e}");
-            }
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let stream = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake not done in {HANDSHAKE_TIMEOUT:?}; closed");
+                        return;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            serve_connection(TokioIo::new(stream), service, peer, shutdown).await
         });
     }
-    connections.close();
-    // Requests in flight get a moment to finish; an event stream never would.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connections.wait()).await;
-    Ok(())
+}
+
+/// HTTP/1.1 on one connection, with the header timeout and size bounds.
+async fn serve_connection<I>(
+    io: I,
+    service: hyper_util::service::TowerToHyperService<Router>,
+    peer: std::net::SocketAddr,
+    shutdown: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192) * 4)
+        .max_header_size(MAX_HEADER_BYTES);
+    let conn = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(%peer, "HTTP connection ended: {e}");
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response {
@@ -348,7 +515,7 @@ async fn boot_script(
         .map(|h| format!("http://{h}"))
         .unwrap_or_else(|| st.base_url.clone());
     let table = st.table.borrow().clone();
-    match script(&table, mac, &base, st.api.as_deref()) {
+    match script(&table, mac, &base, st.https.as_ref(), st.api.as_deref()) {
         Some(s) => text(StatusCode::OK, s),
         None => text(
             StatusCode::NOT_FOUND,
@@ -444,9 +611,51 @@ mod tests {
     fn an_unknown_machine_is_registered_only_where_a_site_asks_for_it() {
         let mac: Mac = "52:54:00:aa:bb:cc".parse().expect("mac");
         let mut table = BootTable::default();
-        assert_eq!(script(&table, mac, "http://10.0.0.1", None), None);
+        assert_eq!(script(&table, mac, "http://10.0.0.1", None, None), None);
         table.register_sites.push("lab".into());
-        let s = script(&table, mac, "http://10.0.0.1", None).expect("script");
+        let s = script(&table, mac, "http://10.0.0.1", None, None).expect("script");
         assert!(s.contains("fleetwave.task=register"), "{s}");
+    }
+
+    #[test]
+    fn with_tls_the_agent_goes_to_the_https_port_with_the_pin_and_boot_files_stay_on_http() {
+        let mac: Mac = "52:54:00:aa:bb:cc".parse().expect("mac");
+        let mut table = BootTable::default();
+        table.register_sites.push("lab".into());
+        let https = Https {
+            port: 8443,
+            pin: Pin([7; 32]),
+        };
+        let pin = format!("fleetwave.pin=sha256:{}", "07".repeat(32));
+        let s = script(&table, mac, "http://10.0.0.1:8080", Some(&https), None).expect("script");
+        assert!(
+            s.contains("kernel http://10.0.0.1:8080/files/vmlinuz "),
+            "{s}"
+        );
+        assert!(
+            s.contains("initrd http://10.0.0.1:8080/files/initrd.img"),
+            "{s}"
+        );
+        assert!(
+            s.contains(" fleetwave.server=https://10.0.0.1:8443 "),
+            "{s}"
+        );
+        assert!(s.contains(&pin), "{s}");
+        let g = grub_config(&table, mac, "http://10.0.0.1", Some(&https), None).expect("grub");
+        assert!(
+            g.contains(" fleetwave.server=https://10.0.0.1:8443 "),
+            "{g}"
+        );
+        assert!(g.contains(&pin), "{g}");
+        let plain = script(&table, mac, "http://10.0.0.1", None, None).expect("script");
+        assert!(!plain.contains("fleetwave.pin="), "{plain}");
+        assert_eq!(
+            agent_url("http://[fd00::1]:80", Some(&https)),
+            "https://[fd00::1]:8443"
+        );
+        assert_eq!(
+            agent_url("http://fleet.example/", Some(&https)),
+            "https://fleet.example:8443"
+        );
     }
 }

@@ -101,6 +101,7 @@ fn start_api(dir: &Path, api: Api) -> Server {
         api: Some(api.clone()),
         control: None,
         state: None,
+        https: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

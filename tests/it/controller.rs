@@ -18,6 +18,8 @@ use crate::{fleetwave as cli, mkfs_ext4, tool};
 /// A server running in its own runtime thread; stopped on drop.
 pub struct Running {
     pub url: String,
+    /// The HTTPS side's base URL, when the server was given TLS.
+    pub https: Option<String>,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -49,6 +51,8 @@ pub struct Secrets {
     pub webhook: Option<String>,
     /// Trusted keys and the rules that go with them.
     pub security: server::Security,
+    /// Serve the API over HTTPS too (on another 127.0.0.1 port).
+    pub tls: Option<fleetwave::tls::ServerTls>,
 }
 
 /// `server::run` on 127.0.0.1:0 following `origin`, state under `dir/state`, images in
@@ -75,6 +79,13 @@ pub fn serve_with(
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let url = format!("http://{}", http.local_addr().expect("addr"));
+    let https = secrets.tls.as_ref().map(|_| {
+        rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind")
+    });
+    let https_url = https
+        .as_ref()
+        .map(|l| format!("https://{}", l.local_addr().expect("addr")));
     let config = server::Config {
         origin,
         interval: Duration::from_millis(200),
@@ -89,12 +100,14 @@ pub fn serve_with(
         clock: Arc::new(fleetwave::clock::SystemClock::default()),
         sync: Default::default(),
         security: secrets.security,
+        tls: secrets.tls,
     };
     let stop = CancellationToken::new();
     let s = stop.clone();
     let thread = std::thread::spawn(move || {
         let listeners = Listeners {
             http,
+            https,
             tftp: None,
             dhcp: None,
         };
@@ -104,6 +117,7 @@ pub fn serve_with(
     });
     Running {
         url,
+        https: https_url,
         stop,
         thread: Some(thread),
     }
@@ -189,6 +203,7 @@ pub fn token(url: &str, mac: &str) -> Option<String> {
 pub fn agent(url: &str, mac: &str, token: &str, disk: &Path) -> (u8, String) {
     let boot = Boot {
         server: url.to_string(),
+        pin: None,
         token: token.to_string(),
         mac: mac.parse().expect("mac"),
         root: PathBuf::from("/"),

@@ -21,6 +21,7 @@ mod security;
 mod service;
 mod snapshots;
 mod tftp;
+mod tls;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

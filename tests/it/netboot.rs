@@ -332,6 +332,9 @@ struct Case {
     /// Answer router solicitations (`fleetwave netboot ra`), so iPXE does not wait
     /// for IPv6.
     ra: bool,
+    /// Serve with a self-signed certificate (`--tls-cert`): the agent is sent to
+    /// HTTPS with the pin, while iPXE still fetches its script and files over HTTP.
+    tls: bool,
     /// What the VM does with the image.
     role: Role,
 }
@@ -366,7 +369,7 @@ const MAC: &str = "52:54:00:28:00:31";
 /// Capture the reference disk, start serve in a namespace LAN, boot the VM to its end.
 /// `None` when the machine cannot run it (a skip).
 fn pxe_run(case: &Case) -> Option<Run> {
-    if !ready() {
+    if !ready() || (case.tls && !tool("openssl", "/usr/bin/openssl")) {
         return None;
     }
     let _turn = QEMU.lock().unwrap_or_else(|p| p.into_inner());
@@ -436,6 +439,24 @@ fn pxe_run(case: &Case) -> Option<Run> {
         ]
         .map(String::from),
     );
+    if case.tls {
+        // A self-signed certificate: the agent trusts it by the pin in its kernel
+        // command line, so no name or CA is needed.
+        let (cert, key) = (d.join("server.crt"), d.join("server.key"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "30"])
+            .args(["-subj", "/CN=fleetwave-netboot-test", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl runs");
+        assert!(made.status.success(), "openssl req");
+        args.extend(["--tls-cert".into(), cert.display().to_string()]);
+        args.extend(["--tls-key".into(), key.display().to_string()]);
+        args.extend(["--https-port".into(), "8443".into()]);
+    }
     let serve_log = d.join("serve.log");
     let server = serve(&lab, "srv", &args, &serve_log);
     // Killed with the lab's namespaces at the end.
@@ -622,7 +643,7 @@ fn assert_deployed(r: &Run) {
 }
 
 #[test]
-fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
+fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies_over_pinned_https() {
     let case = Case {
         name: "bios-e1000-sata",
         firmware: Firmware::Bios,
@@ -630,10 +651,24 @@ fn bios_e1000_sata_pxe_boots_the_agent_which_deploys_and_verifies() {
         disk: "ide-hd,drive=d0,bus=ide.0",
         host_extra: "",
         ra: true,
+        tls: true,
         role: Role::Deploy { captured: None },
     };
     if let Some(r) = pxe_run(&case) {
         assert_deployed(&r);
+        // The agent was sent to HTTPS with the pin: plain HTTP refuses the API with
+        // TLS on (403), so a task done is a task done over pinned HTTPS.
+        assert!(
+            r.serve_log.contains("HTTPS listening on 0.0.0.0:8443")
+                && r.serve_log.contains("certificate fingerprint sha256:"),
+            "{}",
+            r.serve_log
+        );
+        assert!(
+            !r.serve_log.contains("status=403"),
+            "something asked plain HTTP for the API:\n{}",
+            r.serve_log
+        );
     }
 }
 
@@ -649,6 +684,7 @@ fn uefi_virtio_nvme_pxe_boots_the_agent_which_deploys_and_verifies() {
         disk: "nvme,drive=d0,serial=fleetwave0",
         host_extra: "",
         ra: true,
+        tls: false,
         role: Role::Deploy { captured: None },
     };
     if let Some(r) = pxe_run(&case) {
@@ -671,6 +707,7 @@ fn uefi_firmware_pxe_with_the_rom_off_boots_the_agent_which_deploys_and_verifies
         disk: "nvme,drive=d0,serial=fleetwave0",
         host_extra: "",
         ra: true,
+        tls: false,
         role: Role::Deploy { captured: None },
     };
     if let Some(r) = pxe_run(&case) {
@@ -689,6 +726,7 @@ fn a_task_that_cannot_be_done_is_reported_failed_never_done() {
         disk: "ide-hd,drive=d0,bus=ide.0",
         host_extra: ", disk: {serial: no-such-disk}",
         ra: true,
+        tls: false,
         role: Role::Deploy { captured: None },
     };
     let Some(r) = pxe_run(&case) else {
@@ -773,6 +811,7 @@ fn secure_boot_boots_the_signed_chain_which_deploys_and_refuses_an_unsigned_kern
         disk: "nvme,drive=d0,serial=fleetwave0",
         host_extra: "",
         ra: false,
+        tls: false,
         role: Role::Deploy { captured: None },
     };
     let Some(r) = pxe_run(&case) else {
@@ -824,6 +863,7 @@ fn a_vm_captures_its_disk_and_another_vm_gets_that_capture() {
         disk: "ide-hd,drive=d0,bus=ide.0",
         host_extra: "",
         ra: true,
+        tls: false,
         role: Role::Capture,
     };
     let Some(first) = pxe_run(&capture) else {
@@ -943,6 +983,7 @@ fn an_unknown_machine_registers_and_powers_off() {
         disk: "ide-hd,drive=d0,bus=ide.0",
         host_extra: "",
         ra: true,
+        tls: false,
         role: Role::Register,
     };
     let Some(r) = pxe_run(&case) else {

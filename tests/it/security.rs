@@ -802,7 +802,7 @@ fn admin_tokens_are_scoped_revocable_stored_hashed_and_every_use_is_audited() {
 }
 
 /// A TCP connection to `port` on 127.0.0.1 from the loopback address `from`.
-fn connect_from(from: [u8; 4], port: u16) -> std::net::TcpStream {
+pub(crate) fn connect_from(from: [u8; 4], port: u16) -> std::net::TcpStream {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     s.bind(&std::net::SocketAddr::from((from, 0)).into())
@@ -813,7 +813,7 @@ fn connect_from(from: [u8; 4], port: u16) -> std::net::TcpStream {
 }
 
 /// Whether the server closed `c` (reads end of stream) rather than keeping it.
-fn closed(c: &mut std::net::TcpStream) -> bool {
+pub(crate) fn closed(c: &mut std::net::TcpStream) -> bool {
     use std::io::Read;
     // Generous: the server closes at once (the bound) or at its header timeout.
     c.set_read_timeout(Some(Duration::from_secs(60)))

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 use crate::controller::{http, lab_fleet, state_of, wait_for};
 
 /// The lab without DHCP, so the server needs no interface.
-fn lab_without_dhcp() -> String {
+pub(crate) fn lab_without_dhcp() -> String {
     lab_fleet(1).replace(
         "dhcp: {mode: authoritative, pool: 172.28.0.100-172.28.0.199, router: 172.28.0.1, lease: 1h}",
         "dhcp: {mode: off}",
     )
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
