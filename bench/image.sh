@@ -6,7 +6,7 @@
 #   capture: fleetwave agent capture   vs  partclone.ext4 -c -s IMG -o - | zstd -T0 -3
 #   deploy:  fleetwave agent deploy    vs  zstd -d -c | partclone.restore -C -s - -O TARGET
 # fleetwave's deploy includes its read-back verification; partclone's does not verify.
-# Usage: [LEVELS="0 3"] bench/image.sh [RUNS=1]   LEVELS: fleetwave's --level values to
+# Usage: [LEVELS="0 3"] [FW=fleetwave binary] bench/image.sh [RUNS=1]   LEVELS: fleetwave's --level values to
 # run (default 0, fleetwave's own setting). Needs root (drop caches), partclone, zstd, e2fsprogs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +16,10 @@ for t in partclone.ext4 partclone.restore zstd mkfs.ext4 debugfs python3; do
 done
 WORK=$(mktemp -d /var/tmp/fleetwave-image.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-cargo build --release --quiet --bin fleetwave
-FW=$PWD/target/release/fleetwave
+if [ -z "${FW:-}" ]; then
+    cargo build --release --quiet --bin fleetwave
+    FW=$PWD/target/release/fleetwave
+fi
 
 echo "making the filesystem (1.2 GB of files, 200 MB more deleted)..." >&2
 mkdir -p "$WORK/src"

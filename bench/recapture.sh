@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Benchmark: what a recapture moves after an edit, against the bytes that changed, and
 # what the store holds against partclone + zstd (Clonezilla's image), same filesystem,
-# same run. The filesystem holds 190 files of 4 KiB to 16 MiB (half random, half word
-# text); each round rewrites 10 of them with new content of the same kind and size
-# through the mounted filesystem, unmounts it and captures it again into the same store.
+# same run. The filesystem holds 190 files of 4 KiB to 16 MiB (median 730 KB; half
+# random, half word text); each round rewrites 10 of them with new content of the same
+# kind and size through the mounted filesystem, unmounts it and captures it again into
+# the same store. SMALL=1: 2,000 files of median 16 KB instead, 100 rewritten a round.
 # A last round captures while the filesystem is still mounted (needs_recovery set), as a
 # power cut would leave it.
 #   moved:   the new chunks' bytes (what crosses to the server), raw and compressed
 #   peer:    partclone.FS -c | zstd -3 of the same filesystem: a whole image each time
-# Usage: [FS="ext4 ntfs"] [FW=fleetwave binary] bench/recapture.sh [ROUNDS=5]
+# Usage: [FS="ext4 ntfs"] [SMALL=1] [FW=fleetwave binary] bench/recapture.sh [ROUNDS=5]
 # Needs root (mount), e2fsprogs, ntfs-3g, partclone, zstd, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,8 @@ mkdir -p "$WORK/mnt"
 cat > "$WORK/files.py" <<'PY'
 import os, random, sys
 mode, d, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+small = os.environ.get("SMALL") == "1"
+count, change, median = (2000, 100, 9.7) if small else (190, 10, 13.5)
 rnd = random.Random(seed)
 words = ["".join(random.Random(w).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(2 + w % 8)) for w in range(5000)]
 def text(n):
@@ -48,12 +51,12 @@ def body(i, n):
     return os.urandom(n) if i % 2 else text(n)
 if mode == "make":
     sizes = random.Random(7)
-    for i in range(190):
-        n = max(4096, min(int(sizes.lognormvariate(13.5, 1.2)), 16 << 20))
+    for i in range(count):
+        n = max(4096, min(int(sizes.lognormvariate(median, 1.2)), 16 << 20))
         open(f"{d}/f{i:03}", "wb").write(body(i, n))
 else:  # rewrite 10, print the bytes changed
     total = 0
-    for i in rnd.sample(range(190), 10):
+    for i in rnd.sample(range(count), change):
         p = f"{d}/f{i:03}"
         n = os.path.getsize(p)
         open(p, "wb").write(body(i, n))
@@ -65,7 +68,7 @@ python3 "$WORK/files.py" make "$WORK/src" 0
 field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
 mib() { python3 -c "import sys; print(f'{int(sys.argv[1])/2**20:.1f}')" "$1"; }
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); 1 GiB filesystem, $(du -sm "$WORK/src" | cut -f1) MiB in 190 files"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); 1 GiB filesystem, $(du -sm "$WORK/src" | cut -f1) MiB in $(ls "$WORK/src" | wc -l) files"
 for fs in ${FS:-ext4 ntfs}; do
     img=$WORK/$fs.img store=$WORK/store-$fs
     rm -rf "$store" "$img"
