@@ -72,7 +72,8 @@ pub fn journaled(
     } else {
         0
     };
-    if incompat & FEATURE_FAST_COMMIT != 0 || first == 0 || first >= maxlen {
+    let blocks: u64 = map.iter().map(|&(_, _, n)| n).sum();
+    if incompat & FEATURE_FAST_COMMIT != 0 || first == 0 || first >= maxlen || maxlen > blocks {
         return None;
     }
     let mut out: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
