@@ -66,7 +66,7 @@ PY
 mkdir -p "$WORK/src"
 python3 "$WORK/files.py" make "$WORK/src" 0
 field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
-mib() { python3 -c "import sys; print(f'{int(sys.argv[1])/2**20:.1f}')" "$1"; }
+mib() { python3 -c "import sys; print(f'{int(sys.argv[1])/2**20:.2f}')" "$1"; }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); 1 GiB filesystem, $(du -sm "$WORK/src" | cut -f1) MiB in $(ls "$WORK/src" | wc -l) files"
 for fs in ${FS:-ext4 ntfs}; do
