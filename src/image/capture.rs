@@ -93,7 +93,7 @@ pub fn capture(
     let cdc = Chunks::new(
         file.try_clone().map_err(io_err(disk))?,
         layout.used.clone(),
-        &layout.files,
+        &extents::files(&file, &layout),
         extents.clone(),
         opts.meter.clone(),
     );

@@ -2,8 +2,8 @@
 //! disk order. It is cut where the content says (FastCDC), and also where a file's
 //! data starts and ends ([`super::extents`]): a file that changes or moves then costs
 //! its own chunks and not its neighbours'. What lies outside files (inode tables,
-//! bitmaps, directories, the journal, the MFT) changes a few blocks at a time, so it
-//! is cut into smaller chunks.
+//! bitmaps, directories, the MFT) changes a few blocks at a time, so it is cut one
+//! block a chunk.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -12,10 +12,18 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
 use fastcdc::v2020::{Normalization, cut, select_masks};
+use serde::{Deserialize, Serialize};
 
 use super::Meter;
 use super::layout::BLOCK;
-use super::manifest::Sizes;
+
+/// A chunker's minimum, average and maximum chunk sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sizes {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
 
 /// Chunk sizes inside files' data: large, because each chunk is compressed alone (at
 /// 256 KiB the store grew 0.7 % on bench/image.sh's text and passed partclone+zstd's).

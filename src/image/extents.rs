@@ -7,13 +7,14 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use super::layout::{Ext4, Ntfs, data_attributes, le16, le32, read_at, set_bits};
+use super::fsmeta::{
+    Ext4, MAX_DEPTH, Ntfs, data_attributes, extent_node, le16, le32, read_at, set_bits,
+};
+use super::layout::{Fs, Layout};
 
 /// (absolute byte offset, bytes) of each file data extent, unsorted.
 pub type Extents = Vec<(u64, u64)>;
 
-/// Depth limit of an extent tree (ext4 allows 5).
-pub(super) const MAX_DEPTH: u64 = 5;
 /// Inode tables are read this many bytes at a time.
 const TABLE_READ: u64 = 1 << 20;
 
@@ -107,48 +108,6 @@ fn ext4_inode(f: &File, start: u64, fs: &Ext4, inode: &[u8], out: &mut Extents) 
     }
 }
 
-/// An extent tree node (the inode's `i_block`, or a tree block): leaves are pushed
-/// as (first logical block, first block, blocks), index entries followed down at most
-/// `depth` levels.
-pub(super) fn extent_node(
-    f: &File,
-    start: u64,
-    fs: &Ext4,
-    node: &[u8],
-    depth: u64,
-    out: &mut Vec<(u64, u64, u64)>,
-) {
-    if node.len() < 12 || le16(node, 0) != 0xF30A {
-        return;
-    }
-    let entries = le16(node, 2) as usize;
-    let node_depth = le16(node, 6);
-    if node_depth > depth || 12 + 12 * entries > node.len() {
-        return;
-    }
-    for e in node[12..12 + 12 * entries].chunks_exact(12) {
-        if node_depth == 0 {
-            // ee_len above 32768 marks an unwritten (preallocated) extent.
-            let len = match le16(e, 4) {
-                n if n > 32768 => n - 32768,
-                n => n,
-            };
-            let block = (le16(e, 6) << 32) | le32(e, 8);
-            if len > 0 && block.saturating_add(len) <= fs.blocks {
-                out.push((le32(e, 0), block, len));
-            }
-        } else {
-            let leaf = (le16(e, 8) << 32) | le32(e, 4);
-            if leaf >= fs.blocks {
-                continue;
-            }
-            if let Ok(child) = read_at(f, start + leaf * fs.bs, fs.bs as usize) {
-                extent_node(f, start, fs, &child, node_depth - 1, out);
-            }
-        }
-    }
-}
-
 /// MFT records read at once.
 const MFT_READ: u64 = 1 << 20;
 /// Records 0 to 15 are NTFS's own files ($MFT, $LogFile, $Bitmap, ...): metadata.
@@ -211,5 +170,25 @@ pub fn ntfs(f: &File, start: u64, bytes: u64, boot: &[u8]) -> Extents {
             done += len;
         }
     }
+    out
+}
+
+/// The data extents of the files of every ext4 and NTFS partition `layout` found,
+/// sorted.
+pub fn files(f: &File, layout: &Layout) -> Extents {
+    let mut out = Vec::new();
+    for p in &layout.partitions {
+        let Ok(head) = read_at(f, p.start, 4096.min(p.bytes) as usize) else {
+            continue;
+        };
+        match p.fs {
+            Fs::Ext4 if head.len() >= 2048 => {
+                out.extend(ext4(f, p.start, p.bytes, &head[1024..2048]))
+            }
+            Fs::Ntfs => out.extend(ntfs(f, p.start, p.bytes, &head)),
+            _ => {}
+        }
+    }
+    out.sort_unstable();
     out
 }

@@ -7,8 +7,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 
-use super::extents::{MAX_DEPTH, extent_node};
-use super::layout::{Ext4, le32, read_at};
+use super::fsmeta::{Ext4, MAX_DEPTH, extent_node, le32, read_at};
 
 const MAGIC: u64 = 0xC03B_3998;
 const DESCRIPTOR: u64 = 1;

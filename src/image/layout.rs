@@ -12,6 +12,8 @@ use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
 
+use super::fsmeta::{Ext4, Ntfs, data_attributes, le16, le32, le64, read_at, set_bits};
+
 /// Sectors as partition tables count them. 4Kn disks are found by their GPT header.
 const SECTOR: u64 = 512;
 /// The granularity of the used map: the usual filesystem block.
@@ -62,27 +64,6 @@ pub struct Layout {
     /// Byte ranges to capture, sorted, disjoint, block aligned (clipped to the disk).
     #[serde(skip)]
     pub used: Vec<(u64, u64)>,
-    /// Files' data extents (offset, bytes), sorted: where the chunker cuts.
-    #[serde(skip)]
-    pub files: Vec<(u64, u64)>,
-}
-
-pub(super) fn le16(b: &[u8], at: usize) -> u64 {
-    u16::from_le_bytes([b[at], b[at + 1]]) as u64
-}
-pub(super) fn le32(b: &[u8], at: usize) -> u64 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as u64
-}
-pub(super) fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-pub(super) fn read_at(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset)?;
-    Ok(buf)
 }
 
 /// GUIDs are stored with their first three fields little-endian.
@@ -111,7 +92,6 @@ pub fn read(f: &File, disk_bytes: u64) -> io::Result<Layout> {
         sector: SECTOR,
         partitions: Vec::new(),
         used: Vec::new(),
-        files: Vec::new(),
     };
     let mut parts: Vec<RawPart> = Vec::new();
     if disk_bytes >= 2 * SECTOR {
@@ -127,7 +107,7 @@ pub fn read(f: &File, disk_bytes: u64) -> io::Result<Layout> {
     let mut used: Vec<(u64, u64)> = Vec::new();
     if layout.table == TableKind::None {
         // A bare filesystem, or unknown content.
-        let (fs, runs) = fs_used(f, 0, disk_bytes, &mut layout.files)?;
+        let (fs, runs) = fs_used(f, 0, disk_bytes)?;
         layout.partitions.push(Partition {
             number: 0,
             start: 0,
@@ -146,7 +126,7 @@ pub fn read(f: &File, disk_bytes: u64) -> io::Result<Layout> {
         used.push((disk_bytes - tail, tail));
         for (number, start, bytes, kind) in parts {
             let bytes = bytes.min(disk_bytes.saturating_sub(start));
-            let (fs, runs) = fs_used(f, start, bytes, &mut layout.files)?;
+            let (fs, runs) = fs_used(f, start, bytes)?;
             layout.partitions.push(Partition {
                 number,
                 start,
@@ -159,7 +139,6 @@ pub fn read(f: &File, disk_bytes: u64) -> io::Result<Layout> {
         }
     }
     layout.used = normalize(used, disk_bytes);
-    layout.files.sort_unstable();
     Ok(layout)
 }
 
@@ -285,14 +264,8 @@ fn read_mbr(f: &File, disk_bytes: u64) -> io::Result<Option<Vec<RawPart>>> {
     Ok((!parts.is_empty()).then_some(parts))
 }
 
-/// The filesystem in `[start, start+bytes)` and its used byte ranges (absolute); its
-/// files' extents are added to `files`.
-fn fs_used(
-    f: &File,
-    start: u64,
-    bytes: u64,
-    files: &mut Vec<(u64, u64)>,
-) -> io::Result<(Fs, Vec<(u64, u64)>)> {
+/// The filesystem in `[start, start+bytes)` and its used byte ranges (absolute).
+fn fs_used(f: &File, start: u64, bytes: u64) -> io::Result<(Fs, Vec<(u64, u64)>)> {
     let whole = vec![(start, bytes)];
     if bytes < 4096 {
         return Ok((Fs::Other, whole));
@@ -300,19 +273,13 @@ fn fs_used(
     let head = read_at(f, start, 4096)?;
     if le16(&head, 1024 + 56) == 0xEF53 {
         return Ok(match ext4_used(f, start, bytes, &head[1024..2048])? {
-            Some(runs) => {
-                files.extend(super::extents::ext4(f, start, bytes, &head[1024..2048]));
-                (Fs::Ext4, runs)
-            }
+            Some(runs) => (Fs::Ext4, runs),
             None => (Fs::Ext4, whole),
         });
     }
     if &head[3..11] == b"NTFS    " {
         return Ok(match ntfs_used(f, start, bytes, &head)? {
-            Some(runs) => {
-                files.extend(super::extents::ntfs(f, start, bytes, &head));
-                (Fs::Ntfs, runs)
-            }
+            Some(runs) => (Fs::Ntfs, runs),
             None => (Fs::Ntfs, whole),
         });
     }
@@ -409,119 +376,6 @@ fn parse_domain(text: &str, bytes: u64) -> Option<Vec<(u64, u64)>> {
     Some(runs)
 }
 
-/// An ext2/3/4 superblock's geometry, and its group descriptors.
-pub(super) struct Ext4 {
-    /// Block size in bytes.
-    pub bs: u64,
-    pub blocks: u64,
-    first_data: u64,
-    per_group: u64,
-    pub groups: u64,
-    desc_size: u64,
-    gdt_blocks: u64,
-    reserved_gdt: u64,
-    sparse_super: bool,
-    is64: bool,
-    pub inodes_per_group: u64,
-    pub inode_size: u64,
-    /// needs_recovery: the journal holds changes the bitmaps may not show yet.
-    pub recovering: bool,
-    gdt: Vec<u8>,
-}
-
-/// One group descriptor's fields this reader uses (block numbers).
-pub(super) struct Group {
-    pub block_bitmap: u64,
-    pub inode_bitmap: u64,
-    pub inode_table: u64,
-    pub flags: u64,
-    /// First block of the group, and how many blocks it has.
-    pub start: u64,
-    pub blocks: u64,
-}
-
-impl Ext4 {
-    /// `None` when its numbers do not add up.
-    pub fn read(f: &File, start: u64, bytes: u64, sb: &[u8]) -> io::Result<Option<Ext4>> {
-        let log = le32(sb, 24);
-        if log > 6 {
-            return Ok(None);
-        }
-        let bs = 1024u64 << log;
-        let incompat = le32(sb, 96);
-        let is64 = incompat & 0x80 != 0;
-        // meta_bg scatters the group descriptors, which this reader does not follow.
-        if incompat & 0x10 != 0 {
-            return Ok(None);
-        }
-        let blocks = le32(sb, 4) | if is64 { le32(sb, 336) << 32 } else { 0 };
-        let first_data = le32(sb, 20);
-        let per_group = le32(sb, 32);
-        let desc_size = if is64 { le16(sb, 254).max(32) } else { 32 };
-        if per_group == 0
-            || blocks == 0
-            || first_data >= blocks
-            || blocks.saturating_mul(bs) > bytes
-            || per_group > bs * 8
-        {
-            return Ok(None);
-        }
-        let groups = (blocks - first_data).div_ceil(per_group);
-        let gdt_blocks = (groups * desc_size).div_ceil(bs);
-        let gdt = read_at(f, start + (first_data + 1) * bs, (gdt_blocks * bs) as usize)?;
-        Ok(Some(Ext4 {
-            bs,
-            blocks,
-            first_data,
-            per_group,
-            groups,
-            desc_size,
-            gdt_blocks,
-            reserved_gdt: le16(sb, 206),
-            sparse_super: le32(sb, 100) & 0x1 != 0,
-            is64,
-            inodes_per_group: le32(sb, 40),
-            inode_size: if le32(sb, 76) >= 1 { le16(sb, 88) } else { 128 },
-            recovering: incompat & 0x4 != 0,
-            gdt,
-        }))
-    }
-
-    pub fn group(&self, g: u64) -> Group {
-        let d = &self.gdt[(g * self.desc_size) as usize..((g + 1) * self.desc_size) as usize];
-        let hi = |at: usize| {
-            if self.is64 && self.desc_size >= 64 {
-                le32(d, at) << 32
-            } else {
-                0
-            }
-        };
-        let start = self.first_data + g * self.per_group;
-        Group {
-            block_bitmap: le32(d, 0) | hi(0x20),
-            inode_bitmap: le32(d, 4) | hi(0x24),
-            inode_table: le32(d, 8) | hi(0x28),
-            flags: le16(d, 18),
-            start,
-            blocks: self.per_group.min(self.blocks - start),
-        }
-    }
-
-    /// Whether group `g` holds a superblock backup and group descriptor copy.
-    fn has_backup(&self, g: u64) -> bool {
-        if !self.sparse_super || g <= 1 {
-            return true;
-        }
-        [3u64, 5, 7].iter().any(|&p| {
-            let mut x = p;
-            while x < g {
-                x *= p;
-            }
-            x == g
-        })
-    }
-}
-
 /// Blocks marked in ext2/3/4 block bitmaps, plus every group's metadata. `None` when
 /// the numbers do not add up, or the filesystem needs recovery and its journal cannot
 /// be read.
@@ -586,107 +440,6 @@ fn ext4_used(f: &File, start: u64, bytes: u64, sb: &[u8]) -> io::Result<Option<V
     Ok(Some(runs))
 }
 
-/// An NTFS boot sector's geometry.
-pub(super) struct Ntfs {
-    /// Bytes per sector (the fix-up stride).
-    pub bps: u64,
-    pub cluster: u64,
-    /// The volume's size in bytes.
-    pub volume: u64,
-    pub mft_lcn: u64,
-    /// Bytes per MFT record.
-    pub record: u64,
-}
-
-impl Ntfs {
-    pub fn read(boot: &[u8], bytes: u64) -> Option<Ntfs> {
-        let bps = le16(boot, 0x0B);
-        let spc_raw = boot[0x0D] as u64;
-        let spc = match spc_raw {
-            0x81..=0xFF if 256 - spc_raw <= 16 => 1 << (256 - spc_raw),
-            0x81..=0xFF => return None,
-            n => n,
-        };
-        if !(256..=4096).contains(&bps) || spc == 0 {
-            return None;
-        }
-        let cluster = bps * spc;
-        let volume = le64(boot, 0x28).saturating_mul(bps);
-        let cpr = boot[0x40] as i8;
-        let record = match cpr {
-            -16..=-1 => 1u64 << (-(cpr as i32)),
-            c if c < 0 => return None,
-            c => c as u64 * cluster,
-        };
-        if volume > bytes || !(512..=65536).contains(&record) {
-            return None;
-        }
-        Some(Ntfs {
-            bps,
-            cluster,
-            volume,
-            mft_lcn: le64(boot, 0x30),
-            record,
-        })
-    }
-
-    /// Undo a record's update sequence fix-ups (the last two bytes of each sector
-    /// hold a check value); `false` when the record is torn or not a record.
-    pub fn fixup(&self, rec: &mut [u8]) -> bool {
-        if rec.len() < 8 || &rec[0..4] != b"FILE" {
-            return false;
-        }
-        let usa_off = le16(rec, 4) as usize;
-        let usa_count = le16(rec, 6) as usize;
-        if usa_off + 2 * usa_count > rec.len() {
-            return false;
-        }
-        for i in 1..usa_count {
-            let end = i * self.bps as usize;
-            if end > rec.len() || rec[end - 2..end] != rec[usa_off..usa_off + 2] {
-                return false;
-            }
-            let fix = [rec[usa_off + 2 * i], rec[usa_off + 2 * i + 1]];
-            rec[end - 2..end].copy_from_slice(&fix);
-        }
-        true
-    }
-}
-
-/// A fixed-up MFT record's non-resident `$DATA` attributes: their run lists and
-/// (for the first of a stream) the stream's size. `None` when an attribute header
-/// leaves the record.
-pub(super) fn data_attributes(rec: &[u8]) -> Option<Vec<(Runs, u64)>> {
-    let mut out = Vec::new();
-    let mut at = le16(rec, 0x14) as usize;
-    loop {
-        if at + 16 > rec.len() {
-            return None;
-        }
-        let kind = le32(rec, at);
-        if kind == 0xFFFF_FFFF {
-            return Some(out);
-        }
-        let len = le32(rec, at + 4) as usize;
-        if len == 0 || at + len > rec.len() {
-            return None;
-        }
-        if kind == 0x80 && rec[at + 8] == 1 {
-            // A non-resident attribute header is 0x40 bytes.
-            if len < 0x40 {
-                return None;
-            }
-            let runs_at = at + le16(rec, at + 0x20) as usize;
-            let named = rec[at + 9] != 0;
-            out.push((
-                decode_runs(&rec[runs_at.min(at + len)..at + len]),
-                if named { 0 } else { le64(rec, at + 0x30) },
-            ));
-        }
-        at += len;
-    }
-}
-
 /// Clusters marked in NTFS's `$Bitmap` (MFT record 6), plus the space after the
 /// volume (the backup boot sector). `None` when any structure does not check out.
 fn ntfs_used(f: &File, start: u64, bytes: u64, boot: &[u8]) -> io::Result<Option<Vec<(u64, u64)>>> {
@@ -746,69 +499,9 @@ fn ntfs_used(f: &File, start: u64, bytes: u64, boot: &[u8]) -> io::Result<Option
     Ok(Some(out))
 }
 
-/// Each run of set bits among the first `count` bits (least significant first, as
-/// ext4 and NTFS store them): `run(first, length)`.
-pub(super) fn set_bits(bitmap: &[u8], count: u64, mut run: impl FnMut(u64, u64)) {
-    let bit = |i: u64| bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
-    let count = count.min(bitmap.len() as u64 * 8);
-    let mut i = 0u64;
-    while i < count {
-        if i.is_multiple_of(8) && bitmap[(i / 8) as usize] == 0 {
-            i += 8;
-            continue;
-        }
-        if bit(i) {
-            let first = i;
-            while i < count && bit(i) {
-                i += 1;
-            }
-            run(first, i - first);
-        } else {
-            i += 1;
-        }
-    }
-}
-
-/// An NTFS run list: (LCN or None for sparse, length in clusters).
-pub(super) type Runs = Vec<(Option<u64>, u64)>;
-
-pub(super) fn decode_runs(b: &[u8]) -> Runs {
-    let mut out = Vec::new();
-    let mut i = 0;
-    let mut lcn: i64 = 0;
-    while i < b.len() && b[i] != 0 {
-        let h = b[i];
-        let (ln, on) = ((h & 0x0F) as usize, (h >> 4) as usize);
-        if ln == 0 || ln > 8 || on > 8 || i + 1 + ln + on > b.len() {
-            break;
-        }
-        let mut len = 0u64;
-        for k in 0..ln {
-            len |= (b[i + 1 + k] as u64) << (8 * k);
-        }
-        if on == 0 {
-            out.push((None, len));
-        } else {
-            let mut off: i64 = 0;
-            for k in 0..on {
-                off |= (b[i + 1 + ln + k] as i64) << (8 * k);
-            }
-            // Sign-extend.
-            let shift = 64 - 8 * on as u32;
-            off = (off << shift) >> shift;
-            lcn += off;
-            if lcn < 0 {
-                break;
-            }
-            out.push((Some(lcn as u64), len));
-        }
-        i += 1 + ln + on;
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::fsmeta::decode_runs;
     use super::*;
 
     #[test]

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::chunker::{DATA, META, Sizes};
 use super::layout::{Partition, TableKind};
 use crate::spec::Digest;
 
@@ -24,17 +25,8 @@ pub struct Chunker {
     pub metadata: Option<Sizes>,
 }
 
-/// A chunker's minimum, average and maximum chunk sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sizes {
-    pub min: u32,
-    pub avg: u32,
-    pub max: u32,
-}
-
 impl Chunker {
     pub fn current() -> Chunker {
-        use super::chunker::{DATA, META};
         Chunker {
             algorithm: "fastcdc-v2020+file-extents".into(),
             implementation: "fastcdc 5.0.0".into(),

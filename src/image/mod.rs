@@ -11,6 +11,7 @@ mod chunker;
 mod deploy;
 pub(crate) mod disk;
 mod extents;
+mod fsmeta;
 pub mod gpt;
 pub mod growfs;
 mod jbd2;
