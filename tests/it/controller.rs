@@ -209,8 +209,14 @@ pub fn agent(url: &str, mac: &str, token: &str, disk: &Path) -> (u8, String) {
         root: PathBuf::from("/"),
         disk: Some(disk.to_owned()),
     };
+    run_boot(&boot)
+}
+
+/// Run the agent for `boot`: its exit code and everything it printed (an error that
+/// kept it from fetching its task as `error: ...`, code 2).
+pub fn run_boot(boot: &Boot) -> (u8, String) {
     let mut out = Vec::new();
-    let code = match agent_run(&boot, &mut out) {
+    let code = match agent_run(boot, &mut out) {
         Ok(o) => o.code,
         Err(e) => {
             out.extend(format!("error: {e:#}").bytes());

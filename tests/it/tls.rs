@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fleetwave::agent::run::{Boot, run as agent_run};
+use fleetwave::agent::run::Boot;
 use fleetwave::protocol::FleetStatus;
 use fleetwave::source::watch::Origin;
 use fleetwave::tls::Pin;
@@ -158,15 +158,7 @@ fn agent_from_script(script: &str, disk: &Path, pin: Option<&str>) -> (u8, Strin
     };
     let mut boot = Boot::from_cmdline(&line, Path::new("the script")).expect("cmdline");
     boot.disk = Some(disk.to_owned());
-    let mut out = Vec::new();
-    let code = match agent_run(&boot, &mut out) {
-        Ok(o) => o.code,
-        Err(e) => {
-            out.extend(format!("error: {e:#}").bytes());
-            2
-        }
-    };
-    (code, String::from_utf8_lossy(&out).to_string())
+    crate::controller::run_boot(&boot)
 }
 
 fn tls_server(d: &Path) -> (Running, PathBuf, Pin) {
