@@ -37,7 +37,7 @@ rm -rf "$WORK/src"
 "$FW" agent capture "$WORK/fs.img" --image bench --store "$WORK/store" --json > "$WORK/cap.json"
 DIGEST=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['digest'])" "$WORK/cap.json")
 # The same compressed bytes as one file, for curl.
-find "$WORK/store/chunks" -name '*.zst' -print0 | sort -z | xargs -0 cat > "$WORK/files/all.bin"
+cat "$WORK"/store/packs/*.pack > "$WORK/files/all.bin"
 BYTES=$(stat -c %s "$WORK/files/all.bin")
 
 cat > "$WORK/fleet.yaml" <<EOF

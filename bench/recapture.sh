@@ -8,6 +8,8 @@
 # A last round captures while the filesystem is still mounted (needs_recovery set), as a
 # power cut would leave it.
 #   moved:   the new chunks' bytes (what crosses to the server), raw and compressed
+#   stored:  the version's chunks as stored (frames in packs), and the whole store on
+#            disk (`du`: packs, their indexes, manifests, records), all versions so far
 #   peer:    partclone.FS -c | zstd -3 of the same filesystem: a whole image each time
 # Usage: [FS="ext4 ntfs"] [SMALL=1] [FW=fleetwave binary] bench/recapture.sh [ROUNDS=5]
 # Needs root (mount), e2fsprogs, ntfs-3g, partclone, zstd, python3.
@@ -83,12 +85,12 @@ for fs in ${FS:-ext4 ntfs}; do
     fi
     echo
     echo "### $fs"
-    echo "| round | changed | fleetwave moved | × changed | moved, compressed | fleetwave version stored | store, all versions | partclone+zstd image (moved each time) |"
+    echo "| round | changed | fleetwave moved | × changed | moved, compressed | fleetwave version stored | store on disk (du), all versions | partclone+zstd image (moved each time) |"
     echo "|---|---|---|---|---|---|---|---|"
     "$FW" agent capture "$img" --image b --store "$store" --json > "$WORK/c.json"
     pc=$(partclone.$fs -c -s "$img" -o - 2>/dev/null | zstd -q -T0 -3 | wc -c)
-    total=$(field "$WORK/c.json" new_stored_bytes)
-    echo "| capture | | $(mib "$(field "$WORK/c.json" new_data_bytes)") MiB | | $(mib "$total") MiB | $(mib "$(field "$WORK/c.json" stored_bytes)") MiB | $(mib "$total") MiB | $(mib "$pc") MiB |"
+    du_store() { du -sB1 "$store" | cut -f1; }
+    echo "| capture | | $(mib "$(field "$WORK/c.json" new_data_bytes)") MiB | | $(mib "$(field "$WORK/c.json" new_stored_bytes)") MiB | $(mib "$(field "$WORK/c.json" stored_bytes)") MiB | $(mib "$(du_store)") MiB | $(mib "$pc") MiB |"
     for round in $(seq "$ROUNDS") mounted; do
         mnt
         changed=$(python3 "$WORK/files.py" rewrite "$WORK/mnt" "$((100 + ${round/mounted/99}))")
@@ -104,7 +106,6 @@ for fs in ${FS:-ext4 ntfs}; do
         "$FW" agent capture "$src" --image b --store "$store" --json > "$WORK/c.json"
         pc=$(partclone.$fs -c -s "$img" -o - 2>/dev/null | zstd -q -T0 -3 | wc -c)
         moved=$(field "$WORK/c.json" new_data_bytes)
-        total=$((total + $(field "$WORK/c.json" new_stored_bytes)))
-        echo "| $round | $(mib "$changed") MiB | $(mib "$moved") MiB | $(python3 -c "import sys; print(f'{int(sys.argv[1])/int(sys.argv[2]):.2f}')" "$moved" "$changed") | $(mib "$(field "$WORK/c.json" new_stored_bytes)") MiB | $(mib "$(field "$WORK/c.json" stored_bytes)") MiB | $(mib "$total") MiB | $(mib "$pc") MiB |"
+        echo "| $round | $(mib "$changed") MiB | $(mib "$moved") MiB | $(python3 -c "import sys; print(f'{int(sys.argv[1])/int(sys.argv[2]):.2f}')" "$moved" "$changed") | $(mib "$(field "$WORK/c.json" new_stored_bytes)") MiB | $(mib "$(field "$WORK/c.json" stored_bytes)") MiB | $(mib "$(du_store)") MiB | $(mib "$pc") MiB |"
     done
 done

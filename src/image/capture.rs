@@ -144,7 +144,7 @@ pub fn capture(
                                     path: PathBuf::from(d.to_string()),
                                     source,
                                 })
-                                .and_then(|c| repo.put_chunk(&d, &c));
+                                .and_then(|c| repo.put_chunk(&d, &data, &c));
                             match r {
                                 Ok(n) => {
                                     new_stored.fetch_add(n, Ordering::Relaxed);

@@ -18,6 +18,7 @@ mod jbd2;
 pub mod layout;
 pub mod loopdev;
 pub mod manifest;
+mod pack;
 pub mod remote;
 pub mod store;
 mod verify;

@@ -149,7 +149,7 @@ impl Repo for Remote {
         Ok(ds.iter().map(|d| missing.contains(d)).collect())
     }
 
-    fn put_chunk(&self, d: &Digest, compressed: &[u8]) -> Result<u64> {
+    fn put_chunk(&self, d: &Digest, _data: &[u8], compressed: &[u8]) -> Result<u64> {
         let (auth, mac) = self.auth();
         let path = format!("chunks/{d}");
         let mut r = self

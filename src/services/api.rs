@@ -579,7 +579,7 @@ async fn put_chunk(
             )
                 .into_response();
         }
-        match a.store.put_chunk(&d, &body) {
+        match a.store.put_chunk(&d, &data, &body) {
             Ok(_) => StatusCode::CREATED.into_response(),
             Err(e) => store_error(e),
         }

@@ -319,17 +319,6 @@ fn an_upload_whose_content_does_not_match_its_name_is_refused() {
     assert!(!store.has_chunk(&format!("blake3:{right_name}").parse().expect("digest")));
 }
 
-/// Chunk files in a store.
-fn chunk_files(store: &Path) -> usize {
-    std::fs::read_dir(store.join("chunks"))
-        .map(|dirs| {
-            dirs.flatten()
-                .map(|d| std::fs::read_dir(d.path()).map(|f| f.count()).unwrap_or(0))
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn an_interrupted_upload_resumes_with_what_the_server_lacks() {
     if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") {
@@ -369,7 +358,7 @@ fn an_interrupted_upload_resumes_with_what_the_server_lacks() {
         .spawn()
         .expect("agent");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while chunk_files(&server_store) < 40
+    while server.api.store.chunk_count() < 40
         && std::time::Instant::now() < deadline
         && child.try_wait().ok().flatten().is_none()
     {
@@ -377,7 +366,7 @@ fn an_interrupted_upload_resumes_with_what_the_server_lacks() {
     }
     let _ = child.kill();
     let killed = !child.wait().expect("wait").success();
-    let uploaded = chunk_files(&server_store);
+    let uploaded = server.api.store.chunk_count();
     // The next task (a new token) sends only what the server still lacks.
     let again = server
         .api

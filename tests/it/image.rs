@@ -565,11 +565,14 @@ fn a_corrupt_chunk_is_refused_and_never_reported_as_deployed() {
     let r =
         image::capture(&fs, &store, Some(("x", 1)), CaptureOptions::default()).expect("capture");
     let m = store.manifest(&r.digest).expect("manifest");
-    // Replace one stored chunk with another valid zstd frame of the same length.
+    // Overwrite bytes in the middle of one stored chunk's frame.
     let victim = m.chunks[m.chunks.len() / 2];
-    let fake =
-        fleetwave::image::store::compress(&vec![0x5a; victim.len as usize], 3).expect("zstd");
-    std::fs::write(store.chunk_path(&victim.hash), fake).expect("corrupt");
+    let (path, offset, len) = store.chunk_location(&victim.hash).expect("stored");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 64], offset + len / 2).expect("corrupt");
     let t = dir.path().join("t.raw");
     std::fs::File::create(&t).expect("create");
     let err = image::deploy(&store, &r.digest, &t, threads()).expect_err("must fail");
@@ -872,14 +875,9 @@ fn a_fat_partition_is_captured_through_partclones_used_block_map() {
     );
 }
 
-fn chunk_files(store: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for shard in std::fs::read_dir(store.join("chunks")).expect("chunks") {
-        for f in std::fs::read_dir(shard.expect("shard").path()).expect("shard") {
-            out.push(f.expect("entry").path());
-        }
-    }
-    out
+/// The chunks a store holds, as a new handle on it sees them.
+fn stored_chunks(store: &Path) -> std::collections::BTreeSet<fleetwave::spec::Digest> {
+    Store::open(store).expect("store").packed_chunks()
 }
 
 #[test]
@@ -906,11 +904,15 @@ fn removing_an_image_frees_only_the_chunks_no_other_image_uses() {
             .expect("capture");
         digests.push(r.digest);
     }
+    // Done writing: a pack still open for writing is not collected.
+    let root = store.root().to_owned();
+    drop(store);
+    let store = Store::open(&root).expect("store");
     let cli = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_fleetwave"))
             .args(args)
             .arg("--store")
-            .arg(store.root())
+            .arg(&root)
             .output()
             .expect("run");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -937,20 +939,24 @@ fn removing_an_image_frees_only_the_chunks_no_other_image_uses() {
         "the common 4 MiB file shares chunks ({shared})"
     );
     assert!(!only_a.is_empty());
-    let before = chunk_files(store.root()).len();
+    let before = stored_chunks(&root).len();
 
     let rm = cli(&["image", "rm", "a"]);
     assert!(
         rm.contains("removed 1 version of a; freed 1 manifest"),
         "{rm}"
     );
-    let after = chunk_files(store.root()).len();
+    let after = stored_chunks(&root);
     let mut unique_a: Vec<_> = only_a.iter().map(|c| c.hash).collect();
     unique_a.sort_unstable_by_key(|d| d.0);
     unique_a.dedup();
-    assert_eq!(before - after, unique_a.len(), "exactly a's own chunks go");
-    assert!(unique_a.iter().all(|d| !store.chunk_path(d).exists()));
-    assert!(b.chunks.iter().all(|c| store.chunk_path(&c.hash).is_file()));
+    assert_eq!(
+        before - after.len(),
+        unique_a.len(),
+        "exactly a's own chunks go"
+    );
+    assert!(unique_a.iter().all(|d| !after.contains(d)));
+    assert!(b.chunks.iter().all(|c| after.contains(&c.hash)));
     assert!(!cli(&["image", "ls"]).contains("a\n"));
 
     // b is whole: the store check passes and it deploys, verified.
