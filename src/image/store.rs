@@ -1144,6 +1144,13 @@ fn shared_frame(path: &Path, pack: &Arc<str>, offset: u64, len: u32) -> io::Resu
     Ok(data)
 }
 
+/// Compress the data of many small chunks as one frame. No level-1 probe: the frame
+/// mixes files, and one that starts with random bytes says nothing of the rest (zstd
+/// stores what does not compress as it is, block by block).
+pub fn compress_group(data: &[u8]) -> io::Result<Vec<u8>> {
+    with_compressor(Params::Lazy2, |c| c.compress(data))
+}
+
 /// Decompress a chunk of known length; more or fewer bytes is an error.
 pub fn decompress(raw: &[u8], len: usize) -> io::Result<Vec<u8>> {
     // One decompression context per thread: creating one per chunk showed in profiles.
