@@ -1339,8 +1339,13 @@ mod tests {
             .expect("a pack");
         let blocks = |p: &Path| fs::metadata(p).expect("stat").blocks() * 512;
         let before = blocks(&pack);
-        // The pack is still this handle's to write: gc leaves it alone.
+        // The pack is still this handle's to write: gc leaves it alone, and so does
+        // another handle's (another process's), which finds it locked.
         assert_eq!(store.gc().expect("gc").1, 0);
+        let other = Store::open(dir.path()).expect("open");
+        assert_eq!(other.gc().expect("gc").1, 0);
+        assert_eq!(blocks(&pack), before);
+        drop(other);
         drop(store);
 
         let store = Store::open(dir.path()).expect("open");
@@ -1391,6 +1396,59 @@ mod tests {
         // gc cannot tell what that version uses, so it frees nothing.
         assert!(store.gc().is_err());
         assert!(store.has_chunk(&d));
+    }
+
+    #[test]
+    fn a_store_made_before_packs_is_read_and_collected_and_grows_in_packs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (old, old_data, old_z) = chunk(6);
+        let (dead, _, dead_z) = chunk(7);
+        let m = one_chunk_manifest(old, 4096);
+        // As an older fleetwave left it: a chunk a file, a plain JSON manifest.
+        for (d, z) in [(old, &old_z), (dead, &dead_z)] {
+            let h = hex(&d);
+            let shard = dir.path().join("chunks").join(&h[..2]);
+            fs::create_dir_all(&shard).expect("mkdir");
+            fs::write(shard.join(format!("{h}.zst")), z).expect("write");
+        }
+        let digest = Manifest::digest_of(&m.to_bytes());
+        fs::create_dir_all(dir.path().join("manifests")).expect("mkdir");
+        fs::write(
+            dir.path()
+                .join("manifests")
+                .join(format!("{}.json", hex(&digest))),
+            m.to_bytes(),
+        )
+        .expect("write");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .add_version(
+                "old",
+                VersionRecord {
+                    digest,
+                    generation: 1,
+                    captured_at: 0,
+                    disk_bytes: 4096,
+                    stored_bytes: 0,
+                    made_by: None,
+                },
+            )
+            .expect("record");
+        assert!(store.has_chunk(&old) && store.has_chunk(&dead));
+        assert_eq!(store.chunk(&old, 4096).expect("read"), old_data);
+        assert_eq!(store.stored_size([&old]), old_z.len() as u64);
+        // A new version that shares the old chunk stores only its new one, in a pack.
+        let (new, new_data, new_z) = chunk(8);
+        store.put_chunk(&old, &old_data, &old_z).expect("put");
+        store.put_chunk(&new, &new_data, &new_z).expect("put");
+        store.flush().expect("flush");
+        assert_eq!(store.packed_chunks().into_iter().collect::<Vec<_>>(), [new]);
+        // gc removes the loose chunk no version uses, and keeps the used one (and the
+        // new one: its pack is still this handle's to write).
+        let (_, chunks, bytes) = store.gc().expect("gc");
+        assert_eq!((chunks, bytes), (1, dead_z.len() as u64));
+        assert!(!store.has_chunk(&dead));
+        assert_eq!(store.chunk(&old, 4096).expect("read"), old_data);
     }
 
     #[test]
