@@ -33,7 +33,13 @@ pub const SMALL: usize = 16 * 1024;
 pub const GROUP_MAX: usize = 512 * 1024;
 
 const IDX_MAGIC: &[u8; 8] = b"fwidx01\n";
+/// The magic, then a random id that changes whenever gc rewrites the file: a reader
+/// that finds another id reads every index again.
+const HEADER: usize = 16;
 pub const ENTRY: usize = 64;
+/// No frame is larger (a 16 MiB chunk at worst, or a shared frame): a line that says
+/// so was not written by us.
+const MAX_FRAME: u32 = 32 << 20;
 
 /// Where one chunk is: a frame of the pack, and the chunk's bytes in the frame's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +57,7 @@ pub struct Entry {
 
 impl Entry {
     pub fn end(&self) -> u64 {
-        self.offset + u64::from(self.len)
+        self.offset.saturating_add(u64::from(self.len))
     }
 
     fn encode(&self) -> [u8; ENTRY] {
@@ -78,7 +84,7 @@ impl Entry {
         let mut offset = [0u8; 8];
         offset.copy_from_slice(&b[32..40]);
         let flags = u32_at(52);
-        if flags > 1 {
+        if flags > 1 || u32_at(40) > MAX_FRAME || u64::from_le_bytes(offset) > 1 << 48 {
             return None;
         }
         Some(Entry {
@@ -92,37 +98,92 @@ impl Entry {
     }
 }
 
-/// The entries of an index file from byte `from` (0: the whole file), and the offset
-/// after the last whole line. A line that fails its check ends the reading: it is the
-/// last one written before a crash.
-pub fn read_idx(path: &Path, from: u64) -> io::Result<(Vec<Entry>, u64)> {
+/// What an index file holds from some byte on.
+pub struct Idx {
+    /// Every line that passes its check.
+    pub entries: Vec<Entry>,
+    /// Where to read from next time: the end, or the first line that failed its check
+    /// (one being written now is whole next time).
+    pub at: u64,
+    /// The file's id (see [`HEADER`]); `None` while its header is not yet written.
+    pub id: Option<[u8; 8]>,
+    /// A line failed its check and a good one follows: the file is damaged, not torn
+    /// at its end, so gc must leave the pack alone.
+    pub damaged: bool,
+}
+
+/// Read an index file from byte `from` (0: the whole file). A file shorter than its
+/// header (a writer that just made it, or one a crash cut short) holds no entries.
+pub fn read_idx(path: &Path, from: u64) -> io::Result<Idx> {
     let bytes = std::fs::read(path)?;
-    let start = if from == 0 {
-        if !bytes.starts_with(IDX_MAGIC) {
+    if bytes.len() < HEADER {
+        if !IDX_MAGIC.starts_with(&bytes[..bytes.len().min(IDX_MAGIC.len())]) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "not a fleetwave pack index",
             ));
         }
-        IDX_MAGIC.len()
-    } else {
-        usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len())
-    };
-    let mut out = Vec::new();
-    let mut at = start;
-    while let Some(line) = bytes.get(at..at + ENTRY) {
-        let Some(e) = Entry::decode(line) else { break };
-        out.push(e);
-        at += ENTRY;
+        return Ok(Idx {
+            entries: Vec::new(),
+            at: 0,
+            id: None,
+            damaged: false,
+        });
     }
-    Ok((out, at as u64))
+    if !bytes.starts_with(IDX_MAGIC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a fleetwave pack index",
+        ));
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&bytes[IDX_MAGIC.len()..HEADER]);
+    let start = usize::try_from(from)
+        .unwrap_or(usize::MAX)
+        .clamp(HEADER, bytes.len());
+    let mut out = Idx {
+        entries: Vec::new(),
+        at: bytes.len() as u64,
+        id: Some(id),
+        damaged: false,
+    };
+    let mut bad = None;
+    let mut pos = start;
+    while let Some(line) = bytes.get(pos..pos + ENTRY) {
+        match Entry::decode(line) {
+            Some(e) => {
+                out.damaged |= bad.is_some();
+                out.entries.push(e);
+            }
+            None => {
+                bad.get_or_insert(pos);
+            }
+        }
+        pos += ENTRY;
+    }
+    // A partial last line: not yet whole (or torn by a crash).
+    out.at = bad.unwrap_or(pos) as u64;
+    Ok(out)
 }
 
-/// Replace an index with `entries` (tmp file, sync, rename; the caller syncs the
-/// directory).
+fn new_id() -> [u8; 8] {
+    let seed = format!(
+        "{}-{}-{:?}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+    );
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..8]);
+    id
+}
+
+/// Replace an index with `entries`, under a new id (tmp file, sync, rename; the caller
+/// syncs the directory).
 pub fn rewrite_idx(path: &Path, tmp: &Path, entries: &[Entry]) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(IDX_MAGIC.len() + entries.len() * ENTRY);
+    let mut buf = Vec::with_capacity(HEADER + entries.len() * ENTRY);
     buf.extend_from_slice(IDX_MAGIC);
+    buf.extend_from_slice(&new_id());
     for e in entries {
         buf.extend_from_slice(&e.encode());
     }
@@ -208,29 +269,37 @@ pub struct Writer {
 impl Writer {
     /// A new, locked pack and its index in `dir`.
     pub fn create(dir: &Path) -> io::Result<Writer> {
-        let seed = format!(
-            "{}-{}-{:?}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed),
-            std::time::SystemTime::now()
-        );
-        let name = blake3::hash(seed.as_bytes()).to_hex()[..20].to_string();
-        // The pack first, locked, so that gc never finds an index without its pack
-        // while the writer lives.
-        let pack = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(pack_path(dir, &name))?;
-        if !try_lock(&pack)? {
-            return Err(io::Error::other("a new pack is locked by someone else"));
-        }
-        let mut idx = File::options()
-            .read(true)
-            .append(true)
-            .create_new(true)
-            .open(idx_path(dir, &name))?;
-        idx.write_all(IDX_MAGIC)?;
+        let name = format!("{:016x}", u64::from_le_bytes(new_id()));
+        let (pack_at, idx_at) = (pack_path(dir, &name), idx_path(dir, &name));
+        let made = (|| {
+            // The pack first, locked, so that gc never finds an index without its
+            // pack while the writer lives.
+            let pack = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&pack_at)?;
+            if !try_lock(&pack)? {
+                return Err(io::Error::other("a new pack is locked by someone else"));
+            }
+            let mut idx = File::options()
+                .read(true)
+                .append(true)
+                .create_new(true)
+                .open(&idx_at)?;
+            let mut header = IDX_MAGIC.to_vec();
+            header.extend_from_slice(&new_id());
+            idx.write_all(&header)?;
+            Ok((pack, idx))
+        })();
+        let (pack, idx) = match made {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_file(&idx_at);
+                let _ = std::fs::remove_file(&pack_at);
+                return Err(e);
+            }
+        };
         Ok(Writer {
             name,
             pack,

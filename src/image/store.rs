@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -116,8 +116,8 @@ pub struct Store {
 #[derive(Default)]
 struct Packs {
     index: HashMap<Digest, Loc>,
-    /// Each index file read: its inode and the bytes read so far.
-    seen: HashMap<String, (u64, u64)>,
+    /// Each index file read: its id and where to read from next.
+    seen: HashMap<String, (Option<[u8; 8]>, u64)>,
     writer: Option<pack::Writer>,
     /// Chunks added and not yet durable: they count as present (a capture need not
     /// send them again) and become readable at the next flush, which every commit
@@ -283,7 +283,8 @@ impl Store {
     }
 
     /// Read the index lines other writers (other processes, other handles) added
-    /// since the last look; all of them again if a pack was removed or rewritten.
+    /// since the last look; all of them again if a pack was removed or its index
+    /// rewritten. Nothing changes unless every file could be read.
     fn refresh(&self) -> Result<()> {
         let dir = self.packs_dir();
         let mut names = Vec::new();
@@ -291,37 +292,48 @@ impl Store {
             let e = self.io(&dir, e)?;
             let file = e.file_name().to_string_lossy().to_string();
             if let Some(name) = file.strip_suffix(".idx") {
-                let meta = self.io(&e.path(), e.metadata())?;
-                names.push((name.to_string(), meta.ino()));
+                names.push(name.to_string());
             }
         }
         let mut p = self.packs();
-        let present: HashSet<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
-        let changed = p.seen.keys().any(|n| !present.contains(n.as_str()))
-            || names
-                .iter()
-                .any(|(n, ino)| p.seen.get(n).is_some_and(|(i, _)| i != ino));
-        if changed {
-            p.index.clear();
-            p.seen.clear();
-        }
-        for (name, ino) in names {
-            let from = p.seen.get(&name).map_or(0, |(_, at)| *at);
-            let path = pack::idx_path(&dir, &name);
-            let (entries, at) = match pack::read_idx(&path, from) {
-                Ok(x) => x,
-                // Removed by a gc since the listing.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return self.io(&path, Err(e)),
-            };
-            let pack: Arc<str> = Arc::from(name.as_str());
-            for e in entries {
-                p.index.entry(e.digest).or_insert_with(|| Loc {
-                    pack: pack.clone(),
-                    e,
-                });
+        let present: HashSet<&str> = names.iter().map(String::as_str).collect();
+        let vanished = p.seen.keys().any(|n| !present.contains(n.as_str()));
+        for rebuild in [vanished, true] {
+            let mut batch = Vec::with_capacity(names.len());
+            let mut rewritten = false;
+            for name in &names {
+                let seen = p.seen.get(name).filter(|_| !rebuild);
+                let path = pack::idx_path(&dir, name);
+                let idx = match pack::read_idx(&path, seen.map_or(0, |s| s.1)) {
+                    Ok(x) => x,
+                    // Removed by a gc since the listing.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return self.io(&path, Err(e)),
+                };
+                if seen.is_some_and(|s| s.0.is_some() && s.0 != idx.id) {
+                    rewritten = true;
+                    break;
+                }
+                batch.push((name, idx));
             }
-            p.seen.insert(name, (ino, at));
+            if rewritten && !rebuild {
+                continue;
+            }
+            if rebuild {
+                p.index.clear();
+                p.seen.clear();
+            }
+            for (name, idx) in batch {
+                let pack: Arc<str> = Arc::from(name.as_str());
+                for e in idx.entries {
+                    p.index.entry(e.digest).or_insert_with(|| Loc {
+                        pack: pack.clone(),
+                        e,
+                    });
+                }
+                p.seen.insert(name.clone(), (idx.id, idx.at));
+            }
+            break;
         }
         Ok(())
     }
@@ -337,7 +349,7 @@ impl Store {
         let dir = self.packs_dir();
         let full = {
             let mut p = self.packs();
-            if !p.pending.insert(*d) {
+            if p.index.contains_key(d) || !p.pending.insert(*d) {
                 // Another thread added it meanwhile.
                 return Ok(len);
             }
@@ -392,7 +404,7 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         let _one_at_a_time = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let dir = self.packs_dir();
-        let (pack_file, idx_file, entries, name, fresh) = {
+        let (pack_file, idx_file, entries, name, fresh, _retired) = {
             let mut p = self.packs();
             let Some(w) = p.writer.as_mut() else {
                 return Ok(());
@@ -404,9 +416,16 @@ impl Store {
             let entries = std::mem::take(&mut w.pending);
             let files = w.pack.try_clone().and_then(|f| Ok((f, w.idx.try_clone()?)));
             let (name, fresh) = (w.name.clone(), !w.dir_synced);
+            // Full: the next chunk starts a new pack; this one is kept open (and
+            // locked) until its last lines are written.
+            let retired = if w.size >= pack::PACK_MAX {
+                p.writer.take()
+            } else {
+                None
+            };
             p.pending_bytes = 0;
             match files {
-                Ok((pf, xf)) => (pf, xf, entries, name, fresh),
+                Ok((pf, xf)) => (pf, xf, entries, name, fresh, retired),
                 Err(e) => {
                     for e in &entries {
                         p.pending.remove(&e.digest);
@@ -452,10 +471,6 @@ impl Store {
         }
         if ours && let Some(w) = p.writer.as_mut() {
             w.dir_synced = true;
-            // Full and with nothing pending: the next chunk starts a new pack.
-            if w.size >= pack::PACK_MAX && w.pending.is_empty() && w.unsealed().next().is_none() {
-                p.writer = None;
-            }
         }
         Ok(())
     }
@@ -730,7 +745,7 @@ impl Store {
     /// Delete manifests no image lists and chunks no remaining manifest uses.
     /// Returns (manifests, chunks, bytes) removed.
     pub fn gc(&self) -> Result<(usize, usize, u64)> {
-        // Pending chunks stay in tmp/ (a capture under way will commit them).
+        let _gc_alone = self.lock(true)?;
         self.remove_stale_tmp()?;
         let keep: BTreeSet<Digest> = self
             .images()?
@@ -789,6 +804,30 @@ impl Store {
     /// removed, others have the dead frames' blocks punched out and their index
     /// rewritten. Packs being written (by this handle or another) are left alone.
     /// Returns the chunks and bytes freed.
+    /// The store-wide lock: shared by commits, exclusive to gc, so that a gc never
+    /// frees what a commit has just checked is there (across processes too).
+    fn lock(&self, exclusive: bool) -> Result<File> {
+        let path = self.root.join("lock");
+        let f = self.io(
+            &path,
+            File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path),
+        )?;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // SAFETY: a valid descriptor owned by `f`; the call takes no pointers.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), op) } != 0 {
+            return self.io(&path, Err(io::Error::last_os_error()));
+        }
+        Ok(f)
+    }
+
     fn gc_packs(&self, live: &BTreeSet<Digest>) -> Result<(usize, u64)> {
         self.flush()?;
         self.refresh()?;
@@ -825,21 +864,20 @@ impl Store {
             let size = self.io(&path, f.metadata())?.len();
             let idx = pack::idx_path(&dir, &name);
             let entries = match pack::read_idx(&idx, 0) {
-                Ok((e, _)) => e,
+                // A line in the middle fails its check: what it named cannot be told
+                // from what is dead, so nothing here is freed (`image verify` tells).
+                Ok(x) if x.damaged => continue,
+                Ok(x) => x.entries,
                 // A pack without an index: its writer stopped before its first flush.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
                 Err(e) => return self.io(&idx, Err(e)),
             };
-            let (keep, dead): (Vec<pack::Entry>, Vec<pack::Entry>) = {
-                let p = self.packs();
-                entries.into_iter().partition(|e| {
-                    live.contains(&e.digest)
-                        && p.index
-                            .get(&e.digest)
-                            .is_some_and(|l| *l.pack == *name && l.e == *e)
-                })
-            };
-            if dead.is_empty() && keep.last().map_or(0, pack::Entry::end) >= size {
+            // Every copy of a live chunk stays: another process's index may name
+            // either.
+            let (keep, dead): (Vec<pack::Entry>, Vec<pack::Entry>) =
+                entries.into_iter().partition(|e| live.contains(&e.digest));
+            let end = keep.iter().map(pack::Entry::end).max().unwrap_or(0);
+            if !keep.is_empty() && dead.is_empty() && end >= size {
                 continue;
             }
             chunks += dead.len();
@@ -861,7 +899,7 @@ impl Store {
                     if offset > at && pack::punch_hole(&f, at, offset - at)? {
                         freed += offset - at;
                     }
-                    at = at.max(offset + u64::from(len));
+                    at = at.max(offset.saturating_add(u64::from(len)));
                 }
                 if size > at {
                     f.set_len(at)?;
@@ -876,10 +914,7 @@ impl Store {
                     p.index.remove(&e.digest);
                 }
             }
-            if let Some(seen) = p.seen.get_mut(&name) {
-                // Rewritten: read again from the start at the next refresh.
-                *seen = (0, 0);
-            }
+            // The rewritten index has a new id: the next refresh reads all again.
         }
         Ok((chunks, bytes))
     }
@@ -982,6 +1017,7 @@ impl Store {
         // After the flush every chunk the capture was told is present is on disk under
         // its name; one still pending (another capture's, newer) does not count.
         self.flush()?;
+        let _no_gc = self.lock(false)?;
         // What another process's gc removed since this handle looked is gone.
         self.refresh()?;
         let present = |d: &Digest| {
@@ -1449,6 +1485,77 @@ mod tests {
         assert_eq!((chunks, bytes), (1, dead_z.len() as u64));
         assert!(!store.has_chunk(&dead));
         assert_eq!(store.chunk(&old, 4096).expect("read"), old_data);
+    }
+
+    #[test]
+    fn an_empty_or_damaged_index_neither_stops_the_store_nor_lets_gc_guess() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let packs = dir.path().join("packs");
+        let chunks: Vec<_> = (0..3).map(|i| chunk_of(50 + i, 64 * 1024)).collect();
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for (d, data, z) in &chunks {
+                store.put_chunk(d, data, z).expect("put");
+            }
+        }
+        // A power cut right after a writer made its files: nothing of the index's
+        // header reached the disk.
+        fs::write(packs.join("0000000000000001.pack"), b"").expect("pack");
+        fs::write(packs.join("0000000000000001.idx"), b"").expect("idx");
+        let store = Store::open(dir.path()).expect("opens");
+        assert!(chunks.iter().all(|c| store.has_chunk(&c.0)));
+        // Damage the middle line of the real index.
+        let idx = fs::read_dir(&packs)
+            .expect("packs")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.extension().is_some_and(|x| x == "idx")
+                    && fs::metadata(p).is_ok_and(|m| m.len() > 0)
+            })
+            .expect("an index");
+        let mut bytes = fs::read(&idx).expect("read");
+        bytes[16 + pack::ENTRY + 3] ^= 0xff;
+        fs::write(&idx, &bytes).expect("write");
+        let store = Store::open(dir.path()).expect("opens");
+        assert!(!store.has_chunk(&chunks[1].0));
+        assert_eq!(
+            store.chunk(&chunks[2].0, 64 * 1024).expect("read"),
+            chunks[2].1
+        );
+        // No version uses any of them, yet gc frees nothing it cannot account for;
+        // the empty pack goes.
+        let (_, freed, _) = store.gc().expect("gc");
+        assert_eq!(freed, 0);
+        assert_eq!(fs::read(&idx).expect("read"), bytes);
+        assert!(!packs.join("0000000000000001.idx").exists());
+    }
+
+    #[test]
+    fn gc_keeps_every_copy_of_a_live_chunk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (d, data, z) = chunk_of(60, 64 * 1024);
+        // Two processes that each stored it.
+        for _ in 0..2 {
+            let store = Store::open(dir.path()).expect("open");
+            store.packs().index.clear();
+            store.put_chunk(&d, &data, &z).expect("put");
+        }
+        let store = Store::open(dir.path()).expect("open");
+        let m = one_chunk_manifest(d, 64 * 1024);
+        store.commit(&m, Some(("a", 1))).expect("commit");
+        let (_, freed, _) = store.gc().expect("gc");
+        assert_eq!(freed, 0);
+        for idx in fs::read_dir(dir.path().join("packs"))
+            .expect("packs")
+            .flatten()
+        {
+            let p = idx.path();
+            if p.extension().is_some_and(|x| x == "idx") {
+                let entries = pack::read_idx(&p, 0).expect("idx").entries;
+                assert_eq!(entries.len(), 1, "{}", p.display());
+            }
+        }
     }
 
     #[test]
