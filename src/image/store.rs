@@ -863,13 +863,10 @@ impl Store {
             }
             let size = self.io(&path, f.metadata())?.len();
             let idx = pack::idx_path(&dir, &name);
-            let entries = match pack::read_idx(&idx, 0) {
-                // A line in the middle fails its check: what it named cannot be told
-                // from what is dead, so nothing here is freed (`image verify` tells).
-                Ok(x) if x.damaged => continue,
-                Ok(x) => x.entries,
+            let (entries, damaged) = match pack::read_idx(&idx, 0) {
+                Ok(x) => (x.entries, x.damaged),
                 // A pack without an index: its writer stopped before its first flush.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => (Vec::new(), false),
                 Err(e) => return self.io(&idx, Err(e)),
             };
             // Every copy of a live chunk stays: another process's index may name
@@ -877,7 +874,10 @@ impl Store {
             let (keep, dead): (Vec<pack::Entry>, Vec<pack::Entry>) =
                 entries.into_iter().partition(|e| live.contains(&e.digest));
             let end = keep.iter().map(pack::Entry::end).max().unwrap_or(0);
-            if !keep.is_empty() && dead.is_empty() && end >= size {
+            // A line in the middle fails its check: the frame it named cannot be
+            // told from a dead one, so a pack that still serves a version is left
+            // as it is (`image verify` names what the damage cost).
+            if !keep.is_empty() && ((dead.is_empty() && end >= size) || damaged) {
                 continue;
             }
             chunks += dead.len();
@@ -1523,12 +1523,18 @@ mod tests {
             store.chunk(&chunks[2].0, 64 * 1024).expect("read"),
             chunks[2].1
         );
-        // No version uses any of them, yet gc frees nothing it cannot account for;
-        // the empty pack goes.
+        // A version uses the last chunk: gc frees nothing in that pack, as it cannot
+        // tell what the damaged line named; the empty pack goes.
+        let m = one_chunk_manifest(chunks[2].0, 64 * 1024);
+        store.commit(&m, Some(("a", 1))).expect("commit");
         let (_, freed, _) = store.gc().expect("gc");
         assert_eq!(freed, 0);
         assert_eq!(fs::read(&idx).expect("read"), bytes);
         assert!(!packs.join("0000000000000001.idx").exists());
+        // Once no version uses it, the pack goes too.
+        store.remove("a", None).expect("rm");
+        store.gc().expect("gc");
+        assert!(!idx.exists());
     }
 
     #[test]
