@@ -14,7 +14,7 @@
 //! ignored.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -115,14 +115,16 @@ pub struct Idx {
 /// Read an index file from byte `from` (0: the whole file). A file shorter than its
 /// header (a writer that just made it, or one a crash cut short) holds no entries.
 pub fn read_idx(path: &Path, from: u64) -> io::Result<Idx> {
-    let bytes = std::fs::read(path)?;
-    if bytes.len() < HEADER {
-        if !IDX_MAGIC.starts_with(&bytes[..bytes.len().min(IDX_MAGIC.len())]) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "not a fleetwave pack index",
-            ));
-        }
+    let mut f = File::open(path)?;
+    let mut head = Vec::with_capacity(HEADER);
+    (&mut f).take(HEADER as u64).read_to_end(&mut head)?;
+    if !IDX_MAGIC.starts_with(&head[..head.len().min(IDX_MAGIC.len())]) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a fleetwave pack index",
+        ));
+    }
+    if head.len() < HEADER {
         return Ok(Idx {
             entries: Vec::new(),
             at: 0,
@@ -130,25 +132,21 @@ pub fn read_idx(path: &Path, from: u64) -> io::Result<Idx> {
             damaged: false,
         });
     }
-    if !bytes.starts_with(IDX_MAGIC) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a fleetwave pack index",
-        ));
-    }
     let mut id = [0u8; 8];
-    id.copy_from_slice(&bytes[IDX_MAGIC.len()..HEADER]);
-    let start = usize::try_from(from)
-        .unwrap_or(usize::MAX)
-        .clamp(HEADER, bytes.len());
+    id.copy_from_slice(&head[IDX_MAGIC.len()..]);
+    // Only what was added since `from`: a commit looks at every index.
+    let start = from.clamp(HEADER as u64, f.metadata()?.len());
+    f.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
     let mut out = Idx {
         entries: Vec::new(),
-        at: bytes.len() as u64,
+        at: 0,
         id: Some(id),
         damaged: false,
     };
     let mut bad = None;
-    let mut pos = start;
+    let mut pos = 0;
     while let Some(line) = bytes.get(pos..pos + ENTRY) {
         match Entry::decode(line) {
             Some(e) => {
@@ -162,8 +160,15 @@ pub fn read_idx(path: &Path, from: u64) -> io::Result<Idx> {
         pos += ENTRY;
     }
     // A partial last line: not yet whole (or torn by a crash).
-    out.at = bad.unwrap_or(pos) as u64;
+    out.at = start + bad.unwrap_or(pos) as u64;
     Ok(out)
+}
+
+/// An index file's header, with a new id.
+fn header() -> Vec<u8> {
+    let mut h = IDX_MAGIC.to_vec();
+    h.extend_from_slice(&new_id());
+    h
 }
 
 fn new_id() -> [u8; 8] {
@@ -181,12 +186,8 @@ fn new_id() -> [u8; 8] {
 /// Replace an index with `entries`, under a new id (tmp file, sync, rename; the caller
 /// syncs the directory).
 pub fn rewrite_idx(path: &Path, tmp: &Path, entries: &[Entry]) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(HEADER + entries.len() * ENTRY);
-    buf.extend_from_slice(IDX_MAGIC);
-    buf.extend_from_slice(&new_id());
-    for e in entries {
-        buf.extend_from_slice(&e.encode());
-    }
+    let mut buf = header();
+    buf.extend_from_slice(&lines(entries));
     let r = (|| {
         let mut f = File::create(tmp)?;
         f.write_all(&buf)?;
@@ -207,18 +208,29 @@ pub fn idx_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.idx"))
 }
 
-/// Take `f`'s exclusive lock without waiting; false if someone holds it.
-pub fn try_lock(f: &File) -> io::Result<bool> {
-    // SAFETY: a valid descriptor owned by `f`; the call takes no pointers.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+/// `r`, a libc call's result: true when it succeeded, false when it failed with
+/// `soft` (an answer, not an error), else the error.
+fn done_unless(r: libc::c_int, soft: i32) -> io::Result<bool> {
+    if r == 0 {
         return Ok(true);
     }
     let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    if e.raw_os_error() == Some(soft) {
         Ok(false)
     } else {
         Err(e)
     }
+}
+
+/// `flock(2)` with `op`; false if `LOCK_NB` was asked and someone holds the lock.
+pub fn flock(f: &File, op: libc::c_int) -> io::Result<bool> {
+    // SAFETY: a valid descriptor owned by `f`; the call takes no pointers.
+    done_unless(unsafe { libc::flock(f.as_raw_fd(), op) }, libc::EWOULDBLOCK)
+}
+
+/// Take `f`'s exclusive lock without waiting; false if someone holds it.
+pub fn try_lock(f: &File) -> io::Result<bool> {
+    flock(f, libc::LOCK_EX | libc::LOCK_NB)
 }
 
 /// Free the blocks under `len` bytes at `offset`, keeping the file's size and every
@@ -227,24 +239,12 @@ pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<bool> {
     let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
         return Ok(false);
     };
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
     // SAFETY: a valid descriptor owned by `f`; the call takes no pointers.
-    let r = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off,
-            n,
-        )
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
+    done_unless(
+        unsafe { libc::fallocate(f.as_raw_fd(), mode, off, n) },
+        libc::EOPNOTSUPP,
+    )
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -287,9 +287,7 @@ impl Writer {
                 .append(true)
                 .create_new(true)
                 .open(&idx_at)?;
-            let mut header = IDX_MAGIC.to_vec();
-            header.extend_from_slice(&new_id());
-            idx.write_all(&header)?;
+            idx.write_all(&header())?;
             Ok((pack, idx))
         })();
         let (pack, idx) = match made {
@@ -328,7 +326,7 @@ impl Writer {
     }
 
     /// Add a chunk: a small one to the shared frame, a larger one as its own frame
-    /// (`compressed`). Returns the bytes appended to the pack so far.
+    /// (`compressed`).
     pub fn put(&mut self, d: &Digest, data: &[u8], compressed: &[u8]) -> io::Result<()> {
         if data.len() <= SMALL {
             let sub = self.group.len() as u32;

@@ -213,6 +213,18 @@ impl Store {
         })
     }
 
+    /// The names in `dir` that end in `suffix`, without it.
+    fn stems(&self, dir: &Path, suffix: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in self.io(dir, fs::read_dir(dir))? {
+            let e = self.io(dir, e)?;
+            if let Some(stem) = e.file_name().to_string_lossy().strip_suffix(suffix) {
+                out.push(stem.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     fn packs_dir(&self) -> PathBuf {
         self.root.join("packs")
     }
@@ -287,14 +299,7 @@ impl Store {
     /// rewritten. Nothing changes unless every file could be read.
     fn refresh(&self) -> Result<()> {
         let dir = self.packs_dir();
-        let mut names = Vec::new();
-        for e in self.io(&dir, fs::read_dir(&dir))? {
-            let e = self.io(&dir, e)?;
-            let file = e.file_name().to_string_lossy().to_string();
-            if let Some(name) = file.strip_suffix(".idx") {
-                names.push(name.to_string());
-            }
-        }
+        let names = self.stems(&dir, ".idx")?;
         let mut p = self.packs();
         let present: HashSet<&str> = names.iter().map(String::as_str).collect();
         let vanished = p.seen.keys().any(|n| !present.contains(n.as_str()));
@@ -680,15 +685,10 @@ impl Store {
 
     /// Every image and its record, by name.
     pub fn images(&self) -> Result<BTreeMap<String, ImageRecord>> {
-        let dir = self.root.join("images");
         let mut out = BTreeMap::new();
-        for e in self.io(&dir, fs::read_dir(&dir))? {
-            let e = self.io(&dir, e)?;
-            let name = e.file_name().to_string_lossy().to_string();
-            if let Some(n) = name.strip_suffix(".json")
-                && let Some(r) = self.image(n)?
-            {
-                out.insert(n.to_string(), r);
+        for name in self.stems(&self.root.join("images"), ".json")? {
+            if let Some(r) = self.image(&name)? {
+                out.insert(name, r);
             }
         }
         Ok(out)
@@ -821,10 +821,7 @@ impl Store {
         } else {
             libc::LOCK_SH
         };
-        // SAFETY: a valid descriptor owned by `f`; the call takes no pointers.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), op) } != 0 {
-            return self.io(&path, Err(io::Error::last_os_error()));
-        }
+        self.io(&path, pack::flock(&f, op))?;
         Ok(f)
     }
 
@@ -833,19 +830,14 @@ impl Store {
         self.refresh()?;
         let dir = self.packs_dir();
         let own = self.packs().writer.as_ref().map(|w| w.name.clone());
-        let mut names = Vec::new();
-        for e in self.io(&dir, fs::read_dir(&dir))? {
-            let e = self.io(&dir, e)?;
-            let file = e.file_name().to_string_lossy().to_string();
-            if let Some(n) = file.strip_suffix(".pack") {
-                names.push(n.to_string());
-            } else if let Some(n) = file.strip_suffix(".idx")
-                && !pack::pack_path(&dir, n).exists()
-            {
+        for n in self.stems(&dir, ".idx")? {
+            let idx = pack::idx_path(&dir, &n);
+            if !pack::pack_path(&dir, &n).exists() {
                 // Left by a gc that stopped between removing a pack and its index.
-                self.io(&e.path(), fs::remove_file(e.path()))?;
+                self.io(&idx, fs::remove_file(&idx).or_else(ignore_missing))?;
             }
         }
+        let names = self.stems(&dir, ".pack")?;
         let (mut chunks, mut bytes) = (0, 0);
         for name in names {
             if own.as_deref() == Some(name.as_str()) {
