@@ -766,14 +766,6 @@ fn serve_process(d: &Path, repo: &Repo, port: u16) -> Process {
     Process { child }
 }
 
-/// A free TCP port on loopback.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 #[test]
 fn a_server_killed_mid_wave_resumes_without_imaging_any_host_twice() {
     if !tool("e2fsprogs", "/usr/sbin/mkfs.ext4") || !tool("git", "/usr/bin/git") {
@@ -785,7 +777,7 @@ fn a_server_killed_mid_wave_resumes_without_imaging_any_host_twice() {
     // No DHCP on this site: the process needs no interface.
     let fleet = lab_fleet(1).replace("dhcp: {mode: authoritative, pool: 172.28.0.100-172.28.0.199, router: 172.28.0.1, lease: 1h}", "dhcp: {mode: off}");
     repo.commit(&fleet, "the lab");
-    let port = free_port();
+    let port = crate::service::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let limit = Duration::from_secs(30);
     let wait_up = |url: &str| {

@@ -16,11 +16,24 @@ pub(crate) fn lab_without_dhcp() -> String {
     )
 }
 
+/// A TCP port that nobody holds, for a server under test. It comes from below the
+/// kernel's ephemeral range (32768 and up): a port the kernel hands out and takes back
+/// can go to another test's socket before the server binds it, which failed a CI run
+/// with "Address already in use". Each call takes the next port; processes start apart.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST + (start.wrapping_add(n) % SPAN);
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {FIRST}..{}", FIRST + SPAN)
 }
 
 fn serve(args: &[&str], dir: &Path) -> std::process::Child {
